@@ -1,0 +1,1 @@
+"""wanforge launcher: the CLI and everything around a run."""

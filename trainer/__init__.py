@@ -1,0 +1,1 @@
+"""wanforge trainer: the Wan LoRA training engine."""
