@@ -38,6 +38,23 @@ DEFAULT_TARGET_MODULES = [
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _none_word_is_null(cls, data: Any) -> Any:
+        """TOML has no null: `key = "none"` turns an optional setting off (fields that allow None only)."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            if field is not None and isinstance(value, str) and value.lower() == "none" and _allows_none(field.annotation):
+                out[name] = None
+        return out
+
+
+def _allows_none(annotation: Any) -> bool:
+    return type(None) in getattr(annotation, "__args__", ())
+
 
 class ModelConfig(Section):
     flavour: str = Field(DEFAULT_FLAVOUR, description="Which Wan model to train (see `wanforge check` for the list).")
@@ -290,18 +307,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[last] = parse_value(value.strip())
 
 
-def _none_to_absent(data: Any) -> Any:
-    """TOML has no null: `key = "none"` is how a file turns an optional setting off; `--set` may also give None."""
-    if isinstance(data, dict):
-        return {k: _none_to_absent(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_none_to_absent(v) for v in data]
-    return None if isinstance(data, str) and data.lower() == "none" else data
-
-
 def config_from_dict(data: dict[str, Any], source: str = "config", base_dir: Path | None = None) -> WanforgeConfig:
     try:
-        cfg = WanforgeConfig.model_validate(_none_to_absent(data))
+        cfg = WanforgeConfig.model_validate(data)
     except ValidationError as err:
         raise UserError(_format_errors(err, source)) from None
     if base_dir is not None:
@@ -343,7 +351,7 @@ def _absent_to_none(data: Any) -> Any:
         return {k: _absent_to_none(v) for k, v in data.items()}
     if isinstance(data, list):
         return [_absent_to_none(v) for v in data]
-    return "none" if data is None else data
+    return "none" if data is None else data  # read back as None by Section._none_word_is_null
 
 
 def to_toml_dict(cfg: WanforgeConfig) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +62,13 @@ class _StopFlag:
         self.requested = True
 
 
-def train(cfg: WanforgeConfig, resume: str | None = None, show_progress: bool = True) -> TrainResult:
+def train(
+    cfg: WanforgeConfig,
+    resume: str | None = None,
+    show_progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train a LoRA as the config says. `on_step(step)` runs after each optimizer step (tests, notebooks)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -88,7 +95,7 @@ def train(cfg: WanforgeConfig, resume: str | None = None, show_progress: bool = 
         run_id = run.read_status().get("run_id") or os.environ.get("SKYPILOT_TASK_ID") or uuid.uuid4().hex[:12]
         run.write_status(status="caching", run_id=run_id, max_train_steps=cfg.train.max_train_steps)
     try:
-        return _train(cfg, run, accelerator, device, base_dtype, resume_from, show_progress)
+        return _train(cfg, run, accelerator, device, base_dtype, resume_from, show_progress, on_step)
     except BaseException as err:
         if accelerator.is_main_process:
             stopped = isinstance(err, KeyboardInterrupt)
@@ -96,7 +103,7 @@ def train(cfg: WanforgeConfig, resume: str | None = None, show_progress: bool = 
         raise
 
 
-def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_progress) -> TrainResult:
+def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_progress, on_step) -> TrainResult:
     main = accelerator.is_main_process
     # ---- caches: the VAE and text encoder are loaded only for missing entries, then freed
     report = build_caches(cfg, device, extra_texts=_validation_texts(cfg), show_progress=show_progress and main)
@@ -142,6 +149,7 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
         collate_fn=Collate(cfg.train.text_max_length),
         num_workers=cfg.train.dataloader_num_workers,
         pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.train.seed),  # keeps the global RNG (LoRA dropout) resumable
     )
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop) if _in_main_thread() else None
@@ -158,7 +166,7 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
         while state.step < cfg.train.max_train_steps:
             batch = next(batches)
             with accelerator.accumulate(transformer):
-                loss = _micro_step(transformer, batch, cfg, state.generator, device)
+                loss = _micro_step(transformer, batch, cfg, state.generator, device, base_dtype)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -197,8 +205,11 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
                 raise KeyboardInterrupt(f"stopped by SIGTERM after step {state.step} (checkpoint saved)")
             every = cfg.validation.every_n_steps
             if (every and state.step % every == 0 and not last) or (last and cfg.validation.at_end):
-                videos += _validate(cfg, run, accelerator, transformer, val, state.step, device, base_dtype)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # resumable RNG
+                    videos += _validate(cfg, run, accelerator, transformer, val, state.step, device, base_dtype)
                 step_started = time.perf_counter()
+            if on_step is not None:
+                on_step(state.step)
     finally:
         progress.close()
         if previous_handler is not None:
@@ -212,13 +223,12 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
     return TrainResult(run.root, lora_file, videos, report.built, state.step)
 
 
-def _micro_step(transformer, batch, cfg: WanforgeConfig, generator: torch.Generator, device) -> torch.Tensor:
+def _micro_step(transformer, batch, cfg: WanforgeConfig, generator: torch.Generator, device, dtype) -> torch.Tensor:
     latents = batch["latents"].to(device, non_blocking=True).float()
     text = batch["text"].to(device, non_blocking=True)
     sigmas = sample_sigmas(latents.shape[0], cfg.flow, generator)
     noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
     noisy = noisy_input(latents, noise, sigmas)
-    dtype = next(p.dtype for p in transformer.parameters() if not p.requires_grad)
     prediction = transformer(
         hidden_states=noisy.to(dtype), timestep=timesteps_from_sigmas(sigmas).to(device),
         encoder_hidden_states=text.to(dtype), return_dict=False,

@@ -1,0 +1,51 @@
+"""Shared fixtures: one tiny Wan and one set of generated clips per test session, all offline on CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def wanforge_home(tmp_path_factory) -> Path:
+    """The tiny model is built once into a session folder (never into the user's cache)."""
+    home = tmp_path_factory.mktemp("wanforge_home")
+    os.environ["WANFORGE_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> Path:
+    from trainer.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("clips"))
+
+
+@pytest.fixture
+def dataset_copy(clips, tmp_path) -> Path:
+    """A private copy of the clips, for tests that build or inspect caches."""
+    import shutil
+
+    target = tmp_path / "data"
+    shutil.copytree(clips, target, ignore=shutil.ignore_patterns(".wanforge_cache"))
+    return target
+
+
+def tiny_config(data: Path, out: Path, **sections):
+    """The demo config with per-test overrides: tiny_config(data, out, train={"max_train_steps": 4})."""
+    from trainer.config import config_from_dict, to_toml_dict
+    from trainer.demo import demo_config
+
+    raw = to_toml_dict(demo_config(data, out))
+    for section, values in sections.items():
+        if section == "datasets":
+            raw["datasets"][0].update(values)
+        else:
+            raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw, source="test")
