@@ -3,10 +3,11 @@
 #
 # What it does depends on who started the container:
 #   * SkyPilot (any SKYPILOT_* variable), RunPod (RUNPOD_POD_ID) or Vast (VAST_CONTAINERLABEL): nothing. The platform
-#     runs the training itself (SkyPilot's `run:` section, or you in a terminal), so the container only stays up:
-#     it runs the command given as arguments, else $WANFORGE_IDLE_CMD (default `sleep infinity`). Never trains.
+#     runs the training itself (SkyPilot's `run:` section, or you in a terminal), so the container only stays up
+#     with $WANFORGE_IDLE_CMD (default `sleep infinity`). Never trains.
 #   * Anything else (`docker run`, a Kubernetes Job): trains the config at $WANFORGE_CONFIG
 #     (default /workspace/config.toml) after checking the GPU stack, and exits with the trainer's status.
+# Given arguments (`wanforge-start CMD ARGS...`), it runs that command instead, whoever started the container.
 #
 # Settings (environment):
 #   WANFORGE_CONFIG          the config file to train (default /workspace/config.toml)
@@ -47,12 +48,13 @@ hosted_by() {
     if [ -n "${VAST_CONTAINERLABEL:-}" ]; then echo "Vast"; return; fi
 }
 
+if [ "$#" -gt 0 ]; then
+    exec "$@"
+fi
+
 platform="$(hosted_by)"
 if [ -n "$platform" ]; then
     say "started by $platform: not training here (the task's run command or your terminal starts \`wanforge train\`)."
-    if [ "$#" -gt 0 ]; then
-        exec "$@"
-    fi
     exec bash -c "${WANFORGE_IDLE_CMD:-sleep infinity}"
 fi
 
@@ -86,6 +88,10 @@ check_nvidia() {
     if [ -z "$driver" ]; then
         fail "nvidia-smi lists no GPU." "Fix: docker run --gpus all ...; Kubernetes: request nvidia.com/gpu."
     fi
+    if ! [[ "$driver" =~ ^[0-9]+(\.[0-9]+)*$ ]]; then
+        fail "could not read the NVIDIA driver version (nvidia-smi said: $driver)." \
+             "Fix: check the host's driver with nvidia-smi; WANFORGE_SKIP_GPU_CHECK=1 skips this check."
+    fi
     if [ -n "$min" ] && ! version_ge "$driver" "$min"; then
         local lines=(
             "the NVIDIA driver on this host is $driver, too old for this image: its PyTorch (${variant:-this build}) needs driver >= $min."
@@ -113,7 +119,7 @@ rocm_version() {
 check_rocm() {
     local min="${WANFORGE_MIN_ROCM:-}" version driver=""
     version="$(rocm_version)"
-    if [ -n "$min" ] && [ -n "$version" ] && ! version_ge "$version" "$min"; then
+    if [ -n "$min" ] && [[ "$version" =~ ^[0-9]+(\.[0-9]+)* ]] && ! version_ge "$version" "$min"; then
         fail "ROCm $version is installed here, but this image's PyTorch is built for ROCm >= $min." \
              "Fix: use the published ROCm image as is (do not mount the host's /opt/rocm over it), or rebuild with ROCM_VERSION=$min."
     fi
@@ -162,6 +168,7 @@ fi
 
 output_dir="${WANFORGE_OUTPUT_DIR:-}"
 if [ -n "$output_dir" ]; then
+    case "$output_dir" in /*) ;; *) output_dir="$PWD/$output_dir" ;; esac  # the trainer would read it from the config's folder
     cmd+=(--set "train.output_dir=$output_dir")
     say "run folder: $output_dir (WANFORGE_OUTPUT_DIR; set it empty to use the config's train.output_dir)"
 fi

@@ -366,6 +366,9 @@ def test_start_resumes_only_from_a_finished_checkpoint(config_file, tmp_path):
     proc = _start(_env(tmp_path, WANFORGE_OUTPUT_DIR=str(outputs), **base))
     assert proc.returncode == 0 and "would run:" in proc.stdout
     assert "--resume" not in proc.stdout and f"--set train.output_dir={outputs}" in proc.stdout
+    # a relative WANFORGE_OUTPUT_DIR is taken from the working directory, not from the config's folder
+    relative = _start(_env(tmp_path, WANFORGE_OUTPUT_DIR="out/run", **base))
+    assert f"--set train.output_dir={ROOT}/out/run" in relative.stdout
 
     (outputs / "checkpoints" / "step-2.tmp").mkdir(parents=True)  # half-written: not a checkpoint
     assert "--resume" not in _start(_env(tmp_path, WANFORGE_OUTPUT_DIR=str(outputs), **base)).stdout
@@ -401,7 +404,14 @@ def test_hosted_container_idles_instead_of_training(config_file, tmp_path, platf
     assert not outputs.exists() and not (tmp_path / "config-run").exists()
     # a command given to the start script runs instead of the idle one
     proc = _start(env, "echo", "from-args")
-    assert proc.returncode == 0 and "from-args" in proc.stdout and "idle-now" not in proc.stdout
+    assert proc.returncode == 0 and proc.stdout.strip() == "from-args"
+
+
+def test_a_command_given_runs_instead_of_training(config_file, tmp_path):
+    env = _env(tmp_path, WANFORGE_CONFIG=str(config_file), WANFORGE_OUTPUT_DIR=str(tmp_path / "outputs"))
+    proc = _start(env, "bash", "-c", "echo custom; exit 3")
+    assert proc.returncode == 3 and proc.stdout.strip() == "custom"
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_hosted_container_stays_up_by_default(tmp_path):

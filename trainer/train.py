@@ -197,7 +197,7 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
                 loss_count = 0
                 step_started = time.perf_counter()
             last = state.step == cfg.train.max_train_steps
-            if state.step % cfg.checkpoint.every_n_steps == 0 or stop.requested:
+            if state.step % cfg.checkpoint.every_n_steps == 0 or stop.requested or last:  # last: a run can be extended
                 save_checkpoint(accelerator, run, state.step, cfg.checkpoint.total_limit)
             if stop.requested:
                 if main:
