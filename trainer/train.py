@@ -189,6 +189,8 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
                           "lr": lr_scheduler.get_last_lr()[0], "s_per_step": round(seconds, 4)}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
+                if device.type == "cuda":
+                    record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if main:
                     run.log_metrics(record)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", s_step=f"{seconds:.2f}")
