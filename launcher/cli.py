@@ -48,34 +48,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from trainer.discovery import scan_dataset
+    from trainer.discovery import check_datasets
 
     cfg = _load(args)
-    problems = 0
-    for i, ds in enumerate(cfg.datasets):
-        frames, height, width = cfg.dataset_shape(i)
-        scan = scan_dataset(ds, i)
-        print(f"datasets[{i}] {ds.path}: {len(scan.clips)} clips at {width}x{height}x{frames} (x{ds.repeats} repeats)")
-        for path, why in scan.problems:
-            print(f"  skipped {path.name}: {why}")
-        if not scan.clips:
-            print(f"datasets[{i}].path: no usable clip: add videos with same-stem {ds.caption_extension} captions")
-            problems += 1
+    report, problems = check_datasets(cfg)
+    print("\n".join(["buckets (samples per bucket, skipped files and why):", *report]))
     if problems:
+        print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
         return 2
     print(f"config OK: {cfg.model.flavour}, LoRA rank {cfg.lora.rank}, {cfg.train.max_train_steps} steps -> {cfg.train.output_dir}")
     return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import torch
+    from accelerate import PartialState
 
     from trainer.cache import build_caches
 
     cfg = _load(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = build_caches(cfg, device)
+    state = PartialState()  # under `accelerate launch` every process builds its own share of the entries
+    report = build_caches(cfg, state.device, rank=state.process_index, world_size=state.num_processes,
+                          barrier=state.wait_for_everyone, show_progress=state.is_main_process)
+    if not state.is_main_process:
+        return 0
     ready = sum(len(s) for s in report.samples)
+    for path, why in report.skipped:
+        print(f"  skipped {path}: {why}")
+    for path in report.quarantined:
+        print(f"  moved to quarantine: {path}")
     print(f"{ready} samples cached ({report.built_latents} latents and {report.built_texts} text embeddings built now, "
           f"{len(report.skipped)} files skipped)")
     return 0
@@ -85,8 +85,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from trainer.validate import validate_lora
 
     cfg = _load(args)
-    for video in validate_lora(cfg, Path(args.lora), Path(args.out) if args.out else None):
-        print(f"validation video: {video}")
+    for path in validate_lora(cfg, Path(args.lora), Path(args.out) if args.out else None):
+        print(f"{'contact sheet' if path.suffix == '.png' else 'validation video'}: {path}")
     return 0
 
 
@@ -96,6 +96,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     src = Path(args.lora)
     out = Path(args.out) if args.out else src.parent / f"export-{args.format}"
     print(convert_lora(src, args.format, out))
+    return 0
+
+
+def cmd_import_simpletuner(args: argparse.Namespace) -> int:
+    from launcher.simpletuner import import_simpletuner
+
+    conv = import_simpletuner(args.config_json, args.out, args.backend, args.root)
+    for line in conv.fixes:
+        print(f"fixed: {line}", file=sys.stderr)
+    for line in conv.notes:
+        print(f"note: {line}", file=sys.stderr)
+    if conv.warning():
+        print(conv.warning(), file=sys.stderr)
+    print(f"wrote {args.out}: check it with `wanforge check {args.out}`")
     return 0
 
 
@@ -130,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["comfyui", "diffusers"], required=True)
     p.add_argument("--out", help="output folder (default: beside the input)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-simpletuner", help="convert a SimpleTuner config.json (+ multidatabackend.json) to TOML")
+    p.add_argument("config_json", help="SimpleTuner config.json")
+    p.add_argument("--backend", help="multidatabackend.json (default: the config's data_backend_config)")
+    p.add_argument("-o", "--out", required=True, help="TOML file to write")
+    p.add_argument("--root", help="folder SimpleTuner ran from; its relative paths start there (default: current folder)")
+    p.set_defaults(func=cmd_import_simpletuner)
+
+    from launcher.launch import add_commands  # estimate, launch, status, logs, sync, down (no SkyPilot import)
+
+    add_commands(sub, with_config)
     return parser
 
 

@@ -39,7 +39,7 @@ def test_save_and_reload_round_trip(tmp_path):
     [
         ({"train": {"learning_rat": 1}}, 'train.learning_rat: it belongs in [optim] as learning_rate'),
         ({"train": {"max_train_stpes": 1}}, 'unknown key train.max_train_stpes: did you mean "max_train_steps"?'),
-        ({"datasets": [{"path": "x", "num_frames": 80}]}, "datasets[0].num_frames: must be 4k+1"),
+        ({"datasets": [{"path": "x", "frame_interval": 6}]}, "datasets[0].frame_interval: must be a multiple of 4"),
         ({"datasets": [{"path": "x", "width": 830}]}, "datasets[0].width: must be a positive multiple of 16"),
         ({"model": {"flavour": "t2v-480p-1.3b"}}, 'did you mean "t2v-480p-1.3b-2.1"?'),
         ({"optim": {"learning_rate": -1}}, "optim.learning_rate: Input should be greater than 0"),

@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from trainer.lora import adapter_state_dict, load_adapter_state_dict
 from trainer.rundir import RunDir
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -39,7 +39,7 @@ class TrainState:
 def install_adapter_hooks(accelerator, adapter_name: str = "default") -> None:
     def save_hook(models, weights, output_dir):
         for model, _ in zip(list(models), list(weights)):
-            state = get_peft_model_state_dict(accelerator.unwrap_model(model), adapter_name=adapter_name)
+            state = adapter_state_dict(accelerator.unwrap_model(model), adapter_name)  # peft LoRA or LyCORIS
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(output_dir, ADAPTER_FILE))
         weights.clear()  # accelerate must not write the full base model
 
@@ -47,9 +47,9 @@ def install_adapter_hooks(accelerator, adapter_name: str = "default") -> None:
         state = load_file(os.path.join(input_dir, ADAPTER_FILE))
         while models:
             model = accelerator.unwrap_model(models.pop())
-            result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
-            if result.unexpected_keys:
-                raise RuntimeError(f"checkpoint adapter has keys the model lacks: {result.unexpected_keys[:3]}")
+            unexpected = load_adapter_state_dict(model, state, adapter_name)
+            if unexpected:
+                raise RuntimeError(f"checkpoint adapter has keys the model lacks: {unexpected[:3]}")
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

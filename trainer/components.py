@@ -1,6 +1,9 @@
 """Load the Wan components with diffusers / transformers `from_pretrained`, from a Hub id or a local folder.
 
-The tiny flavour is built locally first (trainer.tiny) and then loaded through exactly the same calls.
+The tiny flavours are built locally first (trainer.tiny) and then loaded through exactly the same calls.
+Wan 2.2 A14B: the flavour's expert comes from `transformer` (high noise) or `transformer_2` (low noise).
+Custom finetunes: a transformer override (Hub id / folder + subfolder, or one .safetensors file in the diffusers,
+original Wan or ComfyUI layout) and a separate VAE (folder, Hub id or single file).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 
 from trainer.config import ModelConfig
 from trainer.errors import UserError
-from trainer.flavours import FLAVOURS
+from trainer.flavours import get_flavour
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -22,11 +25,11 @@ def base_model_path(model: ModelConfig) -> str:
     """Where the pipeline folder is: the config's path, the flavour's Hub id, or the locally built tiny model."""
     if model.pretrained_model_name_or_path:
         return model.pretrained_model_name_or_path
-    flavour = FLAVOURS[model.flavour]
+    flavour = get_flavour(model.flavour)
     if flavour.hub_id is None:
         from trainer.tiny import ensure_tiny_model
 
-        return str(ensure_tiny_model())
+        return str(ensure_tiny_model(flavour.tiny or "t2v-2.1"))
     return flavour.hub_id
 
 
@@ -36,6 +39,12 @@ def component_id(model: ModelConfig, part: str) -> str:
     ident = {"base": base, "revision": model.revision, "part": part}
     if part == "transformer":
         ident["override"] = model.pretrained_transformer_model_name_or_path
+        ident["subfolder"] = model.pretrained_transformer_subfolder
+    if part == "vae" and model.pretrained_vae_model_name_or_path:
+        ident["vae"] = model.pretrained_vae_model_name_or_path
+        vae_file = Path(model.pretrained_vae_model_name_or_path)
+        if vae_file.is_file():
+            ident["vae_file"] = [vae_file.stat().st_size, vae_file.stat().st_mtime_ns]
     local = Path(base) / part / "config.json"
     if local.is_file():  # a local folder: its config content, so a rebuilt model with other weights differs too
         ident["config"] = local.read_text()
@@ -44,22 +53,36 @@ def component_id(model: ModelConfig, part: str) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _friendly(err: Exception, what: str, where: str) -> UserError:
+def _friendly(err: Exception, what: str, where: str, field: str | None = None) -> UserError:
+    field = field or "model.pretrained_model_name_or_path"
     return UserError(
         f"could not load the {what} from {where}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
-        "fix: check model.pretrained_model_name_or_path (a Hub id or a folder in the diffusers layout), "
+        f"fix: check {field} (a Hub id or a folder in the diffusers layout), "
         "and HF_TOKEN for gated or private repos"
     )
 
 
 def load_vae(model: ModelConfig, dtype: torch.dtype = torch.float32):
+    """The flavour's VAE, or model.pretrained_vae_model_name_or_path: a folder / Hub id (with or without a `vae`
+    subfolder) or one file (.safetensors / .pth, original Wan layout, converted by diffusers' from_single_file)."""
     from diffusers import AutoencoderKLWan
 
     path = base_model_path(model)
+    override = model.pretrained_vae_model_name_or_path
     try:
-        return AutoencoderKLWan.from_pretrained(path, subfolder="vae", revision=model.revision, torch_dtype=dtype)
+        if override is None:
+            return AutoencoderKLWan.from_pretrained(path, subfolder="vae", revision=model.revision, torch_dtype=dtype)
+        if Path(override).is_file():
+            return AutoencoderKLWan.from_single_file(
+                override, config=path, subfolder="vae", revision=model.revision, torch_dtype=dtype
+            )
+        local = Path(override)
+        if local.is_dir():
+            sub = "vae" if (local / "vae" / "config.json").is_file() else None
+            return AutoencoderKLWan.from_pretrained(override, subfolder=sub, torch_dtype=dtype)
+        return AutoencoderKLWan.from_pretrained(override, subfolder="vae", torch_dtype=dtype)
     except (OSError, ValueError) as err:
-        raise _friendly(err, "VAE", path) from None
+        raise _friendly(err, "VAE", override or path, "model.pretrained_vae_model_name_or_path" if override else None) from None
 
 
 def load_text_encoder(model: ModelConfig, dtype: torch.dtype = torch.float32):
@@ -82,37 +105,58 @@ def load_tokenizer(model: ModelConfig):
         raise _friendly(err, "tokenizer", path) from None
 
 
-def load_transformer(model: ModelConfig, dtype: torch.dtype = torch.float32):
-    """The base transformer, or the override: a Hub id / folder (+ subfolder), or one .safetensors file."""
+def load_image_encoder(model: ModelConfig, dtype: torch.dtype = torch.float32):
+    """CLIP vision encoder and its image processor (Wan 2.1 I2V), from the base model's folders."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    path = base_model_path(model)
+    try:
+        encoder = CLIPVisionModel.from_pretrained(path, subfolder="image_encoder", revision=model.revision, dtype=dtype)
+        processor = CLIPImageProcessor.from_pretrained(path, subfolder="image_processor", revision=model.revision)
+    except (OSError, ValueError) as err:
+        raise _friendly(err, "CLIP image encoder", path) from None
+    return encoder, processor
+
+
+def expert_subfolder(model: ModelConfig, other: bool = False) -> str:
+    """The subfolder of the trained transformer (or, with other=True, of the other Wan 2.2 expert)."""
+    flavour = get_flavour(model.flavour)
+    return flavour.other_expert_subfolder if other else flavour.expert_subfolder
+
+
+def load_transformer(model: ModelConfig, dtype: torch.dtype = torch.float32, subfolder: str | None = None):
+    """The trained transformer (the flavour's expert), or the override: a Hub id / folder (+ subfolder), or one
+    .safetensors file. `subfolder` names another expert of the base model (`transformer` / `transformer_2`)."""
     from diffusers import WanTransformer3DModel
 
     base = base_model_path(model)
     override = model.pretrained_transformer_model_name_or_path
-    if override is None:
+    own = expert_subfolder(model)
+    if override is None or (subfolder is not None and subfolder != own):
+        sub = subfolder or own
         try:
-            return WanTransformer3DModel.from_pretrained(
-                base, subfolder="transformer", revision=model.revision, torch_dtype=dtype
-            )
+            return WanTransformer3DModel.from_pretrained(base, subfolder=sub, revision=model.revision, torch_dtype=dtype)
         except (OSError, ValueError) as err:
-            raise _friendly(err, "transformer", base) from None
+            raise _friendly(err, f"transformer ({sub})", base) from None
     if override.endswith(".safetensors"):
-        return _transformer_from_file(Path(override), base, model.revision, dtype)
+        return _transformer_from_file(Path(override), base, own, model.revision, dtype)
     try:
         return WanTransformer3DModel.from_pretrained(
             override, subfolder=model.pretrained_transformer_subfolder, torch_dtype=dtype
         )
     except (OSError, ValueError) as err:
-        raise _friendly(err, "transformer override", override) from None
+        raise _friendly(err, "transformer override", override, "model.pretrained_transformer_model_name_or_path") from None
 
 
-def _transformer_from_file(file: Path, base: str, revision: str | None, dtype: torch.dtype):
-    """One .safetensors file: diffusers keys load into the base config; original Wan keys go through from_single_file."""
+def _transformer_from_file(file: Path, base: str, subfolder: str, revision: str | None, dtype: torch.dtype):
+    """One .safetensors file: diffusers keys load into the base config; original Wan keys (bare, or with ComfyUI's
+    `model.diffusion_model.` / `diffusion_model.` prefix) go through diffusers' from_single_file conversion."""
     from diffusers import WanTransformer3DModel
     from safetensors.torch import load_file
 
     if not file.is_file():
         raise UserError(f"model.pretrained_transformer_model_name_or_path: {file} does not exist")
-    config = WanTransformer3DModel.load_config(base, subfolder="transformer", revision=revision)
+    config = WanTransformer3DModel.load_config(base, subfolder=subfolder, revision=revision)
     with torch.device("meta"):
         probe = WanTransformer3DModel.from_config(config)
     expected = set(probe.state_dict())
@@ -121,9 +165,11 @@ def _transformer_from_file(file: Path, base: str, revision: str | None, dtype: t
         transformer = WanTransformer3DModel.from_config(config).to(dtype)
         transformer.load_state_dict(state)
         return transformer
+    # diffusers strips `model.diffusion_model.` itself; a bare `diffusion_model.` prefix it doesn't know
+    state = {k.removeprefix("diffusion_model."): v for k, v in state.items()}
     try:
         return WanTransformer3DModel.from_single_file(
-            str(file), config=base, subfolder="transformer", revision=revision, torch_dtype=dtype
+            state, config=base, subfolder=subfolder, revision=revision, torch_dtype=dtype
         )
     except Exception as err:  # diffusers raises assorted types for unknown layouts
         missing = sorted(expected - set(state))[:3]

@@ -6,6 +6,7 @@ Defaults are the values that give good Wan results; each field says what it does
 from __future__ import annotations
 
 import difflib
+import logging
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +15,9 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.errors import UserError
-from trainer.flavours import DEFAULT_FLAVOUR, FLAVOURS, WAN_NEGATIVE_PROMPT
+from trainer.flavours import ALIASES, DEFAULT_FLAVOUR, FLAVOURS, WAN_NEGATIVE_PROMPT, resolve_flavour_name
+
+_log = logging.getLogger(__name__)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,36 +70,171 @@ class ModelConfig(Section):
     pretrained_transformer_subfolder: str | None = Field(
         "transformer", description='Subfolder of the transformer override; "none" for the folder itself.'
     )
+    pretrained_vae_model_name_or_path: str | None = Field(
+        None, description="A separate VAE: Hub id, folder (with or without a vae/ subfolder) or one .safetensors/.pth file."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
     base_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype of the frozen base weights on a GPU (always float32 on CPU)."
+    )
+    train_both_experts: bool = Field(
+        False,
+        description="Wan 2.2 A14B: train the high- and low-noise experts in one run (each on its side of the boundary, "
+        "the idle expert kept in CPU RAM); writes lora/high_noise/ and lora/low_noise/. One GPU per run.",
+    )
+    expert_switch_every_n_steps: int = Field(
+        50, ge=1, description="With train_both_experts: optimizer steps on one expert before switching to the other."
+    )
+    wan_validation_load_other_stage: bool = Field(
+        True,
+        description="Wan 2.2 A14B: validation loads the other expert for its timesteps, so videos are full renders "
+        "(false: only the trained expert renders every step, which looks wrong but needs no second model).",
+    )
+    wan_force_2_1_time_embedding: bool = Field(
+        False,
+        description="TI2V-5B: feed one timestep per sample (Wan 2.1 style) instead of per-token timesteps, for "
+        "finetunes whose time embedding was trained that way.",
     )
 
     @field_validator("flavour")
     @classmethod
     def _known_flavour(cls, v: str) -> str:
-        if v not in FLAVOURS:
-            hint = difflib.get_close_matches(v, FLAVOURS, n=1)
+        resolved = resolve_flavour_name(v)  # SimpleTuner's model_flavour names are aliases
+        if resolved is None:
+            hint = difflib.get_close_matches(v, [*FLAVOURS, *ALIASES], n=1)
             fix = f'did you mean "{hint[0]}"?' if hint else "choose one of: " + ", ".join(FLAVOURS)
             raise ValueError(f'unknown flavour "{v}": {fix}')
-        return v
+        return resolved
+
+    @model_validator(mode="after")
+    def _experts_need_a_2_2_flavour(self) -> ModelConfig:
+        if self.train_both_experts and not FLAVOURS[self.flavour].is_expert:
+            raise ValueError(
+                f"train_both_experts needs a Wan 2.2 A14B flavour (t2v-14b-2.2-high/-low, i2v-14b-2.2-high/-low), "
+                f"not {self.flavour}"
+            )
+        return self
 
 
 class DatasetConfig(Section):
-    path: Path = Field(description="Folder of video clips with same-stem .txt captions.")
-    num_frames: int | None = Field(None, description="Frames per sample, 4k+1 (default: the flavour's, 81 for Wan 2.1).")
-    width: int | None = Field(None, description="Sample width in pixels, a multiple of 16 (default: the flavour's).")
-    height: int | None = Field(None, description="Sample height in pixels, a multiple of 16 (default: the flavour's).")
-    caption_extension: str = Field(".txt", description="Caption files sit beside each clip with this extension.")
-    repeats: int = Field(1, ge=1, description="How many times each clip is seen per epoch.")
-    cache_dir: Path | None = Field(None, description="Where latents and text embeddings are cached (default: <path>/.wanforge_cache).")
+    """One [[datasets]] table. Names follow SimpleTuner's multidatabackend.json where they are clear."""
+
+    # ---- where the samples come from
+    id: str | None = Field(None, description="Name in reports and logs (default: the folder's name).")
+    path: Path = Field(
+        description="Folder of videos (mp4/mov/webm/mkv/avi) and images (png/jpg/webp, one-frame samples); "
+        "with hf_repo: the folder the Hub dataset is downloaded into."
+    )
+    hf_repo: str | None = Field(
+        None, description='Hugging Face dataset repo id ("user/name"), downloaded into `path` with huggingface_hub.'
+    )
+    hf_revision: str | None = Field(None, description="Branch, tag or commit of hf_repo (default: main).")
+    disabled: bool = Field(False, description="Leave this dataset out (its caches are kept).")
+    repeats: int = Field(
+        1, ge=1, description="How many times each sample is seen per epoch (SimpleTuner's repeats=N is N+1 here)."
+    )
+    sampling_weight: float = Field(
+        1.0, gt=0, description="Relative chance that a batch comes from this dataset (SimpleTuner's probability)."
+    )
+    # ---- captions
+    caption_strategy: Literal["textfile", "metadata", "filename", "instanceprompt"] = Field(
+        "textfile",
+        description="textfile: same-stem caption file; metadata: metadata.jsonl/.csv rows (file_name + caption "
+        "column); filename: the file name with _ and - as spaces; instanceprompt: instance_prompt for every sample.",
+    )
+    caption_extension: str = Field(".txt", description="textfile: caption files sit beside each sample with this extension.")
+    metadata_file: str | None = Field(
+        None, description="metadata: file inside the folder (default: metadata.jsonl, else metadata.csv)."
+    )
+    caption_column: str = Field("caption", description="metadata: the column holding the caption (file column: file_name).")
+    instance_prompt: str | None = Field(
+        None, description="instanceprompt: the caption of every sample; other strategies: used where a caption is missing."
+    )
+    caption_dropout_probability: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Chance a sample trains with the empty caption (0.05-0.1 helps guidance)."
+    )
+    # ---- frame size and buckets
+    resolution: float | None = Field(
+        None,
+        description="Target size in resolution_type units (default: the flavour's area, 832x480 for Wan 2.1 480p). "
+        "Ignored when width and height are both set.",
+    )
+    resolution_type: Literal["pixel_area", "pixel", "area"] = Field(
+        "pixel_area",
+        description="pixel_area: resolution is the side of a square of the target area (632 ~ 832x480); "
+        "pixel: the shorter edge in pixels; area: megapixels.",
+    )
+    width: int | None = Field(None, description="With height: one fixed sample size (multiple of 16) instead of buckets.")
+    height: int | None = Field(None, description="With width: one fixed sample size (multiple of 16) instead of buckets.")
+    bucket_strategy: Literal["aspect_ratio", "resolution_frames"] = Field(
+        "aspect_ratio",
+        description="aspect_ratio: sizes snap to common aspect ratios (fewer, fuller buckets); resolution_frames: "
+        "each sample keeps its own aspect rounded to 16 px, buckets named WxH@F (less cropping, more buckets).",
+    )
+    crop: bool = Field(True, description="Crop to the bucket's aspect (false: resize to it, a slight stretch).")
+    crop_style: Literal["center", "random"] = Field(
+        "center", description="Where the crop window sits: centre, or a random place fixed per sample (cached)."
+    )
+    crop_aspect: Literal["preserve", "square"] = Field(
+        "preserve", description="preserve: the bucket nearest the sample's aspect; square: every sample cropped square."
+    )
+    minimum_image_size: float | None = Field(
+        None, description="Skip samples smaller than this (resolution_type units) instead of upscaling them."
+    )
+    maximum_image_size: float | None = Field(
+        None, description="Samples larger than this (resolution_type units) are first downsampled to target_downsample_size."
+    )
+    target_downsample_size: float | None = Field(
+        None, description="With maximum_image_size: the size large samples are scaled to before the bucket-sized crop "
+        "(larger than resolution: crops show detail)."
+    )
+    # ---- frames
+    num_frames: int | None = Field(
+        None, description="Frames per sample, 4k+1; other values are rounded (default: the flavour's, 81 for Wan 2.1)."
+    )
+    min_frames: int | None = Field(
+        None, ge=1, description="Clips shorter than this (frames at the model's fps) are skipped; clips between "
+        "min_frames and num_frames train at their own length (a frame bucket). Default: num_frames.",
+    )
+    max_frames: int | None = Field(None, ge=1, description="Skip clips longer than this many frames at the model's fps.")
+    frame_interval: int = Field(
+        4, ge=4, description="Frame buckets step: shorter clips use 1 + a multiple of this many frames (multiple of 4)."
+    )
+    target_fps: float | None = Field(
+        None, gt=0, description="Clips are resampled to this frame rate by timestamps (default: the model's, 16 for Wan 2.1)."
+    )
+    window_start: Literal["beginning", "random"] = Field(
+        "beginning", description="Where the frames of a longer clip start: at 0 s, or a random time fixed per clip (cached)."
+    )
+    # ---- problems and caches
+    delete_problematic: bool = Field(
+        False, description="Move unusable files (with their captions) to <path>/.quarantine/ instead of only listing them."
+    )
+    cache_dir: Path | None = Field(None, description="Latent cache folder (default: <path>/.wanforge_cache). SimpleTuner: cache_dir_vae.")
+    text_cache_dir: Path | None = Field(None, description="Text-embedding cache folder (default: <cache_dir>/text).")
+
+    @property
+    def name(self) -> str:
+        return self.id or self.path.name
 
     @field_validator("num_frames")
     @classmethod
     def _four_k_plus_one(cls, v: int | None) -> int | None:
-        if v is not None and (v < 1 or (v - 1) % 4 != 0):
-            lower = max(1, (v - 1) // 4 * 4 + 1)
-            raise ValueError(f"must be 4k+1 (the Wan VAE compresses 4 frames into one): try {lower} or {lower + 4}")
+        if v is None:
+            return v
+        if v < 1:
+            raise ValueError("must be 1 or more, 4k+1 (1, 5, ..., 81)")
+        if (v - 1) % 4:
+            rounded = round((v - 1) / 4) * 4 + 1
+            _log.warning("num_frames=%d is not 4k+1 (the Wan VAE packs 4 frames into one): using %d", v, rounded)
+            return rounded
+        return v
+
+    @field_validator("frame_interval")
+    @classmethod
+    def _multiple_of_4(cls, v: int) -> int:
+        if v % 4:
+            raise ValueError(f"must be a multiple of 4 (frame counts are 4k+1): try {v // 4 * 4 or 4} or {v // 4 * 4 + 4}")
         return v
 
     @field_validator("width", "height")
@@ -106,6 +244,18 @@ class DatasetConfig(Section):
             lower = max(16, v // 16 * 16)
             raise ValueError(f"must be a positive multiple of 16 (VAE 8x and patch 2x): try {lower} or {lower + 16}")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetConfig:
+        if (self.width is None) != (self.height is None):
+            raise ValueError("set both width and height (one fixed size), or neither (buckets from resolution)")
+        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
+            raise ValueError('caption_strategy "instanceprompt" needs instance_prompt = "your trigger words"')
+        if (self.maximum_image_size is None) != (self.target_downsample_size is None):
+            raise ValueError("maximum_image_size and target_downsample_size go together: set both or neither")
+        if self.hf_repo is not None and self.hf_repo.count("/") != 1:
+            raise ValueError('hf_repo must look like "user/name"')
+        return self
 
 
 class LoraConfig(Section):
@@ -120,6 +270,20 @@ class LoraConfig(Section):
     save_format: Literal["comfyui", "diffusers"] = Field(
         "comfyui", description="comfyui: the interchange format ComfyUI and diffusers both load; diffusers: diffusers keys."
     )
+    lora_type: Literal["lora", "lycoris"] = Field(
+        "lora", description="lora: peft LoRA; lycoris: LoKr / LoHa / LoCon from the lycoris-lora package (needs lycoris_config)."
+    )
+    lycoris_config: Path | None = Field(
+        None,
+        description='JSON file for lora_type = "lycoris": {"algo": "lokr"|"loha"|"locon", "multiplier": 1.0, '
+        '"linear_dim": 10000, "linear_alpha": 1, "factor": 16, "apply_preset": {...}} (lycoris.create_lycoris kwargs).',
+    )
+
+    @model_validator(mode="after")
+    def _lycoris_needs_config(self) -> LoraConfig:
+        if self.lora_type == "lycoris" and self.lycoris_config is None:
+            raise ValueError('lora_type = "lycoris" needs lycoris_config = "path/to/lycoris_config.json"')
+        return self
 
     @property
     def effective_alpha(self) -> float:
@@ -173,19 +337,115 @@ class FlowConfig(Section):
 class ValidationConfig(Section):
     every_n_steps: int = Field(0, ge=0, description="Render validation every N steps (0: only at the end).")
     at_end: bool = Field(True, description="Render validation after the last step.")
-    prompt: str | None = Field(None, description="Validation prompt (default: the first training caption).")
+    prompt: str | None = Field(
+        None, description="Validation prompt (default: the first training caption, unless prompt_library is set)."
+    )
+    prompt_library: Path | None = Field(
+        None, description='JSON file {"nickname": "prompt", ...}: every prompt is rendered, named by its nickname.'
+    )
+    instance_prompt: str | None = Field(
+        None, description="Your trigger word(s): replaces <token> in the prompts; also the model card's trigger words."
+    )
     negative_prompt: str = Field(WAN_NEGATIVE_PROMPT, description="Negative prompt (default: the official Wan one).")
     guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance (default: the flavour's).")
-    num_inference_steps: int = Field(40, ge=1, description="Sampling steps (UniPC).")
-    flow_shift: float | None = Field(None, gt=0, description="UniPC flow shift (default: the flavour's; 5.0 at 480p).")
-    num_frames: int | None = Field(None, description="Frames to render (default: the first dataset's).")
-    width: int | None = Field(None, description="Width to render (default: the first dataset's).")
-    height: int | None = Field(None, description="Height to render (default: the first dataset's).")
-    seed: int = Field(42, description="Seed of the validation noise.")
+    num_inference_steps: int = Field(40, ge=1, description="Sampling steps (40 is the common Wan setting).")
+    scheduler: Literal["unipc", "flow_match_euler"] = Field(
+        "unipc", description="unipc: what the official Wan inference uses; flow_match_euler: the plain flow-matching sampler."
+    )
+    flow_shift: float | None = Field(
+        None, gt=0, description="Scheduler flow shift (default: the flavour's; 5.0 at 480p, 7-12 at 720p)."
+    )
+    num_frames: int | None = Field(None, description="Frames to render, 4k+1 (default: the first dataset's).")
+    width: int | None = Field(None, description="Width to render, a multiple of 16 (default: the first dataset's).")
+    height: int | None = Field(None, description="Height to render, a multiple of 16 (default: the first dataset's).")
+    seed: int = Field(42, description="Seed of the validation noise (the same every validation, so videos compare).")
+    skip_layers: list[int] = Field(
+        default_factory=list,
+        description="Skip-layer guidance: transformer blocks skipped in an extra guidance pass (empty: off; 9 is a common pick for Wan 1.3B).",
+    )
+    skip_layer_start: float = Field(
+        0.1, ge=0.0, le=1.0, description="Skip-layer guidance starts at this fraction of the sampling steps (0: the first, noisiest)."
+    )
+    skip_layer_stop: float = Field(
+        0.9, ge=0.0, le=1.0, description="Skip-layer guidance stops at this fraction of the sampling steps (exclusive)."
+    )
+    skip_layer_scale: float = Field(3.0, ge=0.0, description="Strength of skip-layer guidance.")
+    eval_every_n_steps: int = Field(
+        250, ge=0, description="Log the fixed-noise eval loss every N steps and at the end (0: off); comparable across steps and runs."
+    )
+    eval_samples: int = Field(4, ge=1, description="How many fixed samples the eval loss uses (the last clips of the first dataset).")
+    eval_holdout: bool = Field(
+        False, description="Keep the eval samples out of training, so the eval loss is a held-out loss."
+    )
+    eval_buckets: int = Field(5, ge=1, le=50, description="Noise-level buckets the eval loss is reported for (one fixed level each).")
+    eval_seed: int = Field(1234, description="Seed of the eval noise.")
+
+    @field_validator("num_frames")
+    @classmethod
+    def _frames_four_k_plus_one(cls, v: int | None) -> int | None:
+        return DatasetConfig._four_k_plus_one(v)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _size_multiple_of_16(cls, v: int | None) -> int | None:
+        return DatasetConfig._multiple_of_16(v)
+
+    @model_validator(mode="after")
+    def _skip_window(self) -> ValidationConfig:
+        if self.skip_layers and self.skip_layer_start >= self.skip_layer_stop:
+            raise ValueError("skip_layer_start must be below skip_layer_stop (fractions of the sampling steps)")
+        if any(i < 0 for i in self.skip_layers):
+            raise ValueError("skip_layers are block indices, 0 or more")
+        return self
 
 
 class MemoryConfig(Section):
-    gradient_checkpointing: bool = Field(True, description="Recompute block activations in backward (less memory).")
+    preset: Literal["none", "auto", "fast", "balanced", "low"] = Field(
+        "none",
+        description='"none": use the fields below as set. "auto": the fastest measured preset that fits the detected '
+        'GPU (fields you set yourself win). "fast" / "balanced" / "low": see docs; bench/RESULTS.md has their numbers.',
+    )
+    gradient_checkpointing: Literal["none", "full", "selective"] = Field(
+        "selective",
+        description='Recompute block activations in backward. "selective" keeps self-attention outputs and recomputes '
+        'the rest (~10% extra compute, ~100 MB per block at 1.3B 832x480x81); "full" recomputes everything (least '
+        'memory, ~35% extra compute); "none" keeps all activations (fastest, tens of GB). true/false mean full/none.',
+    )
+    checkpointed_blocks: int | None = Field(
+        None, ge=0, description="Checkpoint only the first N transformer blocks (the rest keep activations); none: all."
+    )
+    attention_backend: str = Field(
+        "auto",
+        description='diffusers attention backend: "auto" (cuDNN SDPA on NVIDIA, the fastest measured on H100), '
+        '"native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage", ...',
+    )
+    compile: bool = Field(False, description="torch.compile the repeated transformer block (regional compile).")
+    feed_forward_chunk_size: int | None = Field(
+        None, ge=1, description="Run the feed-forward over this many tokens at a time (less peak memory, exact); "
+        "also read from WAN_FEED_FORWARD_CHUNK_SIZE.",
+    )
+    base_quantization: Literal["none", "int8"] = Field(
+        "none",
+        description='Frozen base weights: "int8" (optimum-quanto weight-only, half the bf16 weight memory, ~4% slower '
+        'step measured at 1.3B). NF4 / int4 are refused: 4-bit base weights ruin Wan video quality.',
+    )
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _bool_checkpointing(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            return "full" if v else "none"
+        return v
+
+    @field_validator("base_quantization", mode="before")
+    @classmethod
+    def _no_four_bit(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.lower() in {"nf4", "int4", "fp4", "4bit", "int4_weight_only"}:
+            raise ValueError(f'"{v}" is refused for Wan (4-bit base weights ruin video quality): use "int8"')
+        if isinstance(v, str) and v.lower() in {"fp8", "float8"}:
+            raise ValueError('"fp8" is not offered: torchao float8 training needs token counts divisible by 16 '
+                             '(832x480x81 gives 32760) and computes unused weight gradients; use "int8" or "none"')
+        return v
 
 
 class CheckpointConfig(Section):
@@ -193,10 +453,106 @@ class CheckpointConfig(Section):
     total_limit: int | None = Field(3, ge=1, description="Keep only the newest N checkpoints (none: keep all).")
 
 
+class CacheConfig(Section):
+    """How the latent and text caches are built (where they go is per dataset: cache_dir, text_cache_dir)."""
+
+    vae_batch_size: int = Field(
+        1, ge=1, description="Clips of one bucket VAE-encoded together (1 suits 81-frame clips; more helps images)."
+    )
+    decode_workers: int = Field(2, ge=0, description="Threads decoding clips ahead of the VAE (0: decode inline).")
+    compress_latents: bool = Field(
+        False, description="Store latents as bfloat16: half the disk and RAM (its rounding is far below the VAE's own error)."
+    )
+
+
+class EmaConfig(Section):
+    use_ema: bool = Field(False, description="Keep an exponential moving average of the LoRA weights.")
+    decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per update (0.999: about the last 1000 updates).")
+    update_interval: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
+    validation: Literal["none", "ema_only", "comparison"] = Field(
+        "comparison", description="Validation videos with the live weights (none), the EMA weights (ema_only), or both."
+    )
+
+
 class TrackingConfig(Section):
     report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="Tracker besides metrics.jsonl.")
     project: str = Field("wanforge", description="Tracker project name.")
     run_name: str | None = Field(None, description="Tracker run name (default: the run folder's name).")
+    entity: str | None = Field(None, description="W&B entity (team or user; default: your W&B default).")
+    webhook_config: Path | None = Field(
+        None, description='JSON file: {"url": ..., "format": "discord"|"raw", "levels": [...]}: progress, videos, errors.'
+    )
+
+
+class HubConfig(Section):
+    push_to_hub: bool = Field(False, description="Upload the final LoRA, a model card and a preview to the Hugging Face Hub.")
+    hub_model_id: str | None = Field(None, description='Hub repo to upload to, "user/name" (created if missing).')
+    push_checkpoints_to_hub: bool = Field(False, description="Also upload each checkpoint as it is saved (for resuming elsewhere).")
+    private: bool = Field(True, description="Create the repo as private.")
+    trigger_words: list[str] = Field(
+        default_factory=list, description="Trigger words for the model card (default: validation.instance_prompt)."
+    )
+
+    @model_validator(mode="after")
+    def _needs_repo(self) -> HubConfig:
+        if (self.push_to_hub or self.push_checkpoints_to_hub) and not self.hub_model_id:
+            raise ValueError('uploading needs hub_model_id = "your-user/your-lora"')
+        if self.hub_model_id is not None and self.hub_model_id.count("/") != 1:
+            raise ValueError('hub_model_id must look like "user/name"')
+        return self
+
+
+class TreadRoute(Section):
+    selection_ratio: float = Field(
+        ge=0.0, lt=1.0,
+        description="Fraction of the video tokens ROUTED AROUND these blocks, i.e. dropped from them (0.1: 10% skip "
+        "the blocks, 90% go through; 0: no effect). Higher is faster and harder on quality; 0.1-0.25 keeps quality.",
+    )
+    start_layer_idx: int = Field(description="First routed transformer block, 0-based (negative counts from the end: -1 is the last).")
+    end_layer_idx: int = Field(description="Last routed block, inclusive (negative from the end); routed tokens rejoin after it.")
+
+
+class TreadConfig(Section):
+    routes: list[TreadRoute] = Field(
+        default_factory=list,
+        description="TREAD token routing (training only, off in validation): in each route a random selection_ratio "
+        "of the video tokens skips blocks start..end and is put back in place after end; text tokens are never "
+        "dropped. Routes must not overlap. Empty: off. E.g. [{selection_ratio = 0.1, start_layer_idx = 2, end_layer_idx = -2}].",
+    )
+
+
+class CrepaConfig(Section):
+    enabled: bool = Field(False, description="CREPA: align a block's hidden states to DINOv2 features of the same and neighbouring frames.")
+    block_index: int = Field(8, ge=0, description="0-based transformer block whose output is aligned.")
+    weight: float = Field(0.5, ge=0.0, description="Weight of the CREPA loss added to the flow loss.")
+    adjacent_distance: int = Field(1, ge=0, description="Neighbouring latent frames (each side) each frame is also aligned to (0: per-frame REPA).")
+    temporal_decay: float = Field(1.0, gt=0.0, description="A neighbour at distance d weighs exp(-d / temporal_decay) (the frame itself weighs 1).")
+    encoder: Literal["dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14"] = Field(
+        "dinov2_vitg14", description="DINOv2 encoder (torch hub name); dinov2_vits14 with image size 224 saves memory."
+    )
+    encoder_image_size: int = Field(518, ge=14, description="Frames are resized to this square size for the encoder (a multiple of 14; 518 for vitg14, 224 for vits14).")
+    encoder_path: str | None = Field(
+        None, description="Local encoder instead of torch hub: a clone of facebookresearch/dinov2 (hubconf.py) or a "
+        "transformers Dinov2 folder (config.json + weights, e.g. a download of facebook/dinov2-giant).",
+    )
+
+    @field_validator("encoder_image_size")
+    @classmethod
+    def _multiple_of_14(cls, v: int) -> int:
+        if v % 14:
+            raise ValueError(f"must be a multiple of 14 (the DINOv2 patch): try {v // 14 * 14} or {v // 14 * 14 + 14}")
+        return v
+
+
+class RolloutConfig(Section):
+    probability: float = Field(
+        0.0, ge=0.0, le=1.0, description="Scheduled sampling: chance that a sample's training input comes from the "
+        "model's own denoising instead of exact noising (0: off). Costs about probability x steps extra forward passes per step.",
+    )
+    probability_start: float = Field(0.0, ge=0.0, le=1.0, description="Probability at step 0 when ramp_steps > 0.")
+    ramp_steps: int = Field(0, ge=0, description="Ramp the probability linearly from probability_start to probability over this many steps (0: no ramp).")
+    steps: int = Field(4, ge=1, description="Denoising steps the model takes (no gradient) from the higher noise level down to the training one.")
+    sigma_offset: float = Field(0.1, gt=0.0, le=1.0, description="How much noisier the rollout starts (noise level s + offset, capped at 1).")
 
 
 class WanforgeConfig(Section):
@@ -210,11 +566,25 @@ class WanforgeConfig(Section):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    tread: TreadConfig = Field(default_factory=TreadConfig)
+    crepa: CrepaConfig = Field(default_factory=CrepaConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
     @model_validator(mode="after")
     def _needs_data(self) -> WanforgeConfig:
         if not self.datasets:
             raise ValueError('no dataset: add a [[datasets]] table with path = "folder/of/clips"')
+        step = FLAVOURS[self.model.flavour].vae_spatial * 2  # VAE downscale x patch 2: 16, or 32 for the Wan 2.2 VAE
+        for i in range(len(self.datasets)):
+            _, height, width = self.dataset_shape(i)
+            if height % step or width % step:
+                raise ValueError(
+                    f"datasets[{i}]: {width}x{height} does not fit {self.model.flavour} (its VAE and patching need "
+                    f"multiples of {step}): try {width // step * step}x{height // step * step}"
+                )
         return self
 
     def dataset_shape(self, index: int = 0) -> tuple[int, int, int]:
@@ -324,9 +694,18 @@ def _resolve_paths(cfg: WanforgeConfig, base_dir: Path) -> None:
             d.path = (base_dir / d.path).resolve()
         if d.cache_dir is not None and not d.cache_dir.is_absolute():
             d.cache_dir = (base_dir / d.cache_dir).resolve()
+        if d.text_cache_dir is not None and not d.text_cache_dir.is_absolute():
+            d.text_cache_dir = (base_dir / d.text_cache_dir).resolve()
+    for section, name in (("validation", "prompt_library"), ("tracking", "webhook_config")):
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not value.is_absolute():
+            setattr(getattr(cfg, section), name, (base_dir / value).resolve())
     if not cfg.train.output_dir.is_absolute():
         cfg.train.output_dir = (base_dir / cfg.train.output_dir).resolve()
-    for name in ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path"):
+    if cfg.lora.lycoris_config is not None and not cfg.lora.lycoris_config.is_absolute():
+        cfg.lora.lycoris_config = (base_dir / cfg.lora.lycoris_config).resolve()
+    for name in ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+                 "pretrained_vae_model_name_or_path"):
         value = getattr(cfg.model, name)
         if value and (value.startswith(".") or (base_dir / value).exists()):
             setattr(cfg.model, name, str((base_dir / value).resolve()))

@@ -57,7 +57,7 @@ def demo_config(data_dir: Path, output_dir: Path, max_train_steps: int = 100) ->
             "optim": {"learning_rate": 1e-3, "lr_warmup_steps": 10},
             "validation": {"num_inference_steps": 10},
             "checkpoint": {"every_n_steps": max(1, max_train_steps // 2), "total_limit": 2},
-            "memory": {"gradient_checkpointing": False},
+            "memory": {"gradient_checkpointing": "none"},
         },
         source="demo",
     )

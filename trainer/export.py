@@ -169,6 +169,9 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], float, dict[str, str
         adapter = json.loads(metadata.get("lora_adapter_metadata", "{}"))
         rank = next(v.shape[0] for k, v in weights.items() if k.endswith("lora_A.weight"))
         return weights, float(adapter.get("transformer.lora_alpha", rank)), metadata
+    if any(k.startswith("lora_unet_") for k in state):
+        raise UserError(f"{path}: a LyCORIS file (kohya-style lora_unet_* keys, for ComfyUI): diffusers has no loader "
+                        "for it, so it has no other format; load it in ComfyUI as it is")
     raise UserError(f"{path}: neither interchange (diffusion_model.*) nor diffusers (transformer.*) LoRA keys")
 
 

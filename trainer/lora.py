@@ -1,4 +1,6 @@
-"""Add a peft LoRA to the Wan transformer: only the adapter trains, and it trains in fp32."""
+"""Add the adapter to the Wan transformer: a peft LoRA, or a LyCORIS network (lora.lora_type = "lycoris",
+trainer.lycoris_adapter). Only the adapter trains, and it trains in fp32. The state-dict helpers below are what
+checkpoints and exports use, whichever adapter type it is."""
 
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ def add_lora(transformer, cfg: LoraConfig, adapter_name: str = "default") -> Non
                 f'lora.target_modules: "{target}" matches no module of the transformer '
                 '(names are diffusers ones, e.g. "attn1.to_q", "attn2.to_out.0", "ffn.net.0.proj")'
             )
+    if cfg.lora_type == "lycoris":
+        from trainer.lycoris_adapter import add_lycoris
+
+        add_lycoris(transformer, cfg.lycoris_config, cfg.target_modules)
+        return
     transformer.requires_grad_(False)
     transformer.add_adapter(
         PeftLoraConfig(
@@ -35,3 +42,33 @@ def add_lora(transformer, cfg: LoraConfig, adapter_name: str = "default") -> Non
 
 def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def _lycoris(model):
+    from trainer.lycoris_adapter import network_of
+
+    return network_of(model)
+
+
+def adapter_state_dict(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The trained adapter's tensors (peft keys without the adapter name, or the LyCORIS network's own keys)."""
+    if hasattr(model, "adapter_state_dict"):  # trainer.experts.ExpertPair: both experts' adapters
+        return model.adapter_state_dict()
+    network = _lycoris(model)
+    if network is not None:
+        return network.state_dict()
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=adapter_name)
+
+
+def load_adapter_state_dict(model, state: dict[str, torch.Tensor], adapter_name: str = "default") -> list[str]:
+    """Load adapter tensors saved by adapter_state_dict; returns the keys the model has no place for."""
+    if hasattr(model, "load_adapter_state_dict"):
+        return model.load_adapter_state_dict(state)
+    network = _lycoris(model)
+    if network is not None:
+        return list(network.load_state_dict(state, strict=False).unexpected_keys)
+    from peft.utils import set_peft_model_state_dict
+
+    return list(set_peft_model_state_dict(model, state, adapter_name=adapter_name).unexpected_keys)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,18 +12,32 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from trainer.cache import build_caches, text_embeds
+from trainer.cache import build_caches
 from trainer.checkpointing import TrainState, install_adapter_hooks, load_checkpoint, save_checkpoint
-from trainer.components import load_transformer, load_vae
-from trainer.config import WanforgeConfig, save_config, to_toml_dict
-from trainer.dataset import CachedDataset, Collate, ResumableBatchSampler
+from trainer.components import base_model_path, load_transformer
+from trainer.conditioning import build_conditioning, loss_region, transformer_inputs, with_conditioning
+from trainer.config import WanforgeConfig, save_config
+from trainer.dataset import Collate, TrainingData
+from trainer.ema import AdapterEMA, weights_for
 from trainer.errors import UserError
+from trainer.evaluation import eval_due, log_eval_loss, split_eval_samples
+from trainer.experts import active_stage, sample_training_sigmas, save_expert_loras, select_expert, setup_expert_pair
 from trainer.export import save_lora
 from trainer.flow import flow_loss, flow_target, noisy_input, sample_sigmas, timesteps_from_sigmas
-from trainer.lora import add_lora, trainable_parameters
+from trainer.hub import HubPublisher, publish_final
+from trainer.flavours import get_flavour
+from trainer.lora import adapter_state_dict, add_lora, trainable_parameters
+from trainer.lycoris_adapter import save_lycoris
+from trainer.distributed import noise_generator
+from trainer.memory import apply_memory_options, place_base_model
+from trainer.presets import resolve_memory
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.rundir import RunDir
-from trainer.validation import ValidationSettings, render, settings_for
+from trainer.step_extras import StepExtras
+from trainer.tracking import init_trackers, run_id_for
+from trainer.validate import TrainingValidator
+from trainer.validation import settings_for, validation_texts
+from trainer.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -82,71 +94,103 @@ def train(
     cuda = torch.cuda.is_available()
     mixed_precision, base_dtype = _precision(cfg, cuda)
     accelerator = Accelerator(
+        cpu=not cuda,  # on CPU, torchrun's processes then form a gloo group instead of N independent runs
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=None if cfg.tracking.report_to == "none" else cfg.tracking.report_to,
         project_dir=str(run.root),
     )
     device = accelerator.device
+    gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    cfg = cfg.model_copy(update={"memory": resolve_memory(cfg.memory, get_flavour(cfg.model.flavour), gpu_gib)})
     set_seed(cfg.train.seed)
     if accelerator.is_main_process:
         run.create()
         save_config(cfg, run.config)
-        run_id = run.read_status().get("run_id") or os.environ.get("SKYPILOT_TASK_ID") or uuid.uuid4().hex[:12]
-        run.write_status(status="caching", run_id=run_id, max_train_steps=cfg.train.max_train_steps)
+        run.write_status(status="caching", run_id=run_id_for(run), max_train_steps=cfg.train.max_train_steps)
+    webhooks = Webhooks.from_config(cfg.tracking.webhook_config if accelerator.is_main_process else None,
+                                    cfg.tracking.run_name or run.root.name)
     try:
-        return _train(cfg, run, accelerator, device, base_dtype, resume_from, show_progress, on_step)
+        return _train(cfg, run, accelerator, device, base_dtype, resume_from, show_progress, on_step, webhooks)
     except BaseException as err:
         if accelerator.is_main_process:
             stopped = isinstance(err, KeyboardInterrupt)
             run.write_status(status="interrupted" if stopped else "failed", error=f"{err.__class__.__name__}: {err}"[:2000])
+            if stopped:
+                webhooks.send("info", f"stopped: {err}")
+            else:
+                webhooks.error(err)
         raise
+    finally:
+        webhooks.close()
 
 
-def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_progress, on_step) -> TrainResult:
+def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_progress, on_step,
+           webhooks: Webhooks) -> TrainResult:
     main = accelerator.is_main_process
+    publisher = HubPublisher.maybe(cfg, run) if main else None  # fails early without a token
+    with accelerator.main_process_first():  # one process builds the tiny model / fills the Hub cache, then the rest
+        base_model_path(cfg.model)
     # ---- caches: the VAE and text encoder are loaded only for missing entries, then freed
-    report = build_caches(cfg, device, extra_texts=_validation_texts(cfg), show_progress=show_progress and main)
-    samples = [s for ds, ds_samples in zip(cfg.datasets, report.samples) for s in ds_samples * ds.repeats]
-    micro_batch = cfg.train.train_batch_size
-    needed = micro_batch * cfg.train.gradient_accumulation_steps * accelerator.num_processes
-    if len(samples) < needed:
-        raise UserError(
-            f"the datasets hold {len(samples)} samples after repeats, fewer than one optimizer step needs "
-            f"({needed} = train_batch_size x gradient_accumulation_steps x GPUs): raise datasets.repeats"
-        )
+    report = build_caches(cfg, device, extra_texts=validation_texts(cfg), show_progress=show_progress and main,
+                          rank=accelerator.process_index, world_size=accelerator.num_processes,
+                          barrier=accelerator.wait_for_everyone)
+    train_samples, eval_samples = split_eval_samples(cfg, report.samples)
+    # buckets, repeats, weights; a dataset too small for one optimizer step is a UserError suggesting repeats
+    data = TrainingData.build(cfg, train_samples, report.skipped, accelerator.num_processes, report.empty_text_path)
+    samples = data.samples
+    if main and show_progress:
+        print("\n".join(["buckets:", *data.report]))
     first_caption = report.samples[0][0].caption if report.samples and report.samples[0] else None
     val = settings_for(cfg, first_caption)
 
     # ---- model and adapter
-    transformer = load_transformer(cfg.model, base_dtype).to(device)
-    add_lora(transformer, cfg.lora)
-    if cfg.memory.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    both = cfg.model.train_both_experts  # Wan 2.2 A14B: an ExpertPair, the idle expert in CPU RAM
+    if both:
+        transformer = setup_expert_pair(cfg, base_dtype, device, accelerator.num_processes)
+    else:
+        transformer = load_transformer(cfg.model, base_dtype)
+        place_base_model(transformer, cfg.memory, device)
+        add_lora(transformer, cfg.lora)
+        apply_memory_options(transformer, cfg.memory, device)
+    extras = StepExtras.install(transformer, cfg, device, base_dtype)  # TREAD, CREPA, rollout (None: all off)
     transformer.train()
     params = trainable_parameters(transformer)
     optimizer = make_optimizer(params, cfg.optim, device)
+    if both:
+        transformer.attach_optimizer(optimizer)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.train.max_train_steps)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     state = TrainState(generator)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[not both, True])
     accelerator.register_for_checkpointing(lr_scheduler, state)
+    ema = AdapterEMA(params, cfg.ema) if cfg.ema.use_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # saved in every checkpoint: a resume continues the same average
+    if extras is not None:
+        extras.register_checkpointing(accelerator)
     install_adapter_hooks(accelerator)
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from)
         if main:
             run.truncate_metrics_after(state.step)
             log.info("resumed from %s at step %d", resume_from, state.step)
-    _init_trackers(cfg, run, accelerator)
+    init_trackers(cfg, run, accelerator)
+    validator = TrainingValidator(cfg, run, val, device, base_dtype, ema, webhooks)
+    webhooks.send("info", (f"resumed at step {state.step}" if resume_from else "started")
+                  + f": {cfg.train.max_train_steps} steps of {cfg.model.flavour}")
 
+    dataset, collate = with_conditioning(  # I2V: the cached image conditioning joins each sample
+        data.dataset(), Collate(cfg.train.text_max_length),
+        build_conditioning(cfg, [s.latent_path for s in samples], device, show_progress and main),
+    )
     loader = torch.utils.data.DataLoader(
-        CachedDataset(samples),
-        batch_sampler=ResumableBatchSampler(
-            len(samples), micro_batch, cfg.train.seed,
-            start_batch=state.step * cfg.train.gradient_accumulation_steps,
+        dataset,
+        batch_sampler=data.batch_sampler(
+            cfg.train.seed, start_batch=state.step * cfg.train.gradient_accumulation_steps,
             rank=accelerator.process_index, world_size=accelerator.num_processes,
         ),
-        collate_fn=Collate(cfg.train.text_max_length),
+        collate_fn=collate,
         num_workers=cfg.train.dataloader_num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.train.seed),  # keeps the global RNG (LoRA dropout) resumable
@@ -162,11 +206,15 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
     loss_count = 0
     step_started = time.perf_counter()
     videos: list[Path] = []
+    micro = state.step * cfg.train.gradient_accumulation_steps  # this rank's micro-batches so far
     try:
         while state.step < cfg.train.max_train_steps:
             batch = next(batches)
+            generator = noise_generator(cfg.train.seed, micro * accelerator.num_processes + accelerator.process_index,
+                                        device)
+            micro += 1
             with accelerator.accumulate(transformer):
-                loss = _micro_step(transformer, batch, cfg, state.generator, device, base_dtype)
+                loss = _micro_step(transformer, batch, cfg, generator, device, base_dtype, extras, state.step)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -182,6 +230,8 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
                 continue
             lr_scheduler.step()
             state.step += 1
+            if ema is not None:
+                ema.after_step(state.step)
             progress.update(1)
             if state.step % cfg.train.log_every_n_steps == 0 or state.step == cfg.train.max_train_steps:
                 seconds = (time.perf_counter() - step_started) / cfg.train.log_every_n_steps
@@ -189,26 +239,33 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
                           "lr": lr_scheduler.get_last_lr()[0], "s_per_step": round(seconds, 4)}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
+                if extras is not None:
+                    record.update(extras.metrics)
                 if device.type == "cuda":
                     record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if main:
                     run.log_metrics(record)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", s_step=f"{seconds:.2f}")
+                    webhooks.progress(state.step, cfg.train.max_train_steps, record)
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
                 loss_sum.zero_()
                 loss_count = 0
                 step_started = time.perf_counter()
             last = state.step == cfg.train.max_train_steps
             if state.step % cfg.checkpoint.every_n_steps == 0 or stop.requested or last:  # last: a run can be extended
-                save_checkpoint(accelerator, run, state.step, cfg.checkpoint.total_limit)
+                checkpoint = save_checkpoint(accelerator, run, state.step, cfg.checkpoint.total_limit)
+                if publisher is not None:
+                    publisher.push_checkpoint(checkpoint, state.step)
             if stop.requested:
                 if main:
                     run.write_status(status="stopped", step=state.step)
                 raise KeyboardInterrupt(f"stopped by SIGTERM after step {state.step} (checkpoint saved)")
-            every = cfg.validation.every_n_steps
-            if (every and state.step % every == 0 and not last) or (last and cfg.validation.at_end):
+            if eval_samples and eval_due(cfg, state.step, last):
+                log_eval_loss(accelerator, transformer, eval_samples, cfg, run, device, state.step)
+                step_started = time.perf_counter()
+            if validator.due(state.step, last):
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # resumable RNG
-                    videos += _validate(cfg, run, accelerator, transformer, val, state.step, device, base_dtype)
+                    videos += validator(accelerator, transformer, state.step)
                 step_started = time.perf_counter()
             if on_step is not None:
                 on_step(state.step)
@@ -217,81 +274,56 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 
-    lora_file = _save_final_lora(cfg, run, accelerator, transformer)
+    if both:
+        lora_file = save_expert_loras(cfg, run, accelerator, transformer)
+    else:
+        lora_file = _save_final_lora(cfg, run, accelerator, transformer)
+    ema_file = _save_final_lora(cfg, run, accelerator, transformer, ema) if ema is not None else None
     accelerator.end_training()
     if main:
+        publish_final(publisher, cfg, run, val, lora_file, ema_file, validator.last, state.step)
+        hub_errors = publisher.wait() if publisher is not None else []  # the run is done: let uploads finish
         run.write_status(status="completed", step=state.step, lora=str(lora_file.relative_to(run.root)),
-                         videos=[str(v.relative_to(run.root)) for v in videos], error=None)
+                         videos=[str(v.relative_to(run.root)) for v in videos], error=None, hub_errors=hub_errors)
+        webhooks.send("info", f"finished after {state.step} steps" + (f"; {hub_errors[0]}" if hub_errors else ""))
     return TrainResult(run.root, lora_file, videos, report.built, state.step)
 
 
-def _micro_step(transformer, batch, cfg: WanforgeConfig, generator: torch.Generator, device, dtype) -> torch.Tensor:
+def _micro_step(transformer, batch, cfg: WanforgeConfig, generator: torch.Generator, device, dtype,
+                extras: StepExtras | None = None, step: int = 0) -> torch.Tensor:
     latents = batch["latents"].to(device, non_blocking=True).float()
     text = batch["text"].to(device, non_blocking=True)
-    sigmas = sample_sigmas(latents.shape[0], cfg.flow, generator)
+    flavour = get_flavour(cfg.model.flavour)
+    stage = active_stage(cfg, step)
+    select_expert(transformer, stage, device)  # train_both_experts: the step's expert on the GPU
+    sigmas = sample_training_sigmas(latents.shape[0], cfg.flow, generator, flavour, stage)
     noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
     noisy = noisy_input(latents, noise, sigmas)
-    prediction = transformer(
-        hidden_states=noisy.to(dtype), timestep=timesteps_from_sigmas(sigmas).to(device),
-        encoder_hidden_states=text.to(dtype), return_dict=False,
-    )[0]
-    return flow_loss(prediction, flow_target(latents, noise))
+    target = flow_target(latents, noise)
+    if extras is not None:
+        noisy, target = extras.before_forward(transformer, step, batch, latents, noise, sigmas, noisy, target,
+                                              text.to(dtype), generator, dtype)
+    inputs = transformer_inputs(flavour, cfg.model, batch, latents, noisy, timesteps_from_sigmas(sigmas).to(device),
+                                device, dtype)  # I2V condition channels / TI2V clean first frame
+    prediction = transformer(**inputs, encoder_hidden_states=text.to(dtype), return_dict=False)[0]
+    loss = flow_loss(*loss_region(flavour, prediction, target))
+    return extras.add_losses(loss, latents) if extras is not None else loss
 
 
-def _validation_texts(cfg: WanforgeConfig) -> list[str]:
-    texts = [cfg.validation.negative_prompt]
-    if cfg.validation.prompt:
-        texts.append(cfg.validation.prompt)
-    return texts
-
-
-def _validate(cfg, run: RunDir, accelerator, transformer, val: ValidationSettings, step: int, device, base_dtype) -> list[Path]:
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return []
-    prompt, negative = text_embeds(cfg, [val.prompt, val.negative_prompt], device)
-    vae = load_vae(cfg.model, torch.float32).to(device)
-    autocast = base_dtype if base_dtype != torch.float32 else None
-    path = render(accelerator.unwrap_model(transformer), vae, val, prompt, negative, run.validation / f"step-{step}",
-                  device, autocast)
-    del vae
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    run.log_metrics({"step": step, "validation_video": str(path.relative_to(run.root))})
-    _log_video(accelerator, cfg, path, step)
+def _save_final_lora(cfg: WanforgeConfig, run: RunDir, accelerator, transformer, ema: AdapterEMA | None = None) -> Path:
+    """The live adapter into lora/, or with `ema` the averaged one into lora/ema/."""
     accelerator.wait_for_everyone()
-    return [path]
-
-
-def _save_final_lora(cfg: WanforgeConfig, run: RunDir, accelerator, transformer) -> Path:
-    from peft.utils import get_peft_model_state_dict
-
-    accelerator.wait_for_everyone()
-    state = get_peft_model_state_dict(accelerator.unwrap_model(transformer), adapter_name="default")
+    with weights_for("ema" if ema is not None else "", ema):  # clone: the state shares storage with the parameters
+        state = {k: v.detach().clone() for k, v in adapter_state_dict(accelerator.unwrap_model(transformer)).items()}
     info = {"flavour": cfg.model.flavour, "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.effective_alpha),
             "steps": str(cfg.train.max_train_steps)}
     if not accelerator.is_main_process:
         return run.lora
-    return save_lora(state, run.lora, rank=cfg.lora.rank, alpha=cfg.lora.effective_alpha, fmt=cfg.lora.save_format,
+    if cfg.lora.lora_type == "lycoris":  # kohya-style keys ComfyUI loads (trainer.lycoris_adapter)
+        return save_lycoris(accelerator.unwrap_model(transformer), run.lora / "ema" if ema is not None else run.lora,
+                            getattr(torch, cfg.lora.save_dtype), info, state)
+    return save_lora(state, run.lora / "ema" if ema is not None else run.lora, rank=cfg.lora.rank, alpha=cfg.lora.effective_alpha, fmt=cfg.lora.save_format,
                      dtype=getattr(torch, cfg.lora.save_dtype), info=info)
-
-
-def _init_trackers(cfg: WanforgeConfig, run: RunDir, accelerator) -> None:
-    if cfg.tracking.report_to == "none":
-        return
-    run_id = run.read_status().get("run_id")
-    name = cfg.tracking.run_name or run.root.name
-    init_kwargs = {"wandb": {"name": name, "id": run_id, "resume": "allow"}} if cfg.tracking.report_to == "wandb" else {}
-    flat = {f"{section}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
-            for section, values in to_toml_dict(cfg).items() if isinstance(values, dict) for k, v in values.items()}
-    accelerator.init_trackers(cfg.tracking.project, config=flat, init_kwargs=init_kwargs)
-
-
-def _log_video(accelerator, cfg: WanforgeConfig, path: Path, step: int) -> None:
-    if cfg.tracking.report_to == "wandb":
-        import wandb
-
-        accelerator.get_tracker("wandb").log({"validation": wandb.Video(str(path), format="mp4")}, step=step)
 
 
 def _in_main_thread() -> bool:

@@ -1,7 +1,11 @@
-"""`wanforge validate`: render the config's validation videos with a saved LoRA, outside training."""
+"""A validation round: every prompt with the chosen weights (live, EMA or both), one contact sheet, and the reports
+(metrics.jsonl, trackers, webhooks). Used during training and by `wanforge validate CONFIG --lora PATH`."""
 
 from __future__ import annotations
 
+import logging
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -9,27 +13,107 @@ import torch
 from trainer.cache import text_embeds
 from trainer.components import load_transformer, load_vae
 from trainer.config import WanforgeConfig
+from trainer.contact_sheet import contact_sheet
 from trainer.discovery import scan_dataset
+from trainer.pipelines import lora_load_kwargs
+from trainer.ema import AdapterEMA, validation_variants, weights_for
 from trainer.errors import UserError
-from trainer.validation import render, settings_for
+from trainer.rundir import RunDir
+from trainer.validation import Rendered, ValidationSettings, build_pipeline, render, settings_for
+from trainer.webhooks import Webhooks
+
+log = logging.getLogger(__name__)
+CONTACT_SHEET = "contact_sheet.png"
+
+
+@dataclass
+class RoundResult:
+    videos: list[Rendered]
+    sheet: Path
+
+    @property
+    def paths(self) -> list[Path]:
+        return [r.path for r in self.videos]
+
+
+def label(r: Rendered) -> str:
+    return r.prompt.name + (f" [{r.variant}]" if r.variant else "")
+
+
+def prompt_embeds(cfg: WanforgeConfig, settings: ValidationSettings, device: torch.device) -> dict[str, torch.Tensor]:
+    texts = list(dict.fromkeys([p.text for p in settings.prompts] + [settings.negative_prompt]))
+    return dict(zip(texts, text_embeds(cfg, texts, device)))
+
+
+def validation_round(
+    pipe, settings: ValidationSettings, embeds: dict[str, torch.Tensor], out_dir: Path, device: torch.device,
+    autocast_dtype: torch.dtype | None, variants: list[tuple[str, AbstractContextManager]],
+) -> RoundResult:
+    """Render every prompt under each (variant, weights context); the same seed, so variants compare frame by frame."""
+    videos: list[Rendered] = []
+    for variant, weights in variants:
+        with weights:
+            videos += render(pipe, settings, embeds, out_dir, device, autocast_dtype, variant)
+    sheet = contact_sheet([(label(r), r.frames) for r in videos], out_dir / CONTACT_SHEET)
+    return RoundResult(videos, sheet)
+
+
+class TrainingValidator:
+    """Validation during training, on the main process; the others wait."""
+
+    def __init__(self, cfg: WanforgeConfig, run: RunDir, settings: ValidationSettings, device: torch.device,
+                 base_dtype: torch.dtype, ema: AdapterEMA | None, webhooks: Webhooks):
+        self.cfg, self.run, self.settings, self.device = cfg, run, settings, device
+        self.autocast = base_dtype if base_dtype != torch.float32 else None
+        self.ema, self.webhooks = ema, webhooks
+        self.last: RoundResult | None = None
+
+    def due(self, step: int, last: bool) -> bool:
+        every = self.cfg.validation.every_n_steps
+        return (bool(every) and step % every == 0 and not last) or (last and self.cfg.validation.at_end)
+
+    def __call__(self, accelerator, transformer, step: int) -> list[Path]:
+        from trainer.tracking import log_validation
+
+        if not accelerator.is_main_process:
+            accelerator.wait_for_everyone()
+            return []
+        embeds = prompt_embeds(self.cfg, self.settings, self.device)
+        vae = load_vae(self.cfg.model, torch.float32).to(self.device)
+        pipe = build_pipeline(accelerator.unwrap_model(transformer), vae, self.settings, self.cfg)
+        variants = [(v, weights_for(v, self.ema)) for v in validation_variants(self.ema, self.cfg.ema.validation)]
+        result = validation_round(pipe, self.settings, embeds, self.run.validation / f"step-{step}", self.device,
+                                  self.autocast, variants)
+        del pipe, vae
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        rel = lambda p: str(p.relative_to(self.run.root))  # noqa: E731
+        self.run.log_metrics({"step": step, "validation_videos": [rel(p) for p in result.paths],
+                              "contact_sheet": rel(result.sheet)})
+        log_validation(accelerator, self.cfg, [(label(r), r.path) for r in result.videos], result.sheet, step)
+        self.webhooks.send("validation", f"validation at step {step}: " + ", ".join(label(r) for r in result.videos),
+                           step=step, images=[result.sheet])
+        self.last = result
+        accelerator.wait_for_everyone()
+        return result.paths
 
 
 def validate_lora(cfg: WanforgeConfig, lora: Path, out_dir: Path | None = None) -> list[Path]:
-    from diffusers import WanPipeline
-
+    """`wanforge validate`: the config's validation settings with a saved LoRA (either format), outside training."""
     if not lora.is_file():
         raise UserError(f"--lora {lora}: no such file")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, cfg.model.base_dtype) if cuda else torch.float32
-    clips = scan_dataset(cfg.datasets[0]).clips if cfg.validation.prompt is None else []
+    needs_caption = cfg.validation.prompt is None and cfg.validation.prompt_library is None
+    clips = scan_dataset(cfg.datasets[0]).clips if needs_caption else []
     settings = settings_for(cfg, clips[0].caption if clips else None)
-    prompt, negative = text_embeds(cfg, [settings.prompt, settings.negative_prompt], device)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=load_vae(cfg.model).to(device),
-                       scheduler=None, transformer=load_transformer(cfg.model, dtype).to(device))
+    embeds = prompt_embeds(cfg, settings, device)
+    pipe = build_pipeline(load_transformer(cfg.model, dtype).to(device), load_vae(cfg.model).to(device), settings, cfg)
     try:
-        pipe.load_lora_weights(str(lora))
+        pipe.load_lora_weights(str(lora), **lora_load_kwargs(cfg, pipe))
     except (ValueError, KeyError) as err:
         raise UserError(f"--lora {lora}: diffusers could not load it into this model ({err})") from None
     out = out_dir or cfg.train.output_dir / "validation" / "manual"
-    return [render(pipe.transformer, pipe.vae, settings, prompt, negative, out, device, dtype if cuda else None)]
+    result = validation_round(pipe, settings, embeds, out, device, dtype if cuda else None, [("", nullcontext())])
+    return result.paths + [result.sheet]

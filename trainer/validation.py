@@ -1,93 +1,213 @@
-"""Validation videos: diffusers' WanPipeline with the LoRA, UniPC with the flow shift, written as mp4 at the model's fps."""
+"""Validation videos: a diffusers Wan pipeline with the adapter, the configured scheduler and flow shift, optional
+skip-layer guidance, written as mp4 at the model's fps plus one contact sheet per validation.
+
+`render` takes a ready pipeline, so other pipelines (image-to-video, Wan 2.2 two experts) plug in through
+`build_pipeline` without touching the rest.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from trainer.config import WanforgeConfig
 from trainer.dataset import pad_text
+from trainer.errors import UserError
 from trainer.flavours import FLAVOURS
+from trainer.skip_layers import SkipLayerGuidance, skip_layer_guidance
 from trainer.video import write_mp4
 
+log = logging.getLogger(__name__)
+
 PIPELINE_TEXT_LENGTH = 512  # WanPipeline pads prompt embeddings to max_sequence_length=512
+TOKEN = "<token>"
+
+
+@dataclass(frozen=True)
+class ValidationPrompt:
+    name: str  # file stem: the library nickname, or a slug of the prompt
+    text: str
 
 
 @dataclass(frozen=True)
 class ValidationSettings:
-    prompt: str
+    prompts: tuple[ValidationPrompt, ...]
     negative_prompt: str
     num_frames: int
     height: int
     width: int
     guidance_scale: float
+    scheduler: str
     flow_shift: float
     steps: int
     seed: int
     fps: int
+    skip_layers: SkipLayerGuidance | None = None
+
+    @property
+    def prompt(self) -> str:
+        return self.prompts[0].text
 
 
-def settings_for(cfg: WanforgeConfig, first_caption: str | None) -> ValidationSettings:
-    v, flavour = cfg.validation, FLAVOURS[cfg.model.flavour]
-    frames, height, width = cfg.dataset_shape(0)
-    prompt = v.prompt or first_caption
-    if not prompt:
-        prompt = "a video"
-    return ValidationSettings(
-        prompt=prompt,
-        negative_prompt=v.negative_prompt,
-        num_frames=v.num_frames or frames,
-        height=v.height or height,
-        width=v.width or width,
-        guidance_scale=v.guidance_scale if v.guidance_scale is not None else flavour.guidance_scale,
-        flow_shift=v.flow_shift or flavour.flow_shift,
-        steps=v.num_inference_steps,
-        seed=v.seed,
-        fps=flavour.fps,
-    )
-
-
-def make_scheduler(flow_shift: float):
-    """UniPC multistep on flow sigmas, as the official Wan inference uses it."""
-    from diffusers import UniPCMultistepScheduler
-
-    return UniPCMultistepScheduler(
-        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift
-    )
+@dataclass(frozen=True)
+class Rendered:
+    path: Path
+    prompt: ValidationPrompt
+    variant: str  # "" for the weights as they are, "ema" for the EMA weights
+    frames: np.ndarray = field(repr=False, compare=False)
 
 
 def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:limit] or "prompt"
 
 
+def load_prompt_library(path: Path) -> dict[str, str]:
+    """{nickname: prompt} from a JSON file; nicknames become file names, so they are slugged."""
+    if not path.is_file():
+        raise UserError(f"validation.prompt_library: {path} does not exist (a JSON file of nickname -> prompt)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"validation.prompt_library: {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not data or not all(isinstance(v, str) and v.strip() for v in data.values()):
+        raise UserError(f'validation.prompt_library: {path} must be a non-empty object like {{"nickname": "a prompt"}}')
+    return {str(k): v for k, v in data.items()}
+
+
+def _fill_token(text: str, instance_prompt: str | None, where: str) -> str:
+    if TOKEN not in text:
+        return text
+    if not instance_prompt:
+        raise UserError(f"{where} uses {TOKEN}: set validation.instance_prompt to the trigger word it stands for")
+    return text.replace(TOKEN, instance_prompt)
+
+
+def validation_prompts(cfg: WanforgeConfig, first_caption: str | None) -> tuple[ValidationPrompt, ...]:
+    """The configured prompt, then the library's; the first training caption when neither is set."""
+    v = cfg.validation
+    prompts: list[ValidationPrompt] = []
+    if v.prompt:
+        text = _fill_token(v.prompt, v.instance_prompt, "validation.prompt")
+        prompts.append(ValidationPrompt(slug(text), text))
+    if v.prompt_library is not None:
+        for nickname, text in load_prompt_library(v.prompt_library).items():
+            text = _fill_token(text, v.instance_prompt, f"validation.prompt_library {nickname!r}")
+            prompts.append(ValidationPrompt(slug(nickname), text))
+    if not prompts:
+        text = first_caption or "a video"
+        prompts.append(ValidationPrompt(slug(text), text))
+    seen: dict[str, int] = {}
+    unique = []
+    for p in prompts:  # two prompts must never write the same file
+        seen[p.name] = seen.get(p.name, 0) + 1
+        unique.append(p if seen[p.name] == 1 else ValidationPrompt(f"{p.name}-{seen[p.name]}", p.text))
+    return tuple(unique)
+
+
+def validation_texts(cfg: WanforgeConfig) -> list[str]:
+    """Texts to embed with the training captions, so validation never loads the text encoder mid-training
+    (the default prompt, the first caption, is cached as a caption already)."""
+    texts = [cfg.validation.negative_prompt]
+    if cfg.validation.prompt or cfg.validation.prompt_library is not None:
+        texts += [p.text for p in validation_prompts(cfg, None)]
+    return texts
+
+
+def trained_resolutions(flavour_name: str) -> set[tuple[int, int]]:
+    """(width, height) pairs the flavour's model was trained at, either orientation."""
+    f = FLAVOURS[flavour_name]
+    sizes = {(f.width, f.height)}
+    if "14b" in f.name:  # the Wan 2.1/2.2 14B models were trained at 480p and 720p
+        sizes |= {(832, 480), (1280, 720)}
+    return sizes | {(h, w) for w, h in sizes}
+
+
+def settings_for(cfg: WanforgeConfig, first_caption: str | None) -> ValidationSettings:
+    v, flavour = cfg.validation, FLAVOURS[cfg.model.flavour]
+    frames, height, width = cfg.dataset_shape(0)
+    width, height = v.width or width, v.height or height
+    if flavour.hub_id is not None and (width, height) not in trained_resolutions(flavour.name):
+        known = ", ".join(f"{w}x{h}" for w, h in sorted(trained_resolutions(flavour.name)))
+        log.warning("validation renders at %dx%d, which %s was not trained at (%s): expect weaker videos",
+                    width, height, flavour.name, known)
+    skip = None
+    if v.skip_layers:
+        skip = SkipLayerGuidance(tuple(v.skip_layers), v.skip_layer_start, v.skip_layer_stop, v.skip_layer_scale)
+    return ValidationSettings(
+        prompts=validation_prompts(cfg, first_caption),
+        negative_prompt=v.negative_prompt,
+        num_frames=v.num_frames or frames,
+        height=height,
+        width=width,
+        guidance_scale=v.guidance_scale if v.guidance_scale is not None else flavour.guidance_scale,
+        scheduler=v.scheduler,
+        flow_shift=v.flow_shift or flavour.flow_shift,
+        steps=v.num_inference_steps,
+        seed=v.seed,
+        fps=flavour.fps,
+        skip_layers=skip,
+    )
+
+
+def make_scheduler(kind: str, flow_shift: float):
+    """UniPC multistep on flow sigmas (the official Wan sampler), or flow-matching Euler; both shift the sigmas
+    as s' = shift*s / (1 + (shift-1)*s)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if kind == "unipc":
+        return UniPCMultistepScheduler(
+            num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift
+        )
+    if kind == "flow_match_euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
+    raise ValueError(f"unknown scheduler {kind!r}")
+
+
+def build_pipeline(transformer, vae, settings: ValidationSettings, cfg: WanforgeConfig | None = None,
+                   transformer_2=None):
+    """The pipeline around already-loaded pieces (embeddings are passed in, so no text encoder). With `cfg`, the
+    flavour's own pipeline (image-to-video, Wan 2.2 experts, TI2V: trainer.pipelines)."""
+    from diffusers import WanPipeline
+
+    if cfg is not None:
+        from trainer.pipelines import flavour_pipeline
+
+        return flavour_pipeline(cfg, transformer, vae, make_scheduler(settings.scheduler, settings.flow_shift),
+                                vae.device, settings.height, settings.width, transformer_2)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                       scheduler=make_scheduler(settings.scheduler, settings.flow_shift))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @torch.no_grad()
-def render(
-    transformer,
-    vae,
+def generate(
+    pipe,
     settings: ValidationSettings,
     prompt_embeds: torch.Tensor,
     negative_embeds: torch.Tensor,
-    out_dir: Path,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
-) -> Path:
-    """Render one validation video with the transformer as it is now (adapter included); returns the mp4 path."""
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=vae, scheduler=make_scheduler(settings.flow_shift), transformer=transformer
-    )
-    pipe.set_progress_bar_config(disable=True)
-    was_training = transformer.training
-    transformer.eval()
+    callback=None,
+) -> np.ndarray:
+    """Frames [F,H,W,3] float in [0,1] for one prompt, with skip-layer guidance inside its window when configured."""
+    denoisers = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+    was_training = [m.training for m in denoisers]
+    for m in denoisers:
+        m.eval()
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     try:
-        with autocast:
-            frames = pipe(
+        extra = getattr(pipe, "wanforge_call_kwargs", {})
+        guidance = [settings.guidance_scale, extra.get("guidance_scale_2", settings.guidance_scale)]  # per expert
+        with autocast, skip_layer_guidance(denoisers, pipe.scheduler, settings.skip_layers, guidance):
+            return pipe(
                 prompt_embeds=pad_text([prompt_embeds], PIPELINE_TEXT_LENGTH).to(device),
                 negative_prompt_embeds=pad_text([negative_embeds], PIPELINE_TEXT_LENGTH).to(device),
                 num_frames=settings.num_frames,
@@ -97,7 +217,28 @@ def render(
                 guidance_scale=settings.guidance_scale,
                 generator=torch.Generator(device="cpu").manual_seed(settings.seed),
                 output_type="np",
+                callback_on_step_end=callback,
+                **extra,  # image / guidance_scale_2 (trainer.pipelines)
             ).frames[0]
     finally:
-        transformer.train(was_training)
-    return write_mp4(out_dir / f"{slug(settings.prompt)}.mp4", frames, settings.fps)
+        for m, mode in zip(denoisers, was_training):
+            m.train(mode)
+
+
+def render(
+    pipe,
+    settings: ValidationSettings,
+    embeds: dict[str, torch.Tensor],
+    out_dir: Path,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    variant: str = "",
+) -> list[Rendered]:
+    """One mp4 per prompt at the model's fps. `embeds` maps each prompt text and the negative prompt to its embedding."""
+    out = []
+    for prompt in settings.prompts:
+        frames = generate(pipe, settings, embeds[prompt.text], embeds[settings.negative_prompt], device, autocast_dtype)
+        name = prompt.name + (f"-{variant}" if variant else "")
+        path = write_mp4(out_dir / f"{name}.mp4", frames, settings.fps)
+        out.append(Rendered(path, prompt, variant, frames))
+    return out

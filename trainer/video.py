@@ -1,8 +1,9 @@
-"""Read clips and write mp4s with PyAV."""
+"""Read clips (streamed, resampled by timestamps) and images, fit them to a bucket; write mp4s with PyAV."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,14 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from trainer.fileio import temp_path_beside
+from trainer.probe import MediaError
 
 
-class ClipError(Exception):
-    """A clip that can't be used; the message says why (the file is skipped, not the run)."""
+ClipError = MediaError  # one exception type for "this file can't be used"
 
 
 def decode_frames(path: Path) -> tuple[list[np.ndarray], list[float]]:
-    """All frames as RGB uint8 arrays with their presentation times in seconds."""
+    """All frames as RGB uint8 arrays with their presentation times in seconds (for short files: tests, checks)."""
     frames: list[np.ndarray] = []
     times: list[float] = []
     try:
@@ -40,41 +41,101 @@ def decode_frames(path: Path) -> tuple[list[np.ndarray], list[float]]:
     return frames, [t - start for t in times]
 
 
-def sample_at_fps(times: list[float], num_frames: int, fps: float) -> list[int]:
-    """Indices of the source frames shown at t = i/fps for i < num_frames, so motion keeps its real speed."""
-    duration = times[-1] + (times[-1] - times[-2] if len(times) > 1 else 1.0 / fps)
-    needed = (num_frames - 1) / fps
-    if needed >= duration + 1e-6:
-        raise ClipError(f"too short: {duration:.2f}s holds fewer than {num_frames} frames at {fps:g} fps")
-    picks = []
-    j = 0
-    for i in range(num_frames):
-        t = i / fps + 1e-6
-        while j + 1 < len(times) and times[j + 1] <= t:
-            j += 1
-        picks.append(j)
-    return picks
+def sample_times(start: float, num_frames: int, fps: float) -> list[float]:
+    """The times (s from the clip's first frame) a model at `fps` sees: start + i/fps."""
+    return [start + i / fps for i in range(num_frames)]
+
+
+def read_frames_at(path: Path, times: list[float], transform: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The frame shown at each time (the last one starting at or before it), each passed through `transform`.
+
+    Streamed: frames are decoded in order and dropped unless picked, and decoding stops after the last time,
+    so a long clip never sits in memory; a window late in the clip starts from a seek to the keyframe before it.
+    """
+    picked: list[np.ndarray | None] = [None] * len(times)
+    eps = 1e-6
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ClipError("no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            tb = float(stream.time_base)
+            origin = float(stream.start_time * tb) if stream.start_time is not None else None
+            if times[0] > 1.0 and origin is not None:
+                container.seek(int((origin + times[0]) / tb), stream=stream, backward=True, any_frame=False)
+            k, previous = 0, None
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                if origin is None:
+                    origin = float(frame.time)
+                t = float(frame.time) - origin
+                while k < len(times) and times[k] < t - eps:  # `previous` is on screen at times[k]
+                    if previous is None:
+                        raise ClipError(f"no frame at {times[k]:.3f}s (the stream starts at {t:.3f}s)")
+                    picked[k] = transform(previous.to_ndarray(format="rgb24"))
+                    k += 1
+                if k == len(times):
+                    break
+                previous = frame
+            if previous is not None and k < len(times):  # the last frame stays on screen to the end of the clip
+                rate = float(stream.average_rate or stream.guessed_rate or 16)
+                shown = (previous.duration * tb) if previous.duration else 1.0 / rate
+                end = float(previous.time) - origin + shown
+                if times[-1] >= end - eps:
+                    raise ClipError(f"too short: {end:.2f}s holds no frame at {times[-1]:.2f}s ({len(times)} frames wanted)")
+                last = transform(previous.to_ndarray(format="rgb24"))
+                picked[k:] = [last] * (len(times) - k)
+    except av.FFmpegError as err:
+        raise ClipError(f"unreadable video ({err.__class__.__name__}: {err})") from None
+    if any(p is None for p in picked):
+        raise ClipError("no decodable frames")
+    return np.stack(picked)
+
+
+def read_image(path: Path, transform: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """An image as a one-frame clip [1,H,W,3]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
+        raise ClipError(f"unreadable image ({err.__class__.__name__}: {err})") from None
+    return transform(array)[None]
+
+
+def fit_to_size(
+    frame: np.ndarray, width: int, height: int, crop: bool = True, crop_at: tuple[float, float] = (0.5, 0.5),
+    pre_scale: float | None = None,
+) -> np.ndarray:
+    """[H,W,3] uint8 -> [height,width,3]: scale to cover the size (or by pre_scale if larger), then crop the window
+    at crop_at (fractions of the spare height, width); crop=False resizes straight to the size."""
+    frame = np.ascontiguousarray(frame) if frame.flags.writeable else frame.copy()  # Pillow's arrays are read-only
+    video = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    h, w = video.shape[-2:]
+    if crop:
+        scale = max(height / h, width / w, pre_scale or 0.0)
+        new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    else:
+        new_h, new_w = height, width
+    if (new_h, new_w) != (h, w):
+        video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = round((new_h - height) * crop_at[0]), round((new_w - width) * crop_at[1])
+    video = video[:, :, top : top + height, left : left + width]
+    return video[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[F,H,W,3] uint8 -> [F,height,width,3] uint8: scale to cover the target, then crop the centre."""
-    video = frames.permute(0, 3, 1, 2).float()
-    h, w = video.shape[-2:]
-    scale = max(height / h, width / w)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    if (new_h, new_w) != (h, w):
-        video = F.interpolate(video, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    video = video[:, :, top : top + height, left : left + width]
-    return video.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return torch.from_numpy(np.stack([fit_to_size(f.numpy(), width, height) for f in frames]))
 
 
-def load_clip(path: Path, num_frames: int, height: int, width: int, fps: float) -> torch.Tensor:
-    """A clip as [num_frames, height, width, 3] uint8, resampled to `fps` from its start."""
-    frames, times = decode_frames(path)
-    picks = sample_at_fps(times, num_frames, fps)
-    video = torch.from_numpy(np.stack([frames[i] for i in picks]))
-    return resize_center_crop(video, height, width)
+def load_clip(path: Path, num_frames: int, height: int, width: int, fps: float, start: float = 0.0) -> torch.Tensor:
+    """A clip as [num_frames, height, width, 3] uint8, resampled to `fps` from `start` seconds, centre-cropped."""
+    frames = read_frames_at(path, sample_times(start, num_frames, fps), lambda f: fit_to_size(f, width, height))
+    return torch.from_numpy(frames)
 
 
 def write_mp4(path: Path, frames: np.ndarray | torch.Tensor, fps: float, crf: int = 18) -> Path:

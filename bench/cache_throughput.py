@@ -1,0 +1,149 @@
+"""Latent caching throughput (clips/s) for 81-frame 832x480 Wan 2.1 samples, through wanforge's own cache code.
+
+The VAE is diffusers' AutoencoderKLWan with its default config (the Wan 2.1 VAE: base_dim 96, z_dim 16, 4x8x8) and
+random weights: speed does not depend on the weights. Source clips are generated here: 960x540 at 24 fps, 6 s, so
+every sample is resampled to 16 fps by timestamps (81 of 144 source frames) and downscaled + cropped to 832x480,
+exactly as training caches them.
+
+Rows: decoding alone (CPU, per clip), the VAE alone (fp32, as the cache runs it, and bf16 for comparison), and the
+end-to-end cache build (`trainer.cache._encode_latents`: decode threads ahead of the VAE, safetensors writes) with
+0 / 2 / 4 decode workers.
+
+    PYTHONPATH=/tmp/site:$PWD python3 bench/cache_throughput.py --clips 8
+    python bench/cache_throughput.py --tiny   # CPU check of the script's logic at toy shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_clips(folder: Path, count: int, width: int, height: int, fps: int, seconds: float) -> None:
+    from trainer.video import write_mp4
+
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = int(fps * seconds)
+    yy, xx = np.mgrid[0:height, 0:width]
+    for c in range(count):
+        video = np.empty((frames, height, width, 3), dtype=np.uint8)
+        for f in range(frames):
+            video[f] = ((xx * 255 // width + f * 3 + c * 17) % 256)[..., None] * np.array([1, 0.5, 0.2])
+            cx, cy = (60 + f * 5 + c * 40) % width, height // 2 + int(height / 5 * np.sin(f / 10 + c))
+            video[f][(abs(xx - cx) < width // 20) & (abs(yy - cy) < width // 20)] = (255, 255 - 20 * c, 20 * c)
+        write_mp4(folder / f"clip_{c:02d}.mp4", video, fps)
+        (folder / f"clip_{c:02d}.txt").write_text(f"a moving square, clip {c}")
+
+
+def vae_folder(folder: Path, tiny: bool) -> Path:
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=16, dim_mult=[1, 2, 2, 2]) if tiny else AutoencoderKLWan()
+    vae.save_pretrained(folder / "vae")
+    return folder
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=8, help="clips to cache per measurement (default 8)")
+    parser.add_argument("--tiny", action="store_true", help="toy shapes on CPU: checks the script, not the speed")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args()
+
+    from trainer.cache import _encode_latents, encode_videos, latent_spec, latent_path, read_sample
+    from trainer.components import load_vae
+    from trainer.config import config_from_dict
+    from trainer.discovery import scan_dataset
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tiny:
+        src = dict(width=96, height=64, fps=24, seconds=1.0)
+        shape = dict(flavour="tiny", width=64, height=48, num_frames=9)
+    else:
+        src = dict(width=960, height=540, fps=24, seconds=6.0)
+        shape = dict(flavour="t2v-480p-1.3b-2.1", width=832, height=480, num_frames=81)
+    work = Path(args.work or tempfile.mkdtemp(prefix="cache_bench_"))
+    data = work / "data"
+    t0 = time.perf_counter()
+    make_clips(data, args.clips, **src)
+    model = vae_folder(work / "model", args.tiny)
+    print(f"setup: {args.clips} clips {src['width']}x{src['height']}@{src['fps']}fps x {src['seconds']}s, "
+          f"{time.perf_counter() - t0:.1f}s; device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+
+    def config(workers: int, cache: Path):
+        return config_from_dict({
+            "model": {"flavour": shape["flavour"], "pretrained_vae_model_name_or_path": str(model)},
+            "datasets": [{"path": str(data), "width": shape["width"], "height": shape["height"],
+                          "num_frames": shape["num_frames"], "cache_dir": str(cache)}],
+            "cache": {"decode_workers": workers},
+        })
+
+    cfg = config(0, work / "cache0")
+    scan = scan_dataset(cfg.datasets[0], 0, cfg.model.flavour)
+    assert len(scan.clips) == args.clips, scan.problems
+    specs = [latent_spec(cfg.datasets[0], cfg.model.flavour, c) for c in scan.clips]
+    bucket = specs[0].bucket.key
+    rows: list[tuple[str, float, float, str]] = []  # (what, clips/s, s/clip, note)
+
+    t0 = time.perf_counter()
+    videos = [read_sample(s) for s in specs]
+    dt = time.perf_counter() - t0
+    rows.append(("decode + resample + resize (1 thread)", args.clips / dt, dt / args.clips, f"-> {bucket}"))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        vae = load_vae(cfg.model, dtype).to(device).eval()
+        encode_videos(vae, videos[0][None], device)  # warm-up (cuDNN autotune, allocator)
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for v in videos:
+            z = encode_videos(vae, v[None], device)
+        sync(device)
+        dt = time.perf_counter() - t0
+        peak = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        rows.append((f"VAE encode only, {str(dtype).split('.')[-1]}", args.clips / dt, dt / args.clips,
+                     f"latent {tuple(z.shape[1:])}{peak}"))
+        del vae
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    for workers in (0, 2, 4):
+        cfg = config(workers, work / f"cache{workers}")
+        todo = [(latent_path(cfg, 0, s), s) for s in specs]
+        t0 = time.perf_counter()
+        built = _encode_latents(cfg, todo, device, show_progress=False)
+        sync(device)
+        dt = time.perf_counter() - t0
+        assert built == args.clips and all(p.is_file() for p, _ in todo)
+        rows.append((f"end to end (_encode_latents, fp32 VAE, {workers} decode workers)", args.clips / dt,
+                     dt / args.clips, "includes loading the VAE once"))
+
+    print()
+    print(f"| caching {bucket} ({args.clips} clips) | clips/s | s/clip | note |")
+    print("|---|---|---|---|")
+    for what, rate, per, note in rows:
+        print(f"| {what} | {rate:.2f} | {per:.2f} | {note} |")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

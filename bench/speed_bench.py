@@ -1,0 +1,216 @@
+"""Speed and memory of one LoRA training step at the real Wan shapes, every variant in one process, one table.
+
+Random weights at the real 1.3B / 14B configs (nothing can be downloaded on the GPU machine). Each trainer variant goes
+through the trainer's own code: `place_base_model` -> `add_lora` -> `apply_memory_options` -> accelerate prepare ->
+`trainer.train._micro_step` with accelerate backward, clipping and the fused AdamW, on a cached-latent-shaped batch
+(832x480x81 -> 16x21x60x104 latents, 512 x 4096 text states). The naive diffusers + peft loop runs in the same process
+as the ratio base: bf16 model, `add_adapter`, diffusers' default checkpointing and attention, torch AdamW, loss.item().
+
+    python3 bench/speed_bench.py --model 1.3b --variants all --out $OUT/speed-1.3b.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "1.3b": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "14b": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+}
+COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+              freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+PROFILE = False
+FLAVOUR = {"1.3b": "t2v-480p-1.3b-2.1", "14b": "t2v-480p-14b-2.1"}
+
+# name -> [memory] settings (anything not named keeps the schema default)
+VARIANTS: dict[str, dict] = {
+    "full": dict(gradient_checkpointing="full"),
+    "full-flash": dict(gradient_checkpointing="full", attention_backend="_native_flash"),
+    "full-efficient": dict(gradient_checkpointing="full", attention_backend="_native_efficient"),
+    "selective": dict(gradient_checkpointing="selective"),
+    "selective-compile": dict(gradient_checkpointing="selective", compile=True),
+    "none-compile": dict(gradient_checkpointing="none", compile=True),
+    "partial20-compile": dict(gradient_checkpointing="selective", checkpointed_blocks=20, compile=True),
+    "partial10-compile": dict(gradient_checkpointing="selective", checkpointed_blocks=10, compile=True),
+    "int8-full": dict(gradient_checkpointing="full", base_quantization="int8"),
+    "full-compile": dict(gradient_checkpointing="full", compile=True),
+    "int8-full-compile": dict(gradient_checkpointing="full", base_quantization="int8", compile=True),
+    "int8-full-compile-ffchunk": dict(gradient_checkpointing="full", base_quantization="int8", compile=True,
+                                      feed_forward_chunk_size=4096),
+    "int8-selective-compile": dict(gradient_checkpointing="selective", base_quantization="int8", compile=True),
+}
+
+
+def step_flops(model: str, frames: int = 81, height: int = 480, width: int = 832, text_len: int = 512) -> float:
+    """Useful FLOPs of one training step (forward + input-gradient backward; frozen base, LoRA negligible, no recompute)."""
+    s = SHAPES[model]
+    d = s["num_attention_heads"] * 128
+    n = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    linear = 2 * n * (4 * d * d + 2 * d * d + 2 * d * s["ffn_dim"]) + 2 * text_len * 2 * d * d
+    attention = 4 * n * n * d + 4 * n * text_len * d
+    forward = s["num_layers"] * (linear + attention)
+    backward = s["num_layers"] * (linear + 2.5 * attention)  # input grads only; flash-style attention backward
+    return forward + backward
+
+
+def build_transformer(model: str):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return WanTransformer3DModel(**COMMON, **SHAPES[model]).to(torch.bfloat16)
+
+
+def make_batch(latent_frames: int = 21) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"latents": torch.randn(1, 16, latent_frames, 60, 104, generator=g).pin_memory(),
+            "text": torch.randn(1, 512, 4096, generator=g).to(torch.bfloat16).pin_memory()}
+
+
+def run_trainer_variant(model: str, memory: dict, warmup: int, steps: int) -> tuple[list[float], float]:
+    from accelerate import Accelerator
+
+    from trainer.config import config_from_dict
+    from trainer.lora import add_lora, trainable_parameters
+    from trainer.memory import apply_memory_options, place_base_model
+    from trainer.optim import make_optimizer
+    from trainer.train import _micro_step
+
+    cfg = config_from_dict({"model": {"flavour": FLAVOUR[model]}, "memory": memory,
+                            "datasets": [{"path": "/tmp"}], "lora": {"rank": 16}}, source="bench")
+    device = torch.device("cuda")
+    accelerator = Accelerator(mixed_precision="bf16")
+    transformer = build_transformer(model)
+    place_base_model(transformer, cfg.memory, device)
+    add_lora(transformer, cfg.lora)
+    apply_memory_options(transformer, cfg.memory, device)
+    transformer.train()
+    params = trainable_parameters(transformer)
+    optimizer = make_optimizer(params, cfg.optim, device)
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    generator = torch.Generator(device=device).manual_seed(0)
+    batch = make_batch()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = _micro_step(transformer, batch, cfg, generator, device, torch.bfloat16)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        print(f"  step {i}: {times[-1]:.3f} s", flush=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    if PROFILE:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            loss = _micro_step(transformer, batch, cfg, generator, device, torch.bfloat16)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    del transformer, optimizer, accelerator
+    return times[warmup:], peak
+
+
+def run_naive(model: str, warmup: int, steps: int) -> tuple[list[float], float]:
+    """The loop a user writes from the diffusers + peft docs: the ratio base."""
+    import torch.nn.functional as F
+    from peft import LoraConfig
+
+    from trainer.config import DEFAULT_TARGET_MODULES
+
+    transformer = build_transformer(model)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=DEFAULT_TARGET_MODULES))
+    transformer.enable_gradient_checkpointing()
+    transformer.train()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    batch = {k: v.cuda() for k, v in make_batch().items()}
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x0 = batch["latents"].to(torch.bfloat16)
+        noise = torch.randn_like(x0)
+        s = torch.rand(1, device="cuda")
+        noisy = ((1 - s) * x0 + s * noise).to(torch.bfloat16)
+        pred = transformer(hidden_states=noisy, timestep=s * 1000, encoder_hidden_states=batch["text"],
+                           return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), (noise - x0).float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        print(f"  step {i}: {times[-1]:.3f} s", flush=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del transformer, optimizer
+    return times[warmup:], peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=list(SHAPES), default="1.3b")
+    parser.add_argument("--variants", default="all", help="comma list of: naive," + ",".join(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per variant")
+    args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile
+    import diffusers
+
+    names = ["naive", *VARIANTS] if args.variants == "all" else args.variants.split(",")
+    flops = step_flops(args.model)
+    device = torch.cuda.get_device_name()
+    header = (f"device: {device}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
+              f"Wan {args.model} 832x480x81, batch 1, LoRA r16, bf16; useful FLOP/step {flops:.3e}; "
+              f"median of {args.steps} steps after {args.warmup} warm-up\n\n"
+              "| variant | median s/step | peak GiB | TFLOP/s (useful) | vs naive |\n|---|---|---|---|---|\n")
+    rows, naive_time = [], None
+    for name in names:
+        print(f"== {name}", flush=True)
+        try:
+            if name == "naive":
+                times, peak = run_naive(args.model, args.warmup, args.steps)
+            else:
+                times, peak = run_trainer_variant(args.model, VARIANTS[name], args.warmup, args.steps)
+            median = statistics.median(times)
+            naive_time = median if name == "naive" else naive_time
+            ratio = f"{naive_time / median:.2f}x" if naive_time else "-"
+            rows.append(f"| {name} | {median:.3f} | {peak:.2f} | {flops / median / 1e12:.0f} | {ratio} |")
+        except Exception as err:  # one failing variant must not lose the others' numbers
+            traceback.print_exc()
+            rows.append(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | | | |")
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        print(rows[-1], flush=True)
+        if args.out:
+            args.out.write_text(header + "\n".join(rows) + "\n")
+    print(header + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""`wanforge launch|estimate|status|logs|sync|down`: check the request, estimate, render, then run it here or via SkyPilot.
+
+`--target local` is the embedded default: the same setup/run scripts the SkyPilot task runs, on this machine, with
+one node's SKYPILOT_* variables, the inputs placed as the task's file_mounts would place them, and the run folder at
+the config's train.output_dir. Nothing here imports SkyPilot (launcher.lifecycle does, when it is called).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher import lifecycle, render
+from launcher.estimate import Estimate, checkpointing, cheapest_fitting, estimate, estimate_all, parse_gpu
+from launcher.lifecycle import LaunchRecord
+from launcher.targets import TARGETS, Plan, check_request
+from trainer.config import WanforgeConfig, load_config, save_config
+from trainer.errors import UserError
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def secret_value(name: str) -> str | None:
+    """A secret from the caller's environment, else from Colab's userdata (Colab keeps them out of the environment)."""
+    if os.environ.get(name):
+        return os.environ[name]
+    try:
+        from google.colab import userdata  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        return userdata.get(name) or None
+    except Exception:  # userdata raises its own errors for absent / not-shared secrets
+        return None
+
+
+def needed_secrets(cfg: WanforgeConfig, plan: Plan) -> list[str]:
+    need = []
+    if plan.output and plan.output.startswith("hf://"):
+        need.append("HF_TOKEN")
+    if cfg.tracking.report_to == "wandb":
+        need.append("WANDB_API_KEY")
+    if plan.output_mode == "upload" and plan.output and plan.output.startswith("s3://"):
+        need += ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+    return need
+
+
+def gather_secrets(cfg: WanforgeConfig, plan: Plan) -> dict[str, str]:
+    """Values of the secrets the run needs (missing ones are a UserError) and of the optional ones that are set."""
+    missing = [n for n in needed_secrets(cfg, plan) if not secret_value(n)]
+    if missing:
+        raise UserError(f"set {', '.join(missing)} in your environment (or Colab secrets): the run needs "
+                        f"{'it' if len(missing) == 1 else 'them'}; the value travels as a SkyPilot secret, never in a file")
+    return {n: v for n in render.SECRET_NAMES if (v := secret_value(n))}
+
+
+# ---------------------------------------------------------------- the request
+
+
+def run_name(config: Path, given: str | None) -> str:
+    """A SkyPilot cluster / job name: lowercase letters, digits and dashes, starting with a letter."""
+    raw = given or f"wf-{config.stem}-{time.strftime('%m%d-%H%M%S')}"
+    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
+    if not name or not name[0].isalpha():
+        name = f"wf-{name}"
+    return name[:40]
+
+
+def plan_request(cfg: WanforgeConfig, args: argparse.Namespace) -> tuple[Plan, Estimate | None]:
+    """--gpu/--nodes/... -> a checked Plan and the estimate for it (auto: the cheapest GPU there that fits)."""
+    target = args.target
+    if target == "local":
+        return check_request("local", None, output=args.output), None
+    if target not in TARGETS:
+        check_request(target, None)  # raises the unknown-target message
+    spec = args.gpu or "auto"
+    name, _, count_text = spec.partition(":")
+    count = int(count_text) if count_text.isdigit() else 1
+    if name.lower() == "auto":
+        offered = list(TARGETS[target].gpus)
+        est = cheapest_fitting(cfg, offered, count * args.nodes)
+        gpu = est.gpu
+    else:
+        card, count = parse_gpu(spec)
+        gpu = card.name
+    plan = check_request(target, gpu, count, args.nodes, args.managed, args.spot, args.output, args.output_mode)
+    est = estimate(cfg, f"{gpu}:{count * args.nodes}")
+    if not est.fits and not args.ignore_estimate:
+        raise UserError(f"--gpu {gpu}: the estimate says this config needs {est.vram_gib:.1f} GiB per GPU, more than "
+                        f"{gpu} has; pick a larger GPU (--gpu auto), set memory.gradient_checkpointing = \"full\", or "
+                        "--ignore-estimate to try anyway")
+    return plan, est
+
+
+def check_model_travels(cfg: WanforgeConfig) -> None:
+    """Model weights come from the Hub on the node; a local model folder of this machine would not be there."""
+    for name in ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path"):
+        value = getattr(cfg.model, name)
+        if value and Path(value).exists():
+            raise UserError(f"model.{name}: {value} is a path on this machine and is not uploaded to the node; "
+                            "push it to a Hub repo and give its id (or use --target local)")
+
+
+def local_datasets(cfg: WanforgeConfig, hub_dataset: str) -> list[Path]:
+    folders = []
+    for i, ds in enumerate(cfg.datasets):
+        if not (i == 0 and hub_dataset) and not ds.path.is_dir():
+            raise UserError(f"datasets[{i}].path: {ds.path} is not a folder here; nothing to upload "
+                            "(fix the path, or --hub-dataset USER/NAME for datasets[0])")
+        folders.append(ds.path)
+    return folders
+
+
+# ---------------------------------------------------------------- local target
+
+
+def node_env(plan: Plan, name: str, node_root: Path, outputs: Path, hub_dataset: str) -> dict[str, str]:
+    """The environment the task's setup/run get on one node: the task's envs plus SkyPilot's per-node variables."""
+    envs = render.node_envs(name, plan, hub_dataset)
+    envs.update(WANFORGE_ROOT=str(node_root), WANFORGE_OUTPUTS=str(outputs), WANFORGE_PYTHON=sys.executable)
+    envs.update(SKYPILOT_NODE_RANK="0", SKYPILOT_NODE_IPS="127.0.0.1", SKYPILOT_NUM_NODES="1",
+                SKYPILOT_NUM_GPUS_PER_NODE=str(max(plan.gpus_per_node, 1)), SKYPILOT_TASK_ID=f"local-{name}")
+    return envs
+
+
+def place_inputs(node_root: Path, config_file: Path, datasets: list[Path], hub_dataset: str) -> None:
+    """What the task's file_mounts do on a node: the config copied, each dataset folder at input/data/<i>."""
+    inputs = node_root / "input"
+    if inputs.exists():
+        shutil.rmtree(inputs)
+    (inputs / "data").mkdir(parents=True)
+    shutil.copy2(config_file, inputs / "config.toml")
+    for i, folder in enumerate(datasets):
+        if not (i == 0 and hub_dataset):
+            (inputs / "data" / str(i)).symlink_to(folder.resolve(), target_is_directory=True)
+
+
+def run_local(task: dict[str, Any], env: dict[str, str]) -> int:
+    """Run the task's setup then run script with bash, as SkyPilot would on the node."""
+    full = {**os.environ, **env}
+    for part in ("setup", "run"):
+        code = subprocess.run(["bash", "-c", task[part]], env=full).returncode
+        if code != 0:
+            print(f"wanforge launch --target local: {part} exited {code}", file=sys.stderr)
+            return code
+    return 0
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    config = Path(args.config)
+    cfg = load_config(config, args.set)
+    plan, est = plan_request(cfg, args)
+    if plan.target.kind != "local":
+        check_model_travels(cfg)
+    name = run_name(config, args.name)
+    hub_dataset = args.hub_dataset or ""
+    datasets = local_datasets(cfg, hub_dataset)
+    staging = lifecycle.state_dir() / name
+    staging.mkdir(parents=True, exist_ok=True)
+    staged_config = staging / "config.toml"
+    save_config(cfg, staged_config)
+    if plan.target.kind == "local":
+        secrets: dict[str, str] = {}
+        names: list[str] = []
+    elif args.dryrun:  # names only: a dry run shows which secrets would travel, and needs none of them set
+        secrets, names = {}, sorted(set(needed_secrets(cfg, plan)) | {n for n in render.SECRET_NAMES if secret_value(n)})
+    else:
+        secrets = gather_secrets(cfg, plan)
+        names = sorted(secrets)
+    task = render.render_task(plan, name, staged_config, datasets, hub_dataset, names)
+    (staging / "task.yaml").write_text(render.dump(task), encoding="utf-8")
+
+    if args.dryrun:
+        print(render.dump(task))
+        if est:
+            print(f"estimate: {est.line()}\n  from {est.basis}")
+        print(f"dry run: nothing launched (task written to {staging / 'task.yaml'})")
+        return 0
+
+    local_dir = cfg.train.output_dir
+    rec = LaunchRecord(name=name, target=plan.target.name, managed=plan.managed, output=plan.output,
+                       output_mode=plan.output_mode, remote=f"{name}:{render.NODE_OUTPUTS}/{name}",
+                       local_dir=str(local_dir), launched_at=lifecycle.now())
+    if plan.target.kind == "local":
+        # the run folder is the config's own output_dir: the node's outputs root is its parent
+        rec.remote, rec.synced_at = str(local_dir), lifecycle.now()
+        lifecycle.save_record(rec)
+        env = node_env(plan, local_dir.name, staging / "node", local_dir.parent, hub_dataset)
+        place_inputs(staging / "node", staged_config, datasets, hub_dataset)
+        code = run_local(task, env)
+        print(f"run folder: {local_dir}")
+        return code
+
+    if est:
+        print(f"estimate: {est.line()}")
+    lifecycle.save_record(rec)
+    lifecycle.launch(task, rec, secrets)
+    where = {"node": f"on the node until `wanforge sync {name}`", "mount": f"in {plan.output}/{name}",
+             "upload": f"uploaded to {plan.output} ({name}/)"}[plan.output_mode]
+    print(f"launched {name} on {plan.target.name} ({plan.accelerator} x {plan.nodes} node(s)); outputs {where}")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    if args.gpu:
+        card, count = parse_gpu(args.gpu)
+        rows = [estimate(cfg, f"{card.name}:{count}")]
+    else:
+        rows = estimate_all(cfg)
+    print(f"{cfg.model.flavour}, {cfg.train.max_train_steps} steps, batch {cfg.train.train_batch_size}"
+          f" x {cfg.train.gradient_accumulation_steps}, gradient checkpointing {checkpointing(cfg)}:")
+    for e in rows:
+        print("  " + e.line())
+    print(f"scaled from: {rows[0].basis}")
+    print("prices: reference on-demand $/h per GPU (launcher/calibration.toml names each source); "
+          "check the live price with `sky show-gpus`")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rec = lifecycle.load_record(args.run)
+    print(f"{rec.name}: target {rec.target}{' (managed job)' if rec.managed else ''}, outputs: "
+          f"{rec.output or 'on the node'} ({rec.output_mode}), last sync: {rec.synced_at or 'never'}"
+          f"{f' (run was {rec.synced_status})' if rec.synced_status else ''}")
+    if rec.target == "local":
+        return 0
+    for row in lifecycle.status(rec):
+        keys = ("name", "job_name", "status", "resources_str", "launched_at", "job_duration")
+        print("  " + ", ".join(f"{k}={row[k]}" for k in keys if row.get(k) is not None))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    rec = lifecycle.load_record(args.run)
+    if rec.target == "local":
+        raise UserError(f"{rec.name} ran here: its output was printed; metrics are in {rec.local_dir}/metrics.jsonl")
+    return lifecycle.logs(rec, follow=not args.no_follow)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from launcher.sync import sync_run
+
+    rec = lifecycle.load_record(args.run)
+    folder, status = sync_run(rec, Path(args.to) if args.to else None)
+    print(f"synced {rec.name} -> {folder} (run status: {status})")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    rec = lifecycle.load_record(args.run)
+    if rec.target == "local":
+        print(f"{rec.name} ran here: nothing to take down")
+        return 0
+    lifecycle.down(rec, force=args.force)
+    print(f"{rec.name} is down")
+    return 0
+
+
+def add_commands(sub: Any, with_config: Any) -> None:
+    """The launcher's subcommands, added to the `wanforge` parser (launcher/cli.py)."""
+    p = with_config(sub.add_parser("estimate", help="VRAM, s/step, time and cost of a config per GPU"))
+    p.add_argument("--gpu", help="one GPU (NAME or NAME:COUNT); default: every known GPU, cheapest first")
+    p.set_defaults(func=cmd_estimate)
+
+    p = with_config(sub.add_parser("launch", help="run a config here or on a cloud GPU through SkyPilot"))
+    p.add_argument("--target", required=True, choices=list(TARGETS), help="local (this machine) or a SkyPilot cloud")
+    p.add_argument("--gpu", help="NAME[:COUNT] per node (e.g. H100:1, MI300X:8) or auto: the cheapest that fits")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (VM clouds and kubernetes only)")
+    p.add_argument("--managed", action="store_true", help="a SkyPilot managed job: recovers from preemption")
+    p.add_argument("--spot", action="store_true", help="spot instances (needs --output; best with --managed)")
+    p.add_argument("--output", help="where the run folder lives: s3://BUCKET/PREFIX, gs://..., or hf://USER/REPO")
+    p.add_argument("--output-mode", default="auto", choices=["auto", "mount", "upload"],
+                   help="mount the bucket (VM clouds, default there) or let the node upload (pod clouds, Hub)")
+    p.add_argument("--hub-dataset", help="a Hugging Face dataset id fetched on the node, used as datasets[0]")
+    p.add_argument("--name", help="run / cluster name (default wf-<config>-<time>)")
+    p.add_argument("--dryrun", action="store_true", help="print the rendered task and the estimate, launch nothing")
+    p.add_argument("--ignore-estimate", action="store_true", help="launch even if the estimate says it won't fit")
+    p.set_defaults(func=cmd_launch)
+
+    for name, helptext, func in (("status", "the run's cluster / managed job status", cmd_status),
+                                 ("logs", "stream the run's logs", cmd_logs),
+                                 ("sync", "bring the run folder back", cmd_sync),
+                                 ("down", "tear the run's cluster down (cancel a managed job)", cmd_down)):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("run", help="the run name printed by `wanforge launch`")
+        p.set_defaults(func=func)
+        if name == "logs":
+            p.add_argument("--no-follow", action="store_true", help="print what is there and return")
+        if name == "sync":
+            p.add_argument("--to", help="local folder (default: the config's train.output_dir)")
+        if name == "down":
+            p.add_argument("--force", action="store_true", help="even if the outputs were never synced")
+

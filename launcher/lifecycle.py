@@ -1,0 +1,151 @@
+"""A launched run's life through SkyPilot's Python API: launch, status, logs, down; and the local record of it.
+
+Each launch leaves a record, `<state dir>/<run>.json` (state dir: $WANFORGE_STATE_DIR or ~/.wanforge/launches), so
+`wanforge status|logs|sync|down RUN` know the cluster or managed job, where the outputs are and whether they came
+back. SkyPilot is imported only inside these functions: the rest of the CLI works in an environment without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import UserError
+from trainer.fileio import atomic_write_json
+
+LAUNCH_ENV_HINT = (
+    "SkyPilot is not installed in this Python. It lives in its own environment (its click pin clashes with wandb): "
+    'python -m venv .venv-launch && .venv-launch/bin/pip install -c constraints-launch.txt -e ".[launch]", '
+    "then run .venv-launch/bin/wanforge ..."
+)
+
+
+@dataclass
+class LaunchRecord:
+    name: str  # the cluster / managed job name, also the run folder's name on the node
+    target: str
+    managed: bool
+    output: str | None  # hf://..., s3://..., or None: the run stays on the node
+    output_mode: str  # mount | upload | node
+    remote: str  # node mode: rsync source of the run folder ("CLUSTER:/outputs/NAME", or a local path)
+    local_dir: str  # where `sync` puts the run (the config's train.output_dir)
+    launched_at: str = ""
+    synced_at: str | None = None
+    synced_status: str | None = None  # run.json status at the last sync
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("WANFORGE_STATE_DIR") or Path.home() / ".wanforge" / "launches")
+
+
+def record_path(name: str) -> Path:
+    return state_dir() / f"{name}.json"
+
+
+def save_record(rec: LaunchRecord) -> None:
+    atomic_write_json(record_path(rec.name), asdict(rec))
+
+
+def load_record(name: str) -> LaunchRecord:
+    path = record_path(name)
+    if not path.is_file():
+        known = sorted(p.stem for p in state_dir().glob("*.json")) if state_dir().is_dir() else []
+        listed = f"known runs: {', '.join(known)}" if known else f"no runs launched from here ({state_dir()})"
+        raise UserError(f'run "{name}": not launched from this machine; {listed}')
+    return LaunchRecord(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _sky() -> Any:
+    try:
+        import sky
+    except ImportError:
+        raise UserError(LAUNCH_ENV_HINT) from None
+    if not hasattr(sky, "Task"):  # the repo's sky/ templates folder, seen as a namespace package from the repo root
+        raise UserError(LAUNCH_ENV_HINT)
+    return sky
+
+
+# ---------------------------------------------------------------- SkyPilot calls
+
+
+def to_task(task_config: dict[str, Any]) -> Any:
+    """The SkyPilot Task of a rendered config, schema-checked (no secret values yet)."""
+    sky = _sky()
+    return sky.Task.from_yaml_config(copy.deepcopy(task_config))
+
+
+def launch(task_config: dict[str, Any], rec: LaunchRecord, secrets: dict[str, str]) -> None:
+    """Start the cluster (or managed job) and stream its logs; secret values go to the Task object only."""
+    sky = _sky()
+    task = to_task(task_config)
+    if secrets:
+        task.update_secrets(secrets)
+    if rec.managed:
+        request = sky.jobs.launch(task, name=rec.name)
+    else:
+        request = sky.launch(task, cluster_name=rec.name)
+    sky.stream_and_get(request)
+
+
+def status(rec: LaunchRecord) -> list[dict[str, Any]]:
+    """What SkyPilot says about the run now: the cluster's record, or the managed job's."""
+    sky = _sky()
+    if rec.managed:
+        jobs = sky.get(sky.jobs.queue(refresh=False, skip_finished=False))
+        rows = [_as_dict(j) for j in jobs]
+        return [r for r in rows if r.get("job_name") == rec.name]
+    clusters = sky.get(sky.status(cluster_names=[rec.name], refresh=sky.StatusRefreshMode.AUTO))
+    return [_as_dict(c) for c in clusters]
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump()
+    return dict(vars(obj))
+
+
+def logs(rec: LaunchRecord, follow: bool = True) -> int:
+    """Stream the run's logs to stdout (follows until the job ends unless follow=False)."""
+    sky = _sky()
+    if rec.managed:
+        result = sky.jobs.tail_logs(name=rec.name, follow=follow)
+    else:
+        result = sky.tail_logs(rec.name, job_id=None, follow=follow)
+    return int(result or 0) if isinstance(result, int) else 0
+
+
+def unsynced_reason(rec: LaunchRecord) -> str | None:
+    """Why taking the run down now would lose outputs, or None when it would not."""
+    if rec.output_mode != "node":
+        return None  # the run folder is in the bucket / Hub repo
+    if rec.synced_at is None:
+        return (f"the run folder exists only on {rec.name}; bring it back first: wanforge sync {rec.name} "
+                f"(or wanforge down {rec.name} --force to lose it)")
+    return None
+
+
+def down(rec: LaunchRecord, force: bool = False) -> None:
+    """Tear the cluster down (or cancel the managed job); refuses while the only copy of the outputs is on it."""
+    reason = unsynced_reason(rec)
+    if reason and not force:
+        raise UserError(f"not taking {rec.name} down: {reason}")
+    sky = _sky()
+    if rec.managed:
+        sky.stream_and_get(sky.jobs.cancel(name=rec.name))
+    else:
+        # graceful: a MOUNT_CACHED bucket is flushed before the machine goes
+        sky.stream_and_get(sky.down(rec.name, graceful=rec.output_mode == "mount"))
+    rec.extra["down_at"] = now()
+    save_record(rec)

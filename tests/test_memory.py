@@ -1,0 +1,120 @@
+"""Memory and speed options: each runs through the trainer on the tiny model and trains like the plain path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.conftest import tiny_config
+from trainer.components import load_transformer
+from trainer.config import MemoryConfig
+from trainer.errors import UserError
+from trainer.lora import add_lora
+from trainer.memory import apply_memory_options, place_base_model
+from trainer.train import train
+
+
+def _losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def _run(clips, out, **memory) -> list[float]:
+    cfg = tiny_config(clips, out, train={"max_train_steps": 3, "log_every_n_steps": 1}, memory=memory,
+                      validation={"at_end": False, "every_n_steps": 1000})
+    train(cfg, show_progress=False)
+    return _losses(out)
+
+
+@pytest.fixture(scope="module")
+def plain_losses(clips, tmp_path_factory) -> list[float]:
+    return _run(clips, tmp_path_factory.mktemp("plain") / "run", gradient_checkpointing="none")
+
+
+@pytest.mark.parametrize(
+    "memory",
+    [
+        {"gradient_checkpointing": "full"},
+        {"gradient_checkpointing": "selective"},
+        {"gradient_checkpointing": "selective", "checkpointed_blocks": 1},
+        {"gradient_checkpointing": "none", "feed_forward_chunk_size": 7},
+        {"gradient_checkpointing": "selective", "attention_backend": "_native_math"},
+    ],
+    ids=["full", "selective", "partial", "ff-chunk", "math-attention"],
+)
+def test_memory_option_trains_like_the_plain_path(clips, tmp_path, plain_losses, memory):
+    """Exact options (recompute, chunking, backend) give the plain path's losses to float tolerance."""
+    np.testing.assert_allclose(_run(clips, tmp_path / "run", **memory), plain_losses, rtol=1e-4)  # fp32 summation order differs under recompute
+
+
+def test_int8_base_weights_train_close_to_bf16(clips, tmp_path, plain_losses):
+    """optimum-quanto int8 weights change the numbers slightly, never the trend: within 2% of the plain losses."""
+    losses = _run(clips, tmp_path / "run", gradient_checkpointing="selective", base_quantization="int8")
+    np.testing.assert_allclose(losses, plain_losses, rtol=2e-2)
+    assert losses != plain_losses  # the base really was quantized
+
+
+def test_four_bit_base_weights_are_refused():
+    with pytest.raises(ValueError, match="4-bit"):
+        MemoryConfig(base_quantization="nf4")
+
+
+def test_unknown_attention_backend_names_the_field(tiny_model):
+    transformer = load_transformer(tiny_model.model, torch.float32)
+    with pytest.raises(UserError, match="memory.attention_backend.*did you mean \"_native_cudnn\""):
+        apply_memory_options(transformer, MemoryConfig(attention_backend="native_cudnn"), torch.device("cpu"))
+
+
+def test_fp8_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        MemoryConfig(base_quantization="fp8")
+
+
+class _CountAttention(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "scaled_dot_product" in name and "backward" not in name and args[0].shape[-2] == args[1].shape[-2]:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode,expected_per_block", [("none", 1), ("full", 2), ("selective", 1)])
+def test_selective_checkpointing_does_not_recompute_attention(tiny_model, mode, expected_per_block):
+    """Self-attention runs once per block in a training step with "selective", twice with "full" recompute."""
+    transformer = load_transformer(tiny_model.model, torch.float32)
+    place_base_model(transformer, MemoryConfig(), torch.device("cpu"))
+    add_lora(transformer, tiny_model.lora)
+    apply_memory_options(transformer, MemoryConfig(gradient_checkpointing=mode), torch.device("cpu"))
+    transformer.train()
+    x = torch.randn(1, 16, 3, 8, 8)
+    text = torch.randn(1, 6, transformer.config.text_dim)
+    counter = _CountAttention()
+    with counter:
+        out = transformer(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text, return_dict=False)[0]
+        out.square().mean().backward()
+    assert counter.calls == expected_per_block * len(transformer.blocks)
+
+
+@pytest.fixture
+def tiny_model(clips, tmp_path):
+    return tiny_config(clips, tmp_path / "unused")
+
+
+def test_auto_preset_picks_by_gpu_memory_and_keeps_explicit_fields():
+    from trainer.flavours import get_flavour
+    from trainer.presets import resolve_memory
+
+    big = get_flavour("t2v-480p-14b-2.1")
+    assert resolve_memory(MemoryConfig(preset="auto"), big, 80.0).gradient_checkpointing == "selective"
+    on_48 = resolve_memory(MemoryConfig(preset="auto"), big, 48.0)
+    assert (on_48.gradient_checkpointing, on_48.base_quantization) == ("full", "int8")
+    mine = resolve_memory(MemoryConfig(preset="auto", compile=False), big, 48.0)
+    assert mine.compile is False and mine.base_quantization == "int8"
+    assert resolve_memory(MemoryConfig(preset="none", compile=False), big, 48.0).base_quantization == "none"

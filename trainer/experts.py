@@ -1,0 +1,231 @@
+"""Wan 2.2 A14B experts: which expert a step trains, and noise levels drawn only on that expert's side.
+
+diffusers layout: `transformer` is the HIGH-noise expert (timestep t >= boundary * 1000), `transformer_2` the LOW-noise
+expert (t < boundary * 1000); boundary 0.875 for T2V, 0.9 for I2V. The timestep is sigma * 1000, so the split is
+sigma >= boundary (high) / sigma < boundary (low).
+
+Restriction keeps the shape of the configured distribution: it draws from that distribution conditioned on the
+expert's side, by inverse-CDF (quantile) sampling of the truncated distribution in sigma space, after the shift:
+u ~ U(F(b), 1) for the high expert, u ~ U(0, F(b)) for the low one, sigma = F^-1(u). One uniform per sample, so the
+run's generator advances the same way every step (exact resume). Distributions without a closed-form quantile fall
+back to rejection sampling from flow.sample_sigmas.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from trainer.config import FlowConfig
+from trainer.flavours import Flavour, Stage
+
+_EPS = 1e-5  # flow.sample_sigmas clamps to (1e-5, 1 - 1e-5); stay inside the same open interval
+
+
+def _cdf(sigma: float, cfg: FlowConfig) -> float | None:
+    """P(s < sigma) of the configured distribution; None when it has no closed form here."""
+    if cfg.timestep_sampling == "uniform":
+        return sigma
+    if cfg.timestep_sampling == "shift":
+        # s = k u / (1 + (k-1) u)  <=>  u = s / (k - (k-1) s)
+        k = cfg.shift
+        return sigma / (k - (k - 1) * sigma)
+    if cfg.timestep_sampling == "logit_normal":
+        z = (math.log(sigma / (1 - sigma)) - cfg.logit_mean) / cfg.logit_std
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    return None
+
+
+def _quantile(u: torch.Tensor, cfg: FlowConfig) -> torch.Tensor:
+    if cfg.timestep_sampling == "uniform":
+        return u
+    if cfg.timestep_sampling == "shift":
+        k = cfg.shift
+        return k * u / (1 + (k - 1) * u)
+    # logit_normal
+    return torch.sigmoid(cfg.logit_mean + cfg.logit_std * math.sqrt(2) * torch.erfinv(2 * u - 1))
+
+
+def stage_sigmas(batch: int, cfg: FlowConfig, generator: torch.Generator, stage: Stage, boundary: float) -> torch.Tensor:
+    """Noise levels for one expert: the configured distribution truncated to sigma >= boundary (high) or < (low)."""
+    f_b = _cdf(boundary, cfg)
+    if f_b is None:
+        return _rejection(batch, cfg, generator, stage, boundary)
+    lo, hi = (f_b, 1.0) if stage == "high" else (0.0, f_b)
+    u = torch.rand(batch, generator=generator, device=generator.device, dtype=torch.float64)
+    sigmas = _quantile(lo + (hi - lo) * u, cfg).float()
+    # float32 rounding must never put a draw on the wrong side of the boundary
+    b = torch.tensor(boundary, dtype=torch.float32, device=sigmas.device)
+    if stage == "high":
+        return torch.maximum(sigmas, b).clamp(max=1.0 - _EPS)
+    below = torch.nextafter(b, torch.zeros_like(b))
+    return torch.minimum(sigmas, below).clamp(min=_EPS)
+
+
+def _rejection(batch: int, cfg: FlowConfig, generator: torch.Generator, stage: Stage, boundary: float) -> torch.Tensor:
+    from trainer.flow import sample_sigmas
+
+    kept: list[torch.Tensor] = []
+    have = 0
+    for _ in range(10_000):
+        s = sample_sigmas(max(batch, 64), cfg, generator)
+        s = s[s >= boundary] if stage == "high" else s[s < boundary]
+        kept.append(s)
+        have += len(s)
+        if have >= batch:
+            return torch.cat(kept)[:batch]
+    raise RuntimeError(f"the timestep distribution almost never reaches the {stage}-noise side of {boundary}")
+
+
+def sample_training_sigmas(batch: int, cfg: FlowConfig, generator: torch.Generator, flavour: Flavour,
+                           stage: Stage | None) -> torch.Tensor:
+    """Noise levels for a micro-batch: restricted to the trained expert's side on Wan 2.2 A14B, else unrestricted."""
+    from trainer.flow import sample_sigmas
+
+    if stage is None or flavour.boundary is None:
+        return sample_sigmas(batch, cfg, generator)
+    return stage_sigmas(batch, cfg, generator, stage, flavour.boundary)
+
+
+def expert_for_step(step: int, first: Stage, every: int) -> Stage:
+    """train_both_experts: blocks of `every` optimizer steps, starting with the flavour's own expert."""
+    other: Stage = "low" if first == "high" else "high"
+    return first if (step // every) % 2 == 0 else other
+
+
+def stage_of_timestep(t: float, boundary: float) -> Stage:
+    """The expert diffusers' pipelines run at timestep t (t >= boundary * 1000: high)."""
+    return "high" if t >= boundary * 1000 else "low"
+
+
+def active_stage(cfg, step: int) -> Stage | None:
+    """The expert optimizer step `step` trains: the flavour's, or alternating blocks with train_both_experts."""
+    from trainer.flavours import get_flavour
+
+    flavour = get_flavour(cfg.model.flavour)
+    if not flavour.is_expert:
+        return None
+    if cfg.model.train_both_experts:
+        return expert_for_step(step, flavour.stage, cfg.model.expert_switch_every_n_steps)
+    return flavour.stage
+
+
+# ---------------------------------------------------------------- train_both_experts
+
+
+class ExpertPair(torch.nn.Module):
+    """Both Wan 2.2 A14B experts, each with its own LoRA; forward runs the active one. The idle expert waits in CPU
+    RAM (its LoRA parameters keep their identity, so the optimizer and its state stay valid; AdamW skips them while
+    they have no gradient)."""
+
+    def __init__(self, high, low):
+        super().__init__()
+        self.high, self.low = high, low
+        self.active: Stage = "high"
+        self.config = high.config
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Both experts' adapters, keys prefixed "high." / "low." (checkpoints)."""
+        from trainer.lora import adapter_state_dict
+
+        return {f"{stage}.{k}": v for stage in ("high", "low") for k, v in adapter_state_dict(self.expert(stage)).items()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> list[str]:
+        from trainer.lora import load_adapter_state_dict
+
+        unexpected = [k for k in state if not k.startswith(("high.", "low."))]
+        for stage in ("high", "low"):
+            part = {k.removeprefix(f"{stage}."): v for k, v in state.items() if k.startswith(f"{stage}.")}
+            unexpected += [f"{stage}.{k}" for k in load_adapter_state_dict(self.expert(stage), part)]
+        return unexpected
+
+    def expert(self, stage: Stage):
+        return self.high if stage == "high" else self.low
+
+    @property
+    def patch_embedding(self):
+        return self.expert(self.active).patch_embedding
+
+    def attach_optimizer(self, optimizer) -> None:
+        """The optimizer whose state follows each expert's LoRA between CPU and GPU (a resume loads it wherever the
+        parameters are; the fused AdamW kernel needs it beside them)."""
+        self._optimizer = optimizer
+
+    def _move_optimizer_state(self, expert, device) -> None:
+        optimizer = getattr(self, "_optimizer", None)
+        if optimizer is None:
+            return
+        fused = any(group.get("fused") for group in optimizer.param_groups)
+        for p in expert.parameters():
+            state = optimizer.state.get(p)
+            for key, value in (state or {}).items():
+                if torch.is_tensor(value) and (value.dim() > 0 or fused):  # non-fused AdamW keeps `step` on the CPU
+                    state[key] = value.to(device)
+
+    def activate(self, stage: Stage, device: torch.device) -> None:
+        idle = self.expert("low" if stage == "high" else "high")
+        if next(idle.parameters()).device.type != "cpu":
+            idle.to("cpu")
+        self._move_optimizer_state(idle, torch.device("cpu"))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.expert(stage).to(device)
+        self._move_optimizer_state(self.expert(stage), device)
+        self.active = stage
+
+    def forward(self, *args, **kwargs):
+        return self.expert(self.active)(*args, **kwargs)
+
+
+def setup_expert_pair(cfg, dtype: torch.dtype, device: torch.device, num_processes: int) -> ExpertPair:
+    """Both experts with LoRA and the memory options; the flavour's own expert active on the device."""
+    from trainer.components import load_transformer
+    from trainer.errors import UserError
+    from trainer.flavours import get_flavour
+    from trainer.lora import add_lora
+    from trainer.memory import apply_memory_options, place_base_model
+
+    if num_processes > 1:
+        raise UserError("model.train_both_experts runs on one GPU: train each expert as its own multi-GPU run instead")
+    experts = {}
+    for stage, sub in (("high", "transformer"), ("low", "transformer_2")):
+        expert = load_transformer(cfg.model, dtype, subfolder=sub)
+        place_base_model(expert, cfg.memory, torch.device("cpu"))
+        add_lora(expert, cfg.lora)
+        apply_memory_options(expert, cfg.memory, device)
+        experts[stage] = expert
+    pair = ExpertPair(experts["high"], experts["low"])
+    pair.activate(get_flavour(cfg.model.flavour).stage, device)
+    return pair
+
+
+def select_expert(transformer, stage: Stage | None, device: torch.device) -> None:
+    """Before a micro-step: make `stage` the running expert of a pair (a no-op for one transformer)."""
+    model = getattr(transformer, "module", transformer)
+    if isinstance(model, ExpertPair) and stage is not None:
+        if model.active != stage or next(model.expert(stage).parameters()).device != device:
+            model.activate(stage, device)
+
+
+def save_expert_loras(cfg, run, accelerator, transformer) -> Path:
+    """lora/high_noise/ and lora/low_noise/: one LoRA file per expert, each loadable on its own; returns the high one."""
+    from trainer.export import save_lora
+    from trainer.lora import adapter_state_dict
+    from trainer.lycoris_adapter import save_lycoris
+
+    pair = accelerator.unwrap_model(transformer)
+    files = {}
+    for stage in ("high", "low"):
+        state = {k: v.detach().clone() for k, v in adapter_state_dict(pair.expert(stage)).items()}
+        info = {"flavour": cfg.model.flavour, "expert": stage, "rank": str(cfg.lora.rank),
+                "alpha": str(cfg.lora.effective_alpha), "steps": str(cfg.train.max_train_steps)}
+        if accelerator.is_main_process and cfg.lora.lora_type == "lycoris":
+            files[stage] = save_lycoris(pair.expert(stage), run.lora / f"{stage}_noise",
+                                        getattr(torch, cfg.lora.save_dtype), info, state)
+        elif accelerator.is_main_process:
+            files[stage] = save_lora(state, run.lora / f"{stage}_noise", rank=cfg.lora.rank,
+                                     alpha=cfg.lora.effective_alpha, fmt=cfg.lora.save_format,
+                                     dtype=getattr(torch, cfg.lora.save_dtype), info=info)
+    return files.get("high", run.lora)

@@ -1,0 +1,156 @@
+"""Speed and memory options for the Wan transformer: attention backend, block checkpointing that keeps attention,
+regional compile, chunked feed-forward, and int8 base weights.
+
+Everything here acts on a loaded diffusers `WanTransformer3DModel` through diffusers' own hooks
+(`set_attention_backend`, `enable_gradient_checkpointing(func)`) and torch's
+selective activation checkpointing; `apply_memory_options` is the one entry point the recipe calls.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from trainer.config import MemoryConfig
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FF_CHUNK_ENV = "WAN_FEED_FORWARD_CHUNK_SIZE"
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """The diffusers attention backend to use. Always explicit: diffusers otherwise falls back to a process-wide one."""
+    if name == "auto":
+        # cuDNN SDPA measured fastest on H100 (FACTS.md: 545 TF/s fwd+bwd vs 314 for FA2); elsewhere torch picks.
+        return "_native_cudnn" if device.type == "cuda" and torch.version.cuda is not None else "native"
+    return name
+
+
+def _is_attention_op(op) -> bool:
+    name = str(op)
+    return "scaled_dot_product" in name or "flash_attn" in name or "flash_attention" in name
+
+
+def _keep_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Save the outputs of self-attention kernels (query length == key length); recompute everything else.
+
+    Attention is ~75% of a Wan step's FLOPs at 81 frames and its output is only N x dim, so keeping it and recomputing
+    the cheap projections, norms and feed-forward costs ~10% extra compute instead of ~35% for full recompute.
+    """
+    if _is_attention_op(op) and len(args) >= 2 and torch.is_tensor(args[0]) and torch.is_tensor(args[1]):
+        seq_dim = -2 if str(op).startswith("aten.") else 1  # aten SDPA is (B, H, S, D); flash-attn ops (B, S, H, D)
+        if args[0].shape[seq_dim] == args[1].shape[seq_dim]:
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_keep_self_attention)
+
+
+def checkpointed_block_ids(num_blocks: int, cfg: MemoryConfig) -> set[int]:
+    """Which blocks recompute in backward. `checkpointed_blocks = N` checkpoints the first N (the rest keep everything)."""
+    if cfg.gradient_checkpointing == "none":
+        return set()
+    count = num_blocks if cfg.checkpointed_blocks is None else min(cfg.checkpointed_blocks, num_blocks)
+    return set(range(count))
+
+
+def _plain(block, *args):
+    return block(*args)
+
+
+def _recompute_all(block, *args):
+    return checkpoint(block.__call__, *args, use_reentrant=False)
+
+
+def _keep_attention(block, *args):
+    return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=_selective_context)
+
+
+def make_block_runner(blocks: list, checkpointed: set[int], mode: str, compile: bool) -> Callable:
+    """The function diffusers calls for each block in training: plain, fully recomputed, or attention-keeping.
+
+    With `compile`, the checkpoint call itself is inside the compiled region (so selective checkpointing still sees the
+    attention ops); every block shares the same compiled code, so it compiles once per variant, not once per block.
+    """
+    recompute = _keep_attention if mode == "selective" else _recompute_all
+    plain = _plain
+    if compile:
+        recompute, plain = torch.compile(recompute, dynamic=False), torch.compile(plain, dynamic=False)
+    index = {id(b): i for i, b in enumerate(blocks)}
+
+    def run_block(block, *args):
+        return (recompute if index[id(block)] in checkpointed else plain)(block, *args)
+
+    return run_block
+
+
+def _chunked_forward(ff: torch.nn.Module, chunk_size: int, original: Callable, hidden_states: torch.Tensor):
+    # Wan's block has no feed-forward chunking hook in diffusers; the FF is per token, so chunking the sequence is exact.
+    if hidden_states.shape[1] <= chunk_size:
+        return original(hidden_states)
+    return torch.cat([original(part) for part in hidden_states.split(chunk_size, dim=1)], dim=1)
+
+
+def enable_feed_forward_chunking(transformer, chunk_size: int) -> None:
+    for block in transformer.blocks:
+        ff = block.ffn
+        ff.forward = functools.partial(_chunked_forward, ff, chunk_size, ff.forward)
+
+
+def quantize_base_weights(transformer, kind: str) -> None:
+    """Frozen base weights in int8 (optimum-quanto, weight-only). Call before LoRA is added."""
+    if kind == "int8":
+        from optimum.quanto import freeze, qint8, quantize
+
+        quantize(transformer, weights=qint8, exclude=["proj_out", "patch_embedding", "condition_embedder*"])
+        freeze(transformer)
+
+
+def place_base_model(transformer, cfg: MemoryConfig, device: torch.device) -> None:
+    """Quantize and place the frozen base model on the device (before LoRA is added)."""
+    if cfg.base_quantization != "none":
+        quantize_base_weights(transformer, cfg.base_quantization)
+    transformer.to(device)
+
+
+def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -> None:
+    """Attention backend, feed-forward chunking, checkpointing and compile (after LoRA, before accelerate.prepare)."""
+    _set_attention_backend(transformer, resolve_attention_backend(cfg.attention_backend, device), cfg.attention_backend)
+    chunk = cfg.feed_forward_chunk_size or int(os.environ.get(FF_CHUNK_ENV, "0") or 0)
+    if chunk:
+        enable_feed_forward_chunking(transformer, chunk)
+    blocks = list(transformer.blocks)
+    checkpointed = checkpointed_block_ids(len(blocks), cfg)
+    if checkpointed or cfg.compile:
+        transformer.enable_gradient_checkpointing(
+            make_block_runner(blocks, checkpointed, cfg.gradient_checkpointing, cfg.compile)
+        )
+    if device.type == "cuda":
+        # Under bf16 autocast the adapter matmuls run in bf16 anyway; peft's cast of each LoRA input to the fp32
+        # adapter dtype would only add a full-size copy per adapted layer.
+        for module in transformer.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+
+
+def _set_attention_backend(transformer, backend: str, configured: str) -> None:
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    names = [b.value for b in AttentionBackendName]
+    if backend not in names:
+        hint = difflib.get_close_matches(backend, names, n=1)
+        fix = f'did you mean "{hint[0]}"?' if hint else 'use "auto" or one of: ' + ", ".join(names)
+        raise UserError(f'memory.attention_backend: unknown backend "{configured}": {fix}')
+    try:
+        transformer.set_attention_backend(backend)
+    except (ValueError, RuntimeError, ImportError) as err:
+        raise UserError(f'memory.attention_backend = "{configured}" is not usable here ({err}): use "auto"') from err
