@@ -21,7 +21,7 @@ PRESETS: dict[str, dict] = {
 MEASURED_TOKENS = 21 * 30 * 52  # 832x480x81 after the VAE and 2x2 patching
 # peak GiB (torch max_memory_allocated) by transformer width, then preset: bench/RESULTS.md
 MEASURED_PEAK_GIB: dict[int, dict[str, float]] = {
-    1536: {"fast": 13.71, "balanced": 11.36, "low": 10.45},
+    1536: {"fast": 13.71, "balanced": 11.70, "low": 10.41},
     5120: {"fast": 62.76, "balanced": 52.89, "low": 39.80},
 }
 HEADROOM = 0.92  # leave room for the allocator's fragmentation and the CUDA context

@@ -1,0 +1,118 @@
+"""Validation rendering at the real Wan 2.1 1.3B shape (random weights: timing and plumbing, not quality).
+
+Renders 832x480x81 with 40 steps: UniPC, UniPC + skip-layer guidance (block 9, 10%-90%), flow-match Euler, and
+an EMA swap, in bf16 autocast as training validates; checks each mp4 decodes with 81 frames at 16 fps and prints a
+markdown table (seconds per video, peak GiB, the extra forward passes SLG cost).
+
+    python3 bench/validation_bench.py            # GPU, the real shape
+    python3 bench/validation_bench.py --tiny     # CPU check of the script itself (the tiny model's shape)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.config import EmaConfig, LoraConfig  # noqa: E402
+from trainer.ema import AdapterEMA  # noqa: E402
+from trainer.lora import add_lora, trainable_parameters  # noqa: E402
+from trainer.skip_layers import SkipLayerGuidance  # noqa: E402
+from trainer.validation import ValidationPrompt, ValidationSettings, build_pipeline, generate  # noqa: E402
+from trainer.video import decode_frames, write_mp4  # noqa: E402
+
+
+def build(tiny: bool, device: torch.device, dtype: torch.dtype):
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    if tiny:
+        from trainer.components import load_transformer, load_vae
+        from trainer.config import ModelConfig
+
+        model = ModelConfig(flavour="tiny")
+        return load_transformer(model).to(device), load_vae(model).to(device), 32
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(  # Wan2.1-T2V-1.3B's config
+        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    ).to(device, dtype)
+    vae = AutoencoderKLWan().to(device, torch.float32)  # the Wan 2.1 VAE's default config
+    return transformer, vae, 4096
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() and not args.tiny
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    transformer, vae, text_dim = build(args.tiny, device, dtype)
+    add_lora(transformer, LoraConfig(rank=32))
+    params = trainable_parameters(transformer)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.01)
+    ema = AdapterEMA(params, EmaConfig(use_ema=True))
+    frames, height, width = (9, 64, 64) if args.tiny else (81, 480, 832)
+    g = torch.Generator().manual_seed(0)
+    prompt, negative = torch.randn(24, text_dim, generator=g), torch.randn(120, text_dim, generator=g)
+    rows = []
+    out = Path(tempfile.mkdtemp(prefix="validation-bench-"))
+
+    def render(name: str, scheduler: str, slg: SkipLayerGuidance | None, use_ema: bool = False) -> None:
+        settings = ValidationSettings((ValidationPrompt(name, name),), "n", frames, height, width, 5.0, scheduler, 5.0,
+                                      args.steps, 42, 16, slg)
+        pipe = build_pipeline(transformer, vae, settings)
+        calls = {"n": 0}
+        count = transformer.blocks[0].register_forward_pre_hook(  # block 0 runs in every pass, skipped ones too
+            lambda *a: calls.__setitem__("n", calls["n"] + 1))
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        context = ema.swapped_in() if use_ema else torch.no_grad()
+        with context:
+            video = generate(pipe, settings, prompt.to(device), negative.to(device), device, dtype if cuda else None)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        count.remove()
+        path = write_mp4(out / f"{name}.mp4", video, 16)
+        decoded, times = decode_frames(path)
+        ok = len(decoded) == frames and decoded[0].shape[:2] == (height, width) and abs(times[1] - 1 / 16) < 1e-3
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        rows.append((name, seconds, peak, calls["n"], ok))
+
+    render("unipc", "unipc", None)
+    render("unipc+slg", "unipc", SkipLayerGuidance((9,) if not args.tiny else (1,), 0.1, 0.9, 3.0))
+    render("flow_match_euler", "flow_match_euler", None)
+    render("unipc, EMA weights", "unipc", None, use_ema=True)
+    started = time.perf_counter()
+    for step in range(1, 11):
+        ema.after_step(step)
+    if cuda:
+        torch.cuda.synchronize()
+    ema_ms = (time.perf_counter() - started) / 10 * 1000
+
+    shape = f"{width}x{height}x{frames}, {args.steps} steps, CFG 5"
+    print(f"\n### Validation rendering ({'tiny, CPU' if args.tiny else 'Wan 2.1 1.3B shape, random weights'}; {shape})\n")
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}\n")
+    print("| render | s / video | peak GiB | transformer forwards | mp4 decodes (frames, size, 16 fps) |")
+    print("|---|---|---|---|---|")
+    for name, seconds, peak, calls, ok in rows:
+        print(f"| {name} | {seconds:.1f} | {peak:.1f} | {calls} | {'yes' if ok else 'NO'} |")
+    print(f"\nEMA update of {sum(p.numel() for p in params) / 1e6:.1f} M LoRA parameters: {ema_ms:.2f} ms / step")
+    return 0 if all(r[4] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
