@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/wanforge-smoke"))
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--torchrun", type=int, default=0, help="start the first run under torchrun with N processes")
     args = ap.parse_args()
     work = args.work
     t0 = time.time()
@@ -100,8 +101,10 @@ num_inference_steps = 4
 every_n_steps = {args.steps // 2}
 """)
     cli = [sys.executable, "-m", "launcher.cli"]
+    first = cli if not args.torchrun else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                           f"--nproc_per_node={args.torchrun}", "-m", "launcher.cli"]
     t1 = time.time()
-    subprocess.run(cli + ["train", str(config)], check=True, cwd=ROOT)
+    subprocess.run(first + ["train", str(config)], check=True, cwd=ROOT)
     print(f"train {time.time() - t1:.0f}s", flush=True)
     t2 = time.time()
     subprocess.run(cli + ["train", str(config), "--set", f"train.max_train_steps={args.steps + 2}", "--resume", "latest"],

@@ -109,12 +109,14 @@ _SIZES = {"1.3b": (1536, 8960, 30), "14b": (5120, 13824, 40), "5b": (3072, 14336
 def _dims(flavour_name: str) -> tuple[int, int, int, int]:
     """(dim, ffn, layers, VAE spatial factor) of a flavour: its own fields, else by the size in its name."""
     f = FLAVOURS[flavour_name]
+    if f.hub_id is None:
+        return 32, 64, 2, getattr(f, "vae_spatial", 8)  # the tiny test models (trainer/tiny.py), built locally
     if hasattr(f, "dim") and hasattr(f, "num_layers"):
         return f.dim, f.ffn_dim, f.num_layers, getattr(f, "vae_spatial", 8)
     for size, (dim, ffn, layers) in _SIZES.items():
         if size in flavour_name.lower():
             return dim, ffn, layers, 16 if size == "5b" else 8
-    return 32, 64, 2, 8  # the tiny test model (trainer/tiny.py)
+    raise ValueError(f"flavour {flavour_name}: no transformer shape known for the estimate (add dim/num_layers to it)")
 
 
 def _transformer_params(dim: int, ffn: int, layers: int) -> float:

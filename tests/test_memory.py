@@ -118,3 +118,11 @@ def test_auto_preset_picks_by_gpu_memory_and_keeps_explicit_fields():
     mine = resolve_memory(MemoryConfig(preset="auto", compile=False), big, 48.0)
     assert mine.compile is False and mine.base_quantization == "int8"
     assert resolve_memory(MemoryConfig(preset="none", compile=False), big, 48.0).base_quantization == "none"
+
+
+def test_auto_preset_changes_nothing_on_cpu():
+    from trainer.flavours import get_flavour
+    from trainer.presets import resolve_memory
+
+    cfg = MemoryConfig()
+    assert cfg.preset == "auto" and resolve_memory(cfg, get_flavour("t2v-480p-1.3b-2.1"), None) == cfg

@@ -125,6 +125,12 @@ def test_each_architecture_trains_and_renders(flavour, few_clips, tmp_path):
     frames, times = decode_frames(result.videos[0])
     assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
     assert times[1] == pytest.approx(1 / get_flavour(flavour).fps, abs=1e-3)
+    if flavour == "tiny-i2v-2.1":  # a LoRA trained on the I2V checkpoint is a T2V LoRA too (same modules, no _img)
+        from diffusers import WanPipeline
+
+        t2v = WanPipeline.from_pretrained(base_model_path(ModelConfig(flavour="tiny")))
+        t2v.load_lora_weights(str(result.lora_file))
+        assert any("lora_B" in k for k in t2v.transformer.state_dict())
 
 
 def test_expert_flavours_load_their_own_expert():

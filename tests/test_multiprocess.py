@@ -26,7 +26,7 @@ def _train(args: list[str], processes: int = 1) -> None:
         if processes > 1 else [sys.executable]
     done = subprocess.run([*launcher, "-m", "launcher.cli", "train", *args], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-20000:]
 
 
 @pytest.fixture(scope="module")

@@ -111,3 +111,40 @@ def test_tiny_wan_rollout_through_the_step_extras(clips, tmp_path):
     assert rolled.shape == noisy.shape and not rolled.requires_grad
     assert not torch.allclose(rolled, noisy)  # a random model does not follow the exact path
     assert torch.allclose(rolled - sigmas.view(-1, 1, 1, 1, 1) * new_target, x0, atol=1e-4)
+
+
+@pytest.mark.parametrize("flavour", ["tiny-i2v-2.1", "tiny-ti2v"])
+def test_rollout_and_tread_with_image_conditioned_inputs(flavour, tmp_path):
+    """I2V (condition channels, CLIP tokens) and TI2V (per-token timesteps): the rollout feeds the flavour's inputs,
+    and a TREAD route gathers TI2V's per-token time embeddings with the tokens."""
+    from trainer.components import load_transformer
+    from trainer.conditioning import transformer_inputs
+    from trainer.config import config_from_dict
+    from trainer.flavours import get_flavour
+    from trainer.step_extras import StepExtras
+
+    cfg = config_from_dict({
+        "model": {"flavour": flavour}, "datasets": [{"path": str(tmp_path)}],
+        "tread": {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": 0}]},
+        "rollout": {"probability": 1.0, "steps": 2},
+    })
+    model = load_transformer(cfg.model).train()
+    extras = StepExtras.install(model, cfg, torch.device("cpu"), torch.float32)
+    c = model.config.out_channels
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, c, 3, 8, 8, generator=g), torch.randn(2, c, 3, 8, 8, generator=g)
+    sigmas = torch.tensor([0.4, 0.7])
+    text = torch.randn(2, 10, model.config.text_dim, generator=g)
+    batch = {"latents": x0, "text": text}
+    if model.config.in_channels > c:
+        batch["condition"] = torch.randn(2, model.config.in_channels - c, 3, 8, 8, generator=g)
+    if model.config.image_dim:
+        batch["image_embeds"] = torch.randn(2, 257, model.config.image_dim, generator=g)
+    noisy, target = extras.before_forward(model, 0, batch, x0, noise, sigmas, noisy_input(x0, noise, sigmas),
+                                          flow_target(x0, noise), text, g, torch.float32)
+    assert extras.metrics["rollout_fraction"] == 1.0 and not torch.allclose(noisy, noisy_input(x0, noise, sigmas))
+    inputs = transformer_inputs(get_flavour(flavour), cfg.model, batch, x0, noisy, sigmas * 1000, "cpu", torch.float32)
+    routed = model(**inputs, encoder_hidden_states=text, return_dict=False)[0]
+    extras.router.clear()
+    plain = model(**inputs, encoder_hidden_states=text, return_dict=False)[0]
+    assert routed.shape == plain.shape == x0.shape and not torch.allclose(routed, plain)

@@ -65,9 +65,11 @@ def i2v_condition(vae, image, num_frames: int, height: int, width: int, device: 
     mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(device, torch.float32)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(device, torch.float32)
     latent = (latent - mean) * inv_std
+    # the first frame is given: the pipeline folds a per-frame mask 4 frames per latent frame, i.e. all 4 mask
+    # channels are 1 on the first latent frame and 0 after
+    assert scale_t == MASK_CHANNELS, "the Wan VAE folds 4 frames into one latent frame"
     mask = torch.zeros(1, MASK_CHANNELS, latent.shape[2], height // scale_s, width // scale_s, device=device)
-    mask[:, :, 0] = 1.0  # the first frame is given; folded 4 frames per latent frame as the pipeline folds them
-    assert scale_t == MASK_CHANNELS
+    mask[:, :, 0] = 1.0
     return torch.cat([mask, latent], dim=1)
 
 

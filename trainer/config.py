@@ -401,9 +401,10 @@ class ValidationConfig(Section):
 
 class MemoryConfig(Section):
     preset: Literal["none", "auto", "fast", "balanced", "low"] = Field(
-        "none",
-        description='"none": use the fields below as set. "auto": the fastest measured preset that fits the detected '
-        'GPU (fields you set yourself win). "fast" / "balanced" / "low": see docs; bench/RESULTS.md has their numbers.',
+        "auto",
+        description='"auto": on a GPU, the fastest measured preset that fits its memory (fields you set yourself win; '
+        'on CPU nothing changes). "fast" = selective checkpointing + compile, "balanced" = full checkpointing + '
+        'compile, "low" = balanced + int8 base weights. "none": exactly the fields below. bench/RESULTS.md has numbers.',
     )
     gradient_checkpointing: Literal["none", "full", "selective"] = Field(
         "selective",

@@ -95,11 +95,6 @@ def expert_for_step(step: int, first: Stage, every: int) -> Stage:
     return first if (step // every) % 2 == 0 else other
 
 
-def stage_of_timestep(t: float, boundary: float) -> Stage:
-    """The expert diffusers' pipelines run at timestep t (t >= boundary * 1000: high)."""
-    return "high" if t >= boundary * 1000 else "low"
-
-
 def active_stage(cfg, step: int) -> Stage | None:
     """The expert optimizer step `step` trains: the flavour's, or alternating blocks with train_both_experts."""
     from trainer.flavours import get_flavour

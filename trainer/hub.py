@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -37,10 +38,10 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 class HubPublisher:
-    def __init__(self, cfg: WanforgeConfig, run: RunDir, api=None):
+    def __init__(self, cfg: WanforgeConfig, run: RunDir, api=None, on_error: Callable[[str], None] | None = None):
         from huggingface_hub import HfApi, get_token
 
-        self.cfg, self.run = cfg, run
+        self.cfg, self.run, self.on_error = cfg, run, on_error
         self.repo_id = cfg.hub.hub_model_id
         if api is None:
             if get_token() is None:
@@ -57,13 +58,28 @@ class HubPublisher:
                     exist_ok=True, repo_type="model")
 
     @classmethod
-    def maybe(cls, cfg: WanforgeConfig, run: RunDir) -> HubPublisher | None:
-        return cls(cfg, run) if cfg.hub.push_to_hub or cfg.hub.push_checkpoints_to_hub else None
+    def maybe(cls, cfg: WanforgeConfig, run: RunDir, on_error: Callable[[str], None] | None = None) -> HubPublisher | None:
+        if not (cfg.hub.push_to_hub or cfg.hub.push_checkpoints_to_hub):
+            return None
+        return cls(cfg, run, on_error=on_error)
 
     def _queue(self, what: str, fn, **kwargs) -> Future:
         future = self.api.run_as_future(fn, **kwargs)
+        future.add_done_callback(lambda f: self._report(what, f))
         self.futures.append((what, future))
         return future
+
+    def _report(self, what: str, future: Future) -> None:
+        """Runs in the upload thread as each upload ends: a failure is logged (and sent on) at once, never raised."""
+        line = self._failure(what, future)
+        if line is None:
+            return
+        log.error(line)
+        if self.on_error is not None:
+            try:
+                self.on_error(line)
+            except Exception:  # a reporting problem must not hide the upload problem
+                log.exception("reporting a Hub upload failure failed")
 
     def _upload(self, what: str, folder: Path, path_in_repo: str | None, message: str) -> Future:
         future = self._queue(what, self.api.upload_folder, repo_id=self.repo_id, folder_path=str(folder),
@@ -93,25 +109,24 @@ class HubPublisher:
         (staged / "README.md").write_text(card, encoding="utf-8")
         return self._upload("final LoRA", staged, None, f"LoRA after {step} steps (wanforge)")
 
+    def _failure(self, what: str, future: Future) -> str | None:
+        err = future.exception()
+        if err is None:
+            return None
+        first = str(err).splitlines()[0] if str(err) else ""
+        return f"Hub upload of {what} to {self.repo_id} failed: {err.__class__.__name__}: {first}"
+
     def wait(self, timeout: float | None = None) -> list[str]:
-        """Wait for every queued upload; returns one line per failure (logged, never raised: the run is done)."""
+        """Wait for every queued upload (the final one included); returns the failures, one line each."""
         failures = []
         for what, future in self.futures:
             try:
                 future.result(timeout=timeout)
-            except Exception as err:  # network, auth, quota: report, keep the local run intact
-                line = f"Hub upload of {what} to {self.repo_id} failed: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                log.error(line)
-                failures.append(line)
+            except Exception:  # logged by _report as it happened
+                failures.append(self._failure(what, future) if future.done()
+                                else f"Hub upload of {what} to {self.repo_id} still running after {timeout} s")
         self.futures = [(w, f) for w, f in self.futures if not f.done()]
         return failures
-
-    def failures_so_far(self) -> list[str]:
-        """Failures of uploads that have finished (for reporting during training without waiting)."""
-        done = [(w, f) for w, f in self.futures if f.done()]
-        lines = [f"Hub upload of {w} failed: {f.exception().__class__.__name__}" for w, f in done if f.exception()]
-        self.futures = [(w, f) for w, f in self.futures if not f.done()]
-        return lines
 
 
 def publish_final(publisher: HubPublisher | None, cfg: WanforgeConfig, run: RunDir, settings, lora_file: Path,

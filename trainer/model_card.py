@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from trainer.components import base_model_path
 from trainer.config import WanforgeConfig
 from trainer.flavours import FLAVOURS
@@ -45,13 +46,17 @@ def build_model_card(
         widget=[{"text": prompt, "output": {"url": path}} for path, prompt in videos] or None,
     )
     frames, height, width = cfg.dataset_shape(0)
+    flavour = FLAVOURS[cfg.model.flavour]
     name = cfg.hub.hub_model_id or "this LoRA"
+    image_to_video = flavour.task in ("i2v", "ti2v")
+    pipeline = "WanImageToVideoPipeline" if image_to_video else "WanPipeline"
+    load_extra = ", load_into_transformer_2=True" if flavour.stage == "low" else ""
+    image_arg = 'image=load_image("first_frame.png"), ' if image_to_video else ""
     lines = [
         f"# {name}",
         "",
-        f"A LoRA for {FLAVOURS[cfg.model.flavour].description}"
-        + (f" (`{base}`)" if base else f" (base model: `{base_model_path(cfg.model)}`)")
-        + f", trained with wanforge for {step} steps.",
+        f"A LoRA for Wan (`{cfg.model.flavour}`: {flavour.description}), base model `{base or base_model_path(cfg.model)}`, "
+        f"trained with wanforge for {step} steps.",
         "",
         "## Trigger words",
         "",
@@ -59,21 +64,30 @@ def build_model_card(
         "",
         "## Use it",
         "",
-        "```python",
-        "import torch",
-        "from diffusers import WanPipeline",
-        "from diffusers.utils import export_to_video",
-        "",
-        f'pipe = WanPipeline.from_pretrained("{base or "<base model>"}", torch_dtype=torch.bfloat16).to("cuda")',
-        f'pipe.load_lora_weights("{name}", weight_name="{lora_file}")',
-        f'video = pipe("{settings.prompt}", num_frames={settings.num_frames}, height={settings.height}, '
-        f"width={settings.width}, guidance_scale={settings.guidance_scale:g}).frames[0]",
-        f'export_to_video(video, "out.mp4", fps={settings.fps})',
-        "```",
-        "",
-        f"The file also loads in ComfyUI's native LoRA loader." if cfg.lora.save_format == "comfyui" else "",
-        (f"`{ema_lora_file}` holds the exponential moving average of the weights (decay {cfg.ema.decay:g})." if ema_lora_file else ""),
-        "",
+    ]
+    if getattr(cfg.lora, "lora_type", "lora") == "lycoris":
+        lines += [f"`{lora_file}` is a LyCORIS file with kohya-style keys: load it with ComfyUI's native LoRA loader.", ""]
+    else:
+        lines += [
+            "```python",
+            "import torch",
+            f"from diffusers import {pipeline}",
+            "from diffusers.utils import export_to_video" + (", load_image" if image_to_video else ""),
+            "",
+            f'pipe = {pipeline}.from_pretrained("{base or "<base model>"}", torch_dtype=torch.bfloat16).to("cuda")',
+            f'pipe.load_lora_weights("{name}", weight_name="{lora_file}"{load_extra})',
+            f'video = pipe({image_arg}prompt={json.dumps(settings.prompt, ensure_ascii=False)}, '
+            f"num_frames={settings.num_frames}, height={settings.height}, width={settings.width}, "
+            f"guidance_scale={settings.guidance_scale:g}).frames[0]",
+            f'export_to_video(video, "out.mp4", fps={settings.fps})',
+            "```",
+            "",
+        ]
+        if cfg.lora.save_format == "comfyui":
+            lines += ["The file also loads in ComfyUI's native LoRA loader.", ""]
+    if ema_lora_file:
+        lines += [f"`{ema_lora_file}` holds the exponential moving average of the weights (decay {cfg.ema.decay:g}).", ""]
+    lines += [
         "## Training settings",
         "",
         "| setting | value |",
@@ -84,7 +98,7 @@ def build_model_card(
         f"| steps | {step} |",
         f"| learning rate | {cfg.optim.learning_rate:g} ({cfg.optim.lr_scheduler}, {cfg.optim.lr_warmup_steps} warmup) |",
         f"| batch x accumulation | {cfg.train.train_batch_size} x {cfg.train.gradient_accumulation_steps} |",
-        f"| training clips | {width}x{height}, {frames} frames at {FLAVOURS[cfg.model.flavour].fps} fps |",
+        f"| training clips | {width}x{height}, {frames} frames at {flavour.fps} fps |",
         f"| timestep sampling | {cfg.flow.timestep_sampling} |",
         f"| EMA | {'decay ' + format(cfg.ema.decay, 'g') if cfg.ema.use_ema else 'off'} |",
         f"| validation sampler | {settings.scheduler}, shift {settings.flow_shift:g}, {settings.steps} steps, guidance {settings.guidance_scale:g} |",

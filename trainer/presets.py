@@ -67,11 +67,11 @@ def choose_preset(f: Flavour, gpu_gib: float, tokens: int | None = None, batch: 
 def resolve_memory(cfg: MemoryConfig, f: Flavour, gpu_gib: float | None, tokens: int | None = None,
                    batch: int = 1) -> MemoryConfig:
     """The [memory] settings to train with: the preset's values under the fields the user set explicitly."""
-    if cfg.preset == "none":
+    if cfg.preset == "none" or (cfg.preset == "auto" and not gpu_gib):
         return cfg
     name = cfg.preset
     if name == "auto":
-        name = choose_preset(f, gpu_gib, tokens, batch) if gpu_gib else "balanced"
-        log.info("memory preset auto -> %s (%.0f GiB GPU)", name, gpu_gib or 0)
+        name = choose_preset(f, gpu_gib, tokens, batch)
+        log.info("memory preset auto -> %s (%.0f GiB GPU)", name, gpu_gib)
     explicit = {k: getattr(cfg, k) for k in cfg.model_fields_set if k != "preset"}
     return MemoryConfig(**{**PRESETS[name], **explicit, "preset": cfg.preset})

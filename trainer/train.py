@@ -128,7 +128,7 @@ def train(
 def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_progress, on_step,
            webhooks: Webhooks) -> TrainResult:
     main = accelerator.is_main_process
-    publisher = HubPublisher.maybe(cfg, run) if main else None  # fails early without a token
+    publisher = HubPublisher.maybe(cfg, run, on_error=lambda line: webhooks.send("error", line)) if main else None
     with accelerator.main_process_first():  # one process builds the tiny model / fills the Hub cache, then the rest
         base_model_path(cfg.model)
     # ---- caches: the VAE and text encoder are loaded only for missing entries, then freed

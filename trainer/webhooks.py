@@ -177,7 +177,7 @@ class Webhooks:
                 log.warning("webhook %s event not delivered (%s%s); training goes on", event.level, kind,
                             f", HTTP {status}" if status else "")
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = 10.0) -> None:
         """Deliver what is queued (waiting at most `timeout` seconds), then stop the thread."""
         if self._thread is None:
             return
