@@ -49,6 +49,17 @@ VARIANTS: dict[str, dict] = {
     "int8-full-compile-ffchunk": dict(gradient_checkpointing="full", base_quantization="int8", compile=True,
                                       feed_forward_chunk_size=4096),
     "int8-selective-compile": dict(gradient_checkpointing="selective", base_quantization="int8", compile=True),
+    "selective-compile-offload": dict(gradient_checkpointing="selective", compile=True, activation_offload=True),
+    "partial26-compile-offload": dict(gradient_checkpointing="selective", checkpointed_blocks=26, compile=True,
+                                      activation_offload=True),
+    "partial24-compile-offload": dict(gradient_checkpointing="selective", checkpointed_blocks=24, compile=True,
+                                      activation_offload=True),
+    "partial36-compile-offload": dict(gradient_checkpointing="selective", checkpointed_blocks=36, compile=True,
+                                      activation_offload=True),
+    "int8-selective-compile-offload": dict(gradient_checkpointing="selective", base_quantization="int8", compile=True,
+                                           activation_offload=True),
+    "int8-selective-compile-offload-ffchunk": dict(gradient_checkpointing="selective", base_quantization="int8",
+                                                   compile=True, activation_offload=True, feed_forward_chunk_size=8192),
 }
 
 
@@ -78,7 +89,24 @@ def make_batch(latent_frames: int = 21) -> dict:
             "text": torch.randn(1, 512, 4096, generator=g).to(torch.bfloat16).pin_memory()}
 
 
-def run_trainer_variant(model: str, memory: dict, warmup: int, steps: int) -> tuple[list[float], float]:
+def timed_steps(step, warmup: int, steps: int) -> list[float]:
+    """Seconds per step from CUDA events, with no host sync inside the loop (as in the trainer, which reads the loss only
+    at log intervals): the CPU runs ahead and each step's time is the GPU's, launch gaps included."""
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(warmup + steps + 1)]
+    for i in range(warmup + steps):
+        events[i].record()
+        step()
+        if i < warmup:  # warm-up steps compile; show them as they finish
+            torch.cuda.synchronize()
+            print(f"  warm-up step {i} done", flush=True)
+    events[-1].record()
+    torch.cuda.synchronize()
+    times = [events[i].elapsed_time(events[i + 1]) / 1000 for i in range(warmup, warmup + steps)]
+    print("  steps: " + " ".join(f"{t:.3f}" for t in times), flush=True)
+    return times
+
+
+def run_trainer_variant(model: str, memory: dict, warmup: int, steps: int) -> dict:
     from accelerate import Accelerator
 
     from trainer.config import config_from_dict
@@ -87,14 +115,15 @@ def run_trainer_variant(model: str, memory: dict, warmup: int, steps: int) -> tu
     from trainer.optim import make_optimizer
     from trainer.train import _micro_step
 
-    cfg = config_from_dict({"model": {"flavour": FLAVOUR[model]}, "memory": memory,
+    cfg = config_from_dict({"model": {"flavour": FLAVOUR[model]}, "memory": {"preset": "none", **memory},
                             "datasets": [{"path": "/tmp"}], "lora": {"rank": 16}}, source="bench")
     device = torch.device("cuda")
     accelerator = Accelerator(mixed_precision="bf16")
     transformer = build_transformer(model)
     place_base_model(transformer, cfg.memory, device)
+    torch.manual_seed(0)
     add_lora(transformer, cfg.lora)
-    apply_memory_options(transformer, cfg.memory, device)
+    offloader = apply_memory_options(transformer, cfg.memory, device)
     transformer.train()
     params = trainable_parameters(transformer)
     optimizer = make_optimizer(params, cfg.optim, device)
@@ -102,34 +131,32 @@ def run_trainer_variant(model: str, memory: dict, warmup: int, steps: int) -> tu
     generator = torch.Generator(device=device).manual_seed(0)
     batch = make_batch()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    first: dict = {}
+
+    def step() -> None:
         loss = _micro_step(transformer, batch, cfg, generator, device, torch.bfloat16)
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or 1.0)
+        norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        print(f"  step {i}: {times[-1]:.3f} s", flush=True)
+        if not first:  # same seed, batch and initial LoRA in every variant: exact options agree here
+            first.update(loss=loss.item(), grad_norm=float(norm))
+
+    times = timed_steps(step, warmup, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30
     if PROFILE:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            loss = _micro_step(transformer, batch, cfg, generator, device, torch.bfloat16)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    offloaded = offloader.bytes_offloaded / 2**30 if offloader else 0.0
     del transformer, optimizer, accelerator
-    return times[warmup:], peak
+    return {"times": times, "peak": peak, "offloaded": offloaded, **first}
 
 
-def run_naive(model: str, warmup: int, steps: int) -> tuple[list[float], float]:
+def run_naive(model: str, warmup: int, steps: int) -> dict:
     """The loop a user writes from the diffusers + peft docs: the ratio base."""
     import torch.nn.functional as F
     from peft import LoraConfig
@@ -145,10 +172,8 @@ def run_naive(model: str, warmup: int, steps: int) -> tuple[list[float], float]:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     batch = {k: v.cuda() for k, v in make_batch().items()}
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def step() -> None:
         x0 = batch["latents"].to(torch.bfloat16)
         noise = torch.randn_like(x0)
         s = torch.rand(1, device="cuda")
@@ -160,12 +185,11 @@ def run_naive(model: str, warmup: int, steps: int) -> tuple[list[float], float]:
         optimizer.step()
         optimizer.zero_grad()
         loss.item()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        print(f"  step {i}: {times[-1]:.3f} s", flush=True)
+
+    times = timed_steps(step, warmup, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30
     del transformer, optimizer
-    return times[warmup:], peak
+    return {"times": times, "peak": peak, "offloaded": 0.0}
 
 
 def main() -> None:
@@ -187,22 +211,25 @@ def main() -> None:
     header = (f"device: {device}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
               f"Wan {args.model} 832x480x81, batch 1, LoRA r16, bf16; useful FLOP/step {flops:.3e}; "
               f"median of {args.steps} steps after {args.warmup} warm-up\n\n"
-              "| variant | median s/step | peak GiB | TFLOP/s (useful) | vs naive |\n|---|---|---|---|---|\n")
+              "| variant | median s/step | peak GiB | offloaded GiB/step | TFLOP/s (useful) | vs naive | "
+              "step-0 loss / grad norm |\n|---|---|---|---|---|---|---|\n")
     rows, naive_time = [], None
     for name in names:
         print(f"== {name}", flush=True)
         try:
             if name == "naive":
-                times, peak = run_naive(args.model, args.warmup, args.steps)
+                r = run_naive(args.model, args.warmup, args.steps)
             else:
-                times, peak = run_trainer_variant(args.model, VARIANTS[name], args.warmup, args.steps)
-            median = statistics.median(times)
+                r = run_trainer_variant(args.model, VARIANTS[name], args.warmup, args.steps)
+            median = statistics.median(r["times"])
             naive_time = median if name == "naive" else naive_time
             ratio = f"{naive_time / median:.2f}x" if naive_time else "-"
-            rows.append(f"| {name} | {median:.3f} | {peak:.2f} | {flops / median / 1e12:.0f} | {ratio} |")
+            check = f"{r['loss']:.5f} / {r['grad_norm']:.4e}" if "loss" in r else "-"
+            rows.append(f"| {name} | {median:.3f} | {r['peak']:.2f} | {r['offloaded']:.2f} | "
+                        f"{flops / median / 1e12:.0f} | {ratio} | {check} |")
         except Exception as err:  # one failing variant must not lose the others' numbers
             traceback.print_exc()
-            rows.append(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | | | |")
+            rows.append(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | | | | | |")
         gc.collect()
         torch.cuda.empty_cache()
         torch._dynamo.reset()

@@ -425,6 +425,13 @@ class MemoryConfig(Section):
         None, ge=1, description="Run the feed-forward over this many tokens at a time (less peak memory, exact); "
         "also read from WAN_FEED_FORWARD_CHUNK_SIZE.",
     )
+    activation_offload: bool = Field(
+        False,
+        description="Move what each checkpointed block keeps for backward (its inputs; with selective checkpointing "
+        "also the attention output) to pinned CPU memory during forward, fetched back one block ahead in backward on "
+        "side CUDA streams. GPU activation memory drops to about one block; costs host RAM (~6 GiB at 1.3B, ~27 GiB "
+        "at 14B for 832x480x81) and PCIe bandwidth. Needs gradient_checkpointing selective or full.",
+    )
     base_quantization: Literal["none", "int8"] = Field(
         "none",
         description='Frozen base weights: "int8" (optimum-quanto weight-only, half the bf16 weight memory, ~4% slower '
@@ -437,6 +444,14 @@ class MemoryConfig(Section):
         if isinstance(v, bool):
             return "full" if v else "none"
         return v
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self) -> "MemoryConfig":
+        if self.activation_offload and self.gradient_checkpointing == "none":
+            raise ValueError('activation_offload needs gradient_checkpointing = "selective" or "full": without '
+                             "checkpointing every block's full activations (~2.8 GiB per 1.3B block at 832x480x81) "
+                             "would cross PCIe each step")
+        return self
 
     @field_validator("base_quantization", mode="before")
     @classmethod

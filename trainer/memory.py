@@ -1,5 +1,5 @@
 """Speed and memory options for the Wan transformer: attention backend, block checkpointing that keeps attention,
-regional compile, chunked feed-forward, and int8 base weights.
+activation offload to CPU, regional compile, chunked feed-forward, and int8 base weights.
 
 Everything here acts on a loaded diffusers `WanTransformer3DModel` through diffusers' own hooks
 (`set_attention_backend`, `enable_gradient_checkpointing(func)`) and torch's
@@ -19,6 +19,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from trainer.config import MemoryConfig
 from trainer.errors import UserError
+from trainer.offload import ActivationOffloader
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,13 @@ def _keep_attention(block, *args):
     return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=_selective_context)
 
 
-def make_block_runner(blocks: list, checkpointed: set[int], mode: str, compile: bool) -> Callable:
+def make_block_runner(blocks: list, checkpointed: set[int], mode: str, compile: bool,
+                      offloader: ActivationOffloader | None = None) -> Callable:
     """The function diffusers calls for each block in training: plain, fully recomputed, or attention-keeping.
 
     With `compile`, the checkpoint call itself is inside the compiled region (so selective checkpointing still sees the
     attention ops); every block shares the same compiled code, so it compiles once per variant, not once per block.
+    With an `offloader`, what a checkpointed block keeps for backward goes to CPU memory (trainer/offload.py).
     """
     recompute = _keep_attention if mode == "selective" else _recompute_all
     plain = _plain
@@ -88,7 +91,13 @@ def make_block_runner(blocks: list, checkpointed: set[int], mode: str, compile: 
     index = {id(b): i for i, b in enumerate(blocks)}
 
     def run_block(block, *args):
-        return (recompute if index[id(block)] in checkpointed else plain)(block, *args)
+        i = index[id(block)]
+        if i not in checkpointed:
+            return plain(block, *args)
+        if offloader is None:
+            return recompute(block, *args)
+        with offloader.group(i):
+            return recompute(block, *args)
 
     return run_block
 
@@ -122,17 +131,22 @@ def place_base_model(transformer, cfg: MemoryConfig, device: torch.device) -> No
     transformer.to(device)
 
 
-def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -> None:
-    """Attention backend, feed-forward chunking, checkpointing and compile (after LoRA, before accelerate.prepare)."""
+def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -> ActivationOffloader | None:
+    """Attention backend, feed-forward chunking, checkpointing, activation offload and compile (after LoRA, before
+    accelerate.prepare). Returns the activation offloader when `activation_offload` is on (its byte count is a metric)."""
     _set_attention_backend(transformer, resolve_attention_backend(cfg.attention_backend, device), cfg.attention_backend)
     chunk = cfg.feed_forward_chunk_size or int(os.environ.get(FF_CHUNK_ENV, "0") or 0)
     if chunk:
         enable_feed_forward_chunking(transformer, chunk)
     blocks = list(transformer.blocks)
     checkpointed = checkpointed_block_ids(len(blocks), cfg)
+    offloader = None
+    if cfg.activation_offload and checkpointed:
+        offloader = ActivationOffloader(device, num_groups=max(checkpointed) + 1)
+        offloader.exclude_parameters(transformer)
     if checkpointed or cfg.compile:
         transformer.enable_gradient_checkpointing(
-            make_block_runner(blocks, checkpointed, cfg.gradient_checkpointing, cfg.compile)
+            make_block_runner(blocks, checkpointed, cfg.gradient_checkpointing, cfg.compile, offloader)
         )
     if device.type == "cuda":
         # Under bf16 autocast the adapter matmuls run in bf16 anyway; peft's cast of each LoRA input to the fp32
@@ -140,6 +154,7 @@ def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -
         for module in transformer.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
+    return offloader
 
 
 def _set_attention_backend(transformer, backend: str, configured: str) -> None:

@@ -1,0 +1,162 @@
+"""Activation offload: what a checkpointed transformer block keeps for backward goes to pinned CPU memory.
+
+With checkpointing, a Wan block keeps only its inputs (and, with selective checkpointing, its self-attention output)
+until backward: ~100 MB each per block at 1.3B 832x480x81, ~335 MB at 14B. This moves those tensors to pinned host
+memory on a side CUDA stream while the forward goes on, and in backward copies the next block's tensors back while the
+current block's backward runs, so the GPU holds about one block's worth instead of all of them.
+
+Written here because torch's `save_on_cpu` copies synchronously (the forward waits for every copy and nothing is
+prefetched) and torchtune's `OffloadActivations` would pull the whole torchtune stack in for one class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+MIN_OFFLOAD_BYTES = 1 << 20  # smaller tensors (modulation vectors, text states of one block) stay where they are
+KEEP_LAST_BLOCKS = 1  # the last block's backward comes first: a round trip through the host would only add latency
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense in some dimension order: a copy with the same strides holds exactly its elements
+    (compiled backward graphs check the strides of what they get back)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass(eq=False)
+class _Offloaded:
+    host: torch.Tensor
+    source: weakref.ref  # the original tensor: a second save of it (shared inputs) reuses this copy while it lives
+    groups: set[int] = field(default_factory=set)
+    uses_left: int = 0
+    copied: torch.cuda.Event | None = None  # host copy finished
+    device_copy: torch.Tensor | None = None
+    fetched: torch.cuda.Event | None = None  # device copy finished
+
+
+class ActivationOffloader:
+    """Saved-tensor hooks, one group per transformer block: `with offloader.group(i): block(...)`.
+
+    Forward: each saved tensor over MIN_OFFLOAD_BYTES (parameters excluded) is copied to pinned host memory on a side
+    stream; its GPU memory is freed when the forward drops it and the copy is done. Backward walks the blocks in
+    reverse: the first time a block's tensors are asked for, the previous block's are fetched on another side stream.
+    The last `keep_last` blocks stay on the GPU.
+    On CPU it keeps separate copies (no streams): the same bookkeeping, for tests.
+    """
+
+    def __init__(self, device: torch.device, num_groups: int, keep_last: int | None = None,
+                 min_bytes: int | None = None) -> None:
+        self.device = device
+        self.num_groups = num_groups
+        self.keep_last = KEEP_LAST_BLOCKS if keep_last is None else keep_last
+        self.min_bytes = MIN_OFFLOAD_BYTES if min_bytes is None else min_bytes
+        self.cuda = device.type == "cuda"
+        self._to_host = torch.cuda.Stream(device) if self.cuda else None
+        self._to_device = torch.cuda.Stream(device) if self.cuda else None
+        self._excluded: set[int] = set()
+        self._groups: dict[int, list[_Offloaded]] = {}
+        self._by_key: dict[tuple, _Offloaded] = {}
+        self._prefetched: set[int] = set()
+        self._current = -1
+        self.bytes_offloaded = 0  # this step's host copies (a shared tensor counts once)
+
+    def exclude_parameters(self, module: torch.nn.Module) -> None:
+        """Never offload the model's own weights and buffers (backward saves frozen weights for input gradients)."""
+        for t in [*module.parameters(), *module.buffers()]:
+            if type(t) in (torch.Tensor, torch.nn.Parameter):
+                self._excluded.add(t.untyped_storage().data_ptr())
+
+    @contextlib.contextmanager
+    def group(self, index: int) -> Iterator[None]:
+        if index == 0:
+            self._new_step()
+        if index >= self.num_groups - self.keep_last:
+            yield
+            return
+        self._current = index
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield
+
+    def _new_step(self) -> None:
+        self._groups.clear()
+        self._by_key.clear()
+        self._prefetched.clear()
+        self.bytes_offloaded = 0
+
+    def _eligible(self, t: torch.Tensor) -> bool:
+        return (type(t) is torch.Tensor and t.device == self.device and not t.is_sparse
+                and t.numel() * t.element_size() >= self.min_bytes
+                and t.untyped_storage().data_ptr() not in self._excluded and _dense(t))
+
+    def _pack(self, t: torch.Tensor):
+        if not self._eligible(t):
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+        record = self._by_key.get(key)
+        if record is None or record.source() is None:
+            record = self._copy_to_host(t)
+            self._by_key[key] = record
+        record.uses_left += 1
+        if self._current not in record.groups:
+            record.groups.add(self._current)
+            self._groups.setdefault(self._current, []).append(record)
+        return record
+
+    def _copy_to_host(self, t: torch.Tensor) -> _Offloaded:
+        self.bytes_offloaded += t.numel() * t.element_size()
+        if not self.cuda:
+            return _Offloaded(host=t.detach().clone(), source=weakref.ref(t))
+        host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu", pin_memory=True)
+        self._to_host.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._to_host):
+            host.copy_(t, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._to_host)
+        t.record_stream(self._to_host)  # its memory is reused only after the copy, whenever the forward frees it
+        return _Offloaded(host=host, source=weakref.ref(t), copied=copied)
+
+    def _unpack(self, record):
+        if not isinstance(record, _Offloaded):
+            return record
+        if len(record.groups) == 1:  # a block's own tensor (not a shared input): its backward is starting
+            (group,) = record.groups
+            for g in (group, group - 1):
+                if g not in self._prefetched and g in self._groups:
+                    self._prefetched.add(g)
+                    self._fetch_group(g)
+        if record.device_copy is None:
+            self._fetch(record)
+        value = record.device_copy
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(record.fetched)
+            value.record_stream(stream)
+        record.uses_left -= 1
+        if record.uses_left <= 0:
+            record.device_copy = None  # backward holds it as long as it needs it
+        return value
+
+    def _fetch_group(self, group: int) -> None:
+        for record in self._groups.get(group, []):
+            if record.device_copy is None:
+                self._fetch(record)
+
+    def _fetch(self, record: _Offloaded) -> None:
+        if not self.cuda:
+            record.device_copy = record.host.clone()
+            return
+        with torch.cuda.stream(self._to_device):
+            self._to_device.wait_event(record.copied)
+            record.device_copy = record.host.to(self.device, non_blocking=True)
+            record.fetched = torch.cuda.Event()
+            record.fetched.record(self._to_device)
