@@ -58,6 +58,10 @@ VARIANTS: dict[str, dict] = {
                                       activation_offload=True),
     "int8-selective-compile-offload": dict(gradient_checkpointing="selective", base_quantization="int8", compile=True,
                                            activation_offload=True),
+    "selective-compile-offload-ffchunk": dict(gradient_checkpointing="selective", compile=True, activation_offload=True,
+                                              feed_forward_chunk_size=8192),
+    "int8-selective-compile-offload-ffchunk4k": dict(gradient_checkpointing="selective", base_quantization="int8",
+                                                     compile=True, activation_offload=True, feed_forward_chunk_size=4096),
     "int8-selective-compile-offload-ffchunk": dict(gradient_checkpointing="selective", base_quantization="int8",
                                                    compile=True, activation_offload=True, feed_forward_chunk_size=8192),
 }
@@ -80,7 +84,12 @@ def build_transformer(model: str):
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        return WanTransformer3DModel(**COMMON, **SHAPES[model]).to(torch.bfloat16)
+        model = WanTransformer3DModel(**COMMON, **SHAPES[model]).to(torch.bfloat16)
+    # as `from_pretrained(torch_dtype=bfloat16)` loads it in the trainer: diffusers keeps these modules in fp32
+    for name, param in model.named_parameters():
+        if any(part in model._keep_in_fp32_modules for part in name.split(".")):
+            param.data = param.data.float()
+    return model
 
 
 def make_batch(latent_frames: int = 21) -> dict:

@@ -126,3 +126,20 @@ def test_auto_preset_changes_nothing_on_cpu():
 
     cfg = MemoryConfig()
     assert cfg.preset == "auto" and resolve_memory(cfg, get_flavour("t2v-480p-1.3b-2.1"), None) == cfg
+
+
+def test_feed_forward_chunking_runs_the_ff_per_chunk_and_keeps_keys(tiny_model):
+    from trainer.memory import enable_feed_forward_chunking
+
+    transformer = load_transformer(tiny_model.model, torch.float32)
+    keys = list(transformer.state_dict())
+    ff = transformer.blocks[0].ffn
+    x = torch.randn(1, 10, transformer.config.num_attention_heads * transformer.config.attention_head_dim)
+    expected = ff(x)
+    enable_feed_forward_chunking(transformer, 4)
+    calls = []
+    ff.net[0].register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+    torch.testing.assert_close(ff(x), expected)
+    assert calls == [4, 4, 2]
+    assert list(transformer.state_dict()) == keys
+    assert type(transformer.blocks[1].ffn) is type(ff)  # one class for every block: compile reuses one graph

@@ -9,7 +9,6 @@ selective activation checkpointing; `apply_memory_options` is the one entry poin
 from __future__ import annotations
 
 import difflib
-import functools
 import logging
 import os
 from collections.abc import Callable
@@ -102,17 +101,38 @@ def make_block_runner(blocks: list, checkpointed: set[int], mode: str, compile: 
     return run_block
 
 
-def _chunked_forward(ff: torch.nn.Module, chunk_size: int, original: Callable, hidden_states: torch.Tensor):
-    # Wan's block has no feed-forward chunking hook in diffusers; the FF is per token, so chunking the sequence is exact.
-    if hidden_states.shape[1] <= chunk_size:
-        return original(hidden_states)
-    return torch.cat([original(part) for part in hidden_states.split(chunk_size, dim=1)], dim=1)
-
-
 def enable_feed_forward_chunking(transformer, chunk_size: int) -> None:
+    """Run each block's feed-forward over `chunk_size` tokens at a time (exact: the FF is per token).
+
+    Wan's block has no chunking hook in diffusers. The FF modules get a subclass (same parameters and state-dict keys)
+    rather than a per-instance patched `forward`: one shared code object, so regional compile reuses one graph for all
+    blocks instead of recompiling for each.
+    """
     for block in transformer.blocks:
         ff = block.ffn
-        ff.forward = functools.partial(_chunked_forward, ff, chunk_size, ff.forward)
+        if not isinstance(ff, _ChunkedFeedForward):
+            ff.__class__ = _chunked_class(type(ff))
+        ff.chunk_size = chunk_size
+
+
+_CHUNKED: dict[type, type] = {}
+
+
+class _ChunkedFeedForward:
+    chunk_size: int
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        forward = super().forward  # the diffusers FeedForward this class was mixed into
+        if hidden_states.shape[1] <= self.chunk_size:
+            return forward(hidden_states, *args, **kwargs)
+        parts = hidden_states.split(self.chunk_size, dim=1)
+        return torch.cat([forward(part, *args, **kwargs) for part in parts], dim=1)
+
+
+def _chunked_class(base: type) -> type:
+    if base not in _CHUNKED:
+        _CHUNKED[base] = type(f"Chunked{base.__name__}", (_ChunkedFeedForward, base), {})
+    return _CHUNKED[base]
 
 
 def quantize_base_weights(transformer, kind: str) -> None:

@@ -56,6 +56,8 @@ class ActivationOffloader:
 
     def __init__(self, device: torch.device, num_groups: int, keep_last: int | None = None,
                  min_bytes: int | None = None) -> None:
+        if device.type == "cuda" and device.index is None:  # tensors report cuda:N, never plain cuda
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.num_groups = num_groups
         self.keep_last = KEEP_LAST_BLOCKS if keep_last is None else keep_last

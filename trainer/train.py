@@ -204,7 +204,7 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
     batches = iter(loader)
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
-    step_started = time.perf_counter()
+    step_started, timed_from_step = time.perf_counter(), state.step
     videos: list[Path] = []
     micro = state.step * cfg.train.gradient_accumulation_steps  # this rank's micro-batches so far
     try:
@@ -234,8 +234,9 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
                 ema.after_step(state.step)
             progress.update(1)
             if state.step % cfg.train.log_every_n_steps == 0 or state.step == cfg.train.max_train_steps:
-                seconds = (time.perf_counter() - step_started) / cfg.train.log_every_n_steps
-                record = {"step": state.step, "loss": accelerator.reduce(loss_sum, "mean").item() / loss_count,
+                mean_loss = accelerator.reduce(loss_sum, "mean").item() / loss_count  # waits for the GPU's queue
+                seconds = (time.perf_counter() - step_started) / max(state.step - timed_from_step, 1)
+                record = {"step": state.step, "loss": mean_loss,
                           "lr": lr_scheduler.get_last_lr()[0], "s_per_step": round(seconds, 4)}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
@@ -250,7 +251,7 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
                 loss_sum.zero_()
                 loss_count = 0
-                step_started = time.perf_counter()
+                step_started, timed_from_step = time.perf_counter(), state.step
             last = state.step == cfg.train.max_train_steps
             if state.step % cfg.checkpoint.every_n_steps == 0 or stop.requested or last:  # last: a run can be extended
                 checkpoint = save_checkpoint(accelerator, run, state.step, cfg.checkpoint.total_limit)
@@ -262,11 +263,11 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
                 raise KeyboardInterrupt(f"stopped by SIGTERM after step {state.step} (checkpoint saved)")
             if eval_samples and eval_due(cfg, state.step, last):
                 log_eval_loss(accelerator, transformer, eval_samples, cfg, run, device, state.step)
-                step_started = time.perf_counter()
+                step_started, timed_from_step = time.perf_counter(), state.step
             if validator.due(state.step, last):
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # resumable RNG
                     videos += validator(accelerator, transformer, state.step)
-                step_started = time.perf_counter()
+                step_started, timed_from_step = time.perf_counter(), state.step
             if on_step is not None:
                 on_step(state.step)
     finally:
