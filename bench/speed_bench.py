@@ -62,6 +62,8 @@ VARIANTS: dict[str, dict] = {
                                               feed_forward_chunk_size=8192),
     "int8-selective-compile-offload-ffchunk4k": dict(gradient_checkpointing="selective", base_quantization="int8",
                                                      compile=True, activation_offload=True, feed_forward_chunk_size=4096),
+    "int8-selective-compile-offload-ffchunk2k": dict(gradient_checkpointing="selective", base_quantization="int8",
+                                                     compile=True, activation_offload=True, feed_forward_chunk_size=2048),
     "int8-selective-compile-offload-ffchunk": dict(gradient_checkpointing="selective", base_quantization="int8",
                                                    compile=True, activation_offload=True, feed_forward_chunk_size=8192),
 }
