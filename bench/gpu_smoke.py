@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--torchrun", type=int, default=0, help="start the first run under torchrun with N processes")
+    ap.add_argument("--preset", default="auto", help="[memory] preset for the run (auto picks by GPU memory)")
     args = ap.parse_args()
     work = args.work
     t0 = time.time()
@@ -75,7 +76,8 @@ def main() -> None:
         build_model(work / "model")
     make_clips(work / "clips")
     print(f"setup {time.time() - t0:.0f}s", flush=True)
-    config = work / "smoke.toml"
+    config = work / f"smoke-{args.preset}.toml"
+    run_dir = work / f"run-{args.preset}"
     config.write_text(f"""
 [model]
 flavour = "t2v-480p-1.3b-2.1"
@@ -91,11 +93,14 @@ height = 480
 rank = 16
 
 [train]
-output_dir = "{work / 'run'}"
+output_dir = "{run_dir}"
 max_train_steps = {args.steps}
 
 [validation]
 num_inference_steps = 4
+
+[memory]
+preset = "{args.preset}"
 
 [checkpoint]
 every_n_steps = {args.steps // 2}
@@ -110,23 +115,23 @@ every_n_steps = {args.steps // 2}
     subprocess.run(cli + ["train", str(config), "--set", f"train.max_train_steps={args.steps + 2}", "--resume", "latest"],
                    check=True, cwd=ROOT)
     print(f"extend {time.time() - t2:.0f}s", flush=True)
-    records = [json.loads(l) for l in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     for r in steps:
         print(r)
     timed = [r["s_per_step"] for r in steps[2:args.steps]]
     print("median s/step after 2 warm-up steps:", float(np.median(timed)), "peak GiB:", max(r["peak_gib"] for r in steps))
-    print(json.loads((work / "run" / "run.json").read_text()))
+    print(json.loads((run_dir / "run.json").read_text()))
     import av
 
-    for video in sorted((work / "run" / "validation").rglob("*.mp4")):
+    for video in sorted((run_dir / "validation").rglob("*.mp4")):
         with av.open(str(video)) as c:
             s = c.streams.video[0]
             print(video.relative_to(work), s.frames, s.width, s.height, s.average_rate)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "metrics.jsonl").write_text((work / "run" / "metrics.jsonl").read_text())
-        last = sorted((work / "run" / "validation").rglob("*.mp4"))[-1]
+        (args.out / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+        last = sorted((run_dir / "validation").rglob("*.mp4"))[-1]
         (args.out / "validation.mp4").write_bytes(last.read_bytes())
 
 

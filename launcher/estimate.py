@@ -17,9 +17,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from trainer.config import WanforgeConfig
+from trainer.config import MemoryConfig, WanforgeConfig
 from trainer.errors import UserError
 from trainer.flavours import FLAVOURS
+from trainer.presets import preset_of, resolve_memory
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,12 +55,14 @@ class Estimate:
     cost_usd: float
     fits: bool
     basis: str  # which measured row the numbers were scaled from
+    memory_preset: str = ""  # what [memory] preset = "auto" (or the named one) becomes on this GPU; "custom" otherwise
 
     def line(self) -> str:
         fit = "fits" if self.fits else "DOES NOT FIT"
         gpus = f"{self.count}x {self.gpu}" if self.count > 1 else self.gpu
         return (f"{gpus:>14}: {self.vram_gib:6.1f} GiB/GPU ({fit}), {self.s_per_step:6.2f} s/step, "
-                f"{self.total_hours:6.2f} h, ${self.cost_usd_per_hour:.2f}/h -> ${self.cost_usd:,.2f}")
+                f"{self.total_hours:6.2f} h, ${self.cost_usd_per_hour:.2f}/h -> ${self.cost_usd:,.2f}"
+                + (f"  [{self.memory_preset}]" if self.memory_preset else ""))
 
 
 @lru_cache(maxsize=1)
@@ -163,25 +166,33 @@ def _size_of(flavour: str) -> tuple[int, int, int]:
     return dim, ffn, layers
 
 
-def checkpointing(cfg: WanforgeConfig) -> str:
-    """memory.gradient_checkpointing as "none" | "full" | "selective" (older configs say true / false)."""
-    value = cfg.memory.gradient_checkpointing
-    if isinstance(value, bool):
-        return "full" if value else "none"
-    return str(value)
+def memory_on(cfg: WanforgeConfig, card: Gpu) -> MemoryConfig:
+    """The [memory] settings the trainer will use on this GPU: `preset = "auto"` resolves by its memory (the target
+    machine's host RAM is unknown here, so host-RAM limits on activation offload are not applied)."""
+    return resolve_memory(cfg.memory, FLAVOURS[cfg.model.flavour], card.memory_gib, tokens=config_shape(cfg).tokens,
+                          batch=cfg.train.train_batch_size)
 
 
-def pick_row(cfg: WanforgeConfig) -> dict[str, Any]:
-    """The measured row nearest the config: same model size, same checkpointing, wanforge's own before the naive loop."""
+def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None) -> dict[str, Any]:
+    """The measured row nearest the config: same model size, the same memory preset (else the same checkpointing),
+    wanforge's own before the naive loop, newest first."""
     rows = load_calibration()["measured"]
     size = _size_of(cfg.model.flavour)
-    gc = checkpointing(cfg)
+    memory = memory or cfg.memory
+    gc = str(memory.gradient_checkpointing)
+    preset = preset_of(memory)
 
     def rank(row: dict[str, Any]) -> tuple[int, int, int, str]:
         row_gc = row["gradient_checkpointing"]
+        if preset is not None and row.get("preset") == preset:
+            setting = 0
+        elif row.get("preset") and preset is None and row_gc == gc:
+            setting = 2  # a preset row for a custom mix with the same checkpointing: after rows without a preset
+        else:
+            setting = 1 if row_gc == gc else 3 if {row_gc, gc} == {"full", "selective"} else 4
         return (
             0 if _size_of(row["flavour"]) == size else 1,
-            0 if row_gc == gc else 1 if {row_gc, gc} == {"full", "selective"} else 2,
+            setting,
             0 if row["trainer"] == "wanforge" else 1,
             "".join(chr(255 - ord(c)) for c in str(row["date"])),  # newest first
         )
@@ -189,8 +200,8 @@ def pick_row(cfg: WanforgeConfig) -> dict[str, Any]:
     return min(rows, key=rank)
 
 
-def _bytes_per_weight(cfg: WanforgeConfig) -> int:
-    if getattr(cfg.memory, "base_quantization", "none") in ("int8", "fp8"):
+def _bytes_per_weight(cfg: WanforgeConfig, memory: MemoryConfig) -> int:
+    if memory.base_quantization == "int8":
         return 1
     return {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.base_dtype]
 
@@ -199,7 +210,8 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
     """VRAM per GPU, s/step, hours and dollars for training `cfg` on `gpu` ("H100" or "H100:2")."""
     card, count = parse_gpu(gpu)
     gpus = known_gpus()
-    row = pick_row(cfg)
+    memory = memory_on(cfg, card)
+    row = pick_row(cfg, memory)
     row_gpu = gpus[row["gpu"]]
     want, ref = config_shape(cfg), _row_shape(row)
     micro = cfg.train.train_batch_size * cfg.train.gradient_accumulation_steps
@@ -208,12 +220,12 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
                   * row_gpu.bf16_tflops / card.bf16_tflops * micro / row["batch"])
 
     gib = 1024**3
-    ref_weights = ref.params * 2 / gib  # the measured rows ran bf16 weights
+    ref_weights = ref.params * (1 if row.get("base_quantization") == "int8" else 2) / gib
     ref_lora = ref.lora_params * LORA_BYTES_PER_PARAM / gib
     ref_act = max(row["peak_gib"] - ref_weights - ref_lora, 0.0)
     act = ref_act * (cfg.train.train_batch_size * want.tokens * want.dim * want.layers) / (
         row["batch"] * ref.tokens * ref.dim * ref.layers)
-    vram = want.params * _bytes_per_weight(cfg) / gib + want.lora_params * LORA_BYTES_PER_PARAM / gib + act
+    vram = want.params * _bytes_per_weight(cfg, memory) / gib + want.lora_params * LORA_BYTES_PER_PARAM / gib + act
 
     hours = s_per_step * cfg.train.max_train_steps / 3600
     per_hour = card.usd_per_hour * count
@@ -221,7 +233,9 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
         gpu=card.name, count=count, vram_gib=round(vram, 2), s_per_step=round(s_per_step, 3),
         total_hours=round(hours, 3), cost_usd_per_hour=round(per_hour, 2), cost_usd=round(hours * per_hour, 2),
         fits=vram + CONTEXT_GIB <= card.memory_gib,
-        basis=f"{row['trainer']} {row['flavour']} on {row['gpu']}: {row['s_per_step']} s/step, {row['peak_gib']} GiB ({row['source']})",
+        memory_preset=preset_of(memory) or "custom",
+        basis=(f"memory preset {preset_of(memory) or 'custom'}; {row['trainer']} {row['flavour']} on {row['gpu']}: "
+               f"{row['s_per_step']} s/step, {row['peak_gib']} GiB ({row['source']})"),
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import lifecycle, render
-from launcher.estimate import Estimate, checkpointing, cheapest_fitting, estimate, estimate_all, parse_gpu
+from launcher.estimate import Estimate, cheapest_fitting, estimate, estimate_all, parse_gpu
 from launcher.lifecycle import LaunchRecord
 from launcher.targets import TARGETS, Plan, check_request
 from trainer.config import WanforgeConfig, load_config, save_config
@@ -220,7 +220,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     else:
         rows = estimate_all(cfg)
     print(f"{cfg.model.flavour}, {cfg.train.max_train_steps} steps, batch {cfg.train.train_batch_size}"
-          f" x {cfg.train.gradient_accumulation_steps}, gradient checkpointing {checkpointing(cfg)}:")
+          f" x {cfg.train.gradient_accumulation_steps}, memory preset {cfg.memory.preset} (resolved per GPU below):")
     for e in rows:
         print("  " + e.line())
     print(f"scaled from: {rows[0].basis}")

@@ -95,3 +95,17 @@ def test_estimate_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "H100" in out and "2.37 s/step" in out and "fits" in out
     assert main(["estimate", str(tmp_path / "c.toml"), "--gpu", "H1000"]) == 2
+
+
+def test_auto_memory_preset_is_resolved_per_gpu():
+    """The default config (`preset = "auto"`) is estimated with the preset the trainer would pick on each GPU."""
+    cfg = config_from_dict({"model": {"flavour": "t2v-480p-14b-2.1"},
+                            "datasets": [{"path": "/nonexistent", "num_frames": 81, "width": 832, "height": 480}],
+                            "lora": {"rank": 16}})
+    h100 = estimate(cfg, "H100")
+    assert h100.memory_preset == "fast" and h100.s_per_step == pytest.approx(10.068, rel=1e-3)
+    l40s = estimate(cfg, "L40S")  # 48 GB: activation offload
+    assert l40s.memory_preset == "balanced" and l40s.fits and l40s.vram_gib < 42
+    rtx = estimate(cfg, "RTX4090")  # 24 GB: int8 + offload + chunked FF, measured 23.16 GiB: does not fit with context
+    assert rtx.memory_preset == "low-int8" and not rtx.fits and rtx.vram_gib == pytest.approx(23.16, abs=0.3)
+    assert "[low-int8]" in rtx.line()

@@ -107,17 +107,25 @@ def tiny_model(clips, tmp_path):
     return tiny_config(clips, tmp_path / "unused")
 
 
-def test_auto_preset_picks_by_gpu_memory_and_keeps_explicit_fields():
+def test_auto_preset_picks_by_gpu_memory_host_ram_and_keeps_explicit_fields():
     from trainer.flavours import get_flavour
-    from trainer.presets import resolve_memory
+    from trainer.presets import preset_of, resolve_memory
 
     big = get_flavour("t2v-480p-14b-2.1")
-    assert resolve_memory(MemoryConfig(preset="auto"), big, 80.0).gradient_checkpointing == "selective"
+    on_80 = resolve_memory(MemoryConfig(preset="auto"), big, 80.0)
+    assert preset_of(on_80) == "fast" and on_80.gradient_checkpointing == "selective" and not on_80.activation_offload
     on_48 = resolve_memory(MemoryConfig(preset="auto"), big, 48.0)
-    assert (on_48.gradient_checkpointing, on_48.base_quantization) == ("full", "int8")
+    assert preset_of(on_48) == "balanced" and on_48.activation_offload and on_48.base_quantization == "none"
+    on_40 = resolve_memory(MemoryConfig(preset="auto"), big, 40.0)
+    assert preset_of(on_40) == "low" and on_40.feed_forward_chunk_size
+    on_24 = resolve_memory(MemoryConfig(preset="auto"), big, 24.0)
+    assert preset_of(on_24) == "low-int8" and on_24.base_quantization == "int8"
+    # 25 GiB of offload at 14B does not go into 30 GiB of free host RAM: no offload, int8 + full recompute instead
+    small_host = resolve_memory(MemoryConfig(preset="auto"), big, 48.0, host_gib=30.0)
+    assert preset_of(small_host) == "low-host-ram" and not small_host.activation_offload
     mine = resolve_memory(MemoryConfig(preset="auto", compile=False), big, 48.0)
-    assert mine.compile is False and mine.base_quantization == "int8"
-    assert resolve_memory(MemoryConfig(preset="none", compile=False), big, 48.0).base_quantization == "none"
+    assert mine.compile is False and mine.activation_offload and preset_of(mine) is None
+    assert resolve_memory(MemoryConfig(preset="none", compile=False), big, 48.0).activation_offload is False
 
 
 def test_auto_preset_changes_nothing_on_cpu():

@@ -400,11 +400,13 @@ class ValidationConfig(Section):
 
 
 class MemoryConfig(Section):
-    preset: Literal["none", "auto", "fast", "balanced", "low"] = Field(
+    preset: Literal["none", "auto", "fast", "balanced", "low", "low-int8", "low-host-ram"] = Field(
         "auto",
-        description='"auto": on a GPU, the fastest measured preset that fits its memory (fields you set yourself win; '
-        'on CPU nothing changes). "fast" = selective checkpointing + compile, "balanced" = full checkpointing + '
-        'compile, "low" = balanced + int8 base weights. "none": exactly the fields below. bench/RESULTS.md has numbers.',
+        description='"auto": on a GPU, the fastest measured preset that fits its memory and the free host RAM (fields '
+        'you set yourself win; on CPU nothing changes). "fast" = selective checkpointing + compile; "balanced" = fast '
+        '+ activation offload (same speed, ~40% less GPU memory, needs host RAM); "low" = balanced + chunked '
+        'feed-forward; "low-int8" = low + int8 base weights; "low-host-ram" = full checkpointing + compile + int8, no '
+        'offload. "none": exactly the fields below. Numbers: bench/RESULTS.md.',
     )
     gradient_checkpointing: Literal["none", "full", "selective"] = Field(
         "selective",

@@ -15,15 +15,26 @@ log = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict] = {
     "fast": {"gradient_checkpointing": "selective", "compile": True},
-    "balanced": {"gradient_checkpointing": "full", "compile": True},
-    "low": {"gradient_checkpointing": "full", "compile": True, "base_quantization": "int8"},
+    "balanced": {"gradient_checkpointing": "selective", "compile": True, "activation_offload": True},
+    "low": {"gradient_checkpointing": "selective", "compile": True, "activation_offload": True,
+            "feed_forward_chunk_size": 8192},
+    "low-int8": {"gradient_checkpointing": "selective", "compile": True, "activation_offload": True,
+                 "feed_forward_chunk_size": 8192, "base_quantization": "int8"},
+    # for machines without the host RAM to offload into
+    "low-host-ram": {"gradient_checkpointing": "full", "compile": True, "base_quantization": "int8"},
 }
 MEASURED_TOKENS = 21 * 30 * 52  # 832x480x81 after the VAE and 2x2 patching
-# peak GiB (torch max_memory_allocated) by transformer width, then preset: bench/RESULTS.md
+# H100, 832x480x81, batch 1, r16, by transformer width then preset (bench/RESULTS.md, bench/speed_bench.py):
+# peak GiB (torch max_memory_allocated) and host GiB the activation offload copies per step.
 MEASURED_PEAK_GIB: dict[int, dict[str, float]] = {
-    1536: {"fast": 13.71, "balanced": 11.70, "low": 10.41},
-    5120: {"fast": 62.76, "balanced": 52.89, "low": 39.80},
+    1536: {"fast": 13.72, "balanced": 8.52, "low": 5.81, "low-int8": 4.67, "low-host-ram": 10.41},
+    5120: {"fast": 62.76, "balanced": 39.17, "low": 35.29, "low-int8": 23.16, "low-host-ram": 39.80},
 }
+MEASURED_OFFLOAD_GIB: dict[int, dict[str, float]] = {
+    1536: {"fast": 0.0, "balanced": 5.97, "low": 5.97, "low-int8": 7.23, "low-host-ram": 0.0},
+    5120: {"fast": 0.0, "balanced": 25.36, "low": 25.36, "low-int8": 38.12, "low-host-ram": 0.0},
+}
+HOST_SHARE = 0.6  # offload may use at most this share of the free host RAM (dataloader, page cache, the rest)
 HEADROOM = 0.92  # leave room for the allocator's fragmentation and the CUDA context
 
 
@@ -55,23 +66,54 @@ def flavour_tokens(f: Flavour) -> int:
     return latent_frames * (f.height // (f.vae_spatial * 2)) * (f.width // (f.vae_spatial * 2))
 
 
-def choose_preset(f: Flavour, gpu_gib: float, tokens: int | None = None, batch: int = 1) -> str:
+def estimated_offload_gib(f: Flavour, preset: str, tokens: int, batch: int = 1) -> float:
+    """Host RAM the activation offload of `preset` holds for one step (0 for presets without offload)."""
+    width = min(MEASURED_OFFLOAD_GIB, key=lambda w: abs(w - f.dim))
+    layers = _reference_flavour_params(width)[1]
+    scale = (f.dim * f.num_layers) / (width * layers) * tokens * batch / MEASURED_TOKENS
+    return MEASURED_OFFLOAD_GIB[width][preset] * scale
+
+
+def host_memory_gib() -> float:
+    import psutil  # accelerate's dependency
+
+    return psutil.virtual_memory().available / 2**30
+
+
+def choose_preset(f: Flavour, gpu_gib: float, tokens: int | None = None, batch: int = 1,
+                  host_gib: float | None = None) -> str:
+    """The first (fastest) preset whose estimated peak fits the GPU and whose offload fits the free host RAM."""
     tokens = tokens or flavour_tokens(f)
-    for name in PRESETS:
+    usable = [name for name in PRESETS
+              if host_gib is None or estimated_offload_gib(f, name, tokens, batch) <= HOST_SHARE * host_gib]
+    for name in usable:
         if estimated_peak_gib(f, name, tokens, batch) <= HEADROOM * gpu_gib:
             return name
-    log.warning("no memory preset is expected to fit %.0f GiB for %s; using \"low\"", gpu_gib, f.name)
-    return "low"
+    smallest = min(usable, key=lambda name: estimated_peak_gib(f, name, tokens, batch))
+    log.warning("no memory preset is expected to fit %.0f GiB GPU memory (with %s host RAM) for %s; using \"%s\"",
+                gpu_gib, f"{host_gib:.0f} GiB" if host_gib is not None else "unknown", f.name, smallest)
+    return smallest
 
 
 def resolve_memory(cfg: MemoryConfig, f: Flavour, gpu_gib: float | None, tokens: int | None = None,
-                   batch: int = 1) -> MemoryConfig:
+                   batch: int = 1, host_gib: float | None = None) -> MemoryConfig:
     """The [memory] settings to train with: the preset's values under the fields the user set explicitly."""
     if cfg.preset == "none" or (cfg.preset == "auto" and not gpu_gib):
         return cfg
     name = cfg.preset
     if name == "auto":
-        name = choose_preset(f, gpu_gib, tokens, batch)
+        name = choose_preset(f, gpu_gib, tokens, batch, host_gib)
         log.info("memory preset auto -> %s (%.0f GiB GPU)", name, gpu_gib)
     explicit = {k: getattr(cfg, k) for k in cfg.model_fields_set if k != "preset"}
     return MemoryConfig(**{**PRESETS[name], **explicit, "preset": cfg.preset})
+
+
+def preset_of(memory: MemoryConfig) -> str | None:
+    """The preset these settings are exactly (for picking measured rows), or None for a custom mix."""
+    for name, values in PRESETS.items():
+        if all(getattr(memory, k) == v for k, v in values.items()) and all(
+                getattr(memory, k) == MemoryConfig.model_fields[k].default
+                for k in {"checkpointed_blocks", "base_quantization", "feed_forward_chunk_size", "activation_offload"}
+                - set(values)):
+            return name
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from trainer.lora import adapter_state_dict, add_lora, trainable_parameters
 from trainer.lycoris_adapter import save_lycoris
 from trainer.distributed import noise_generator
 from trainer.memory import apply_memory_options, place_base_model
-from trainer.presets import resolve_memory
+from trainer.presets import host_memory_gib, resolve_memory
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.rundir import RunDir
 from trainer.step_extras import StepExtras
@@ -102,7 +103,9 @@ def train(
     )
     device = accelerator.device
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    cfg = cfg.model_copy(update={"memory": resolve_memory(cfg.memory, get_flavour(cfg.model.flavour), gpu_gib)})
+    host_gib = host_memory_gib() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # each local process offloads
+    memory = resolve_memory(cfg.memory, get_flavour(cfg.model.flavour), gpu_gib, host_gib=host_gib)
+    cfg = cfg.model_copy(update={"memory": memory})
     set_seed(cfg.train.seed)
     if accelerator.is_main_process:
         run.create()
