@@ -207,6 +207,8 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
     batches = iter(loader)
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
+    if device.type == "cuda":  # peak_gib is the training peak, not the caching pass's VAE / text encoder
+        torch.cuda.reset_peak_memory_stats(device)
     step_started, timed_from_step = time.perf_counter(), state.step
     videos: list[Path] = []
     micro = state.step * cfg.train.gradient_accumulation_steps  # this rank's micro-batches so far
