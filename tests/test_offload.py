@@ -106,3 +106,19 @@ def test_compiled_blocks_offload_attention_outputs_too(tiny_model, monkeypatch):
     tokens = out.shape[2] * (out.shape[3] // 2) * (out.shape[4] // 2)
     hidden_bytes = tokens * 32 * 4  # tokens x dim x fp32 (tiny Wan: dim 32)
     assert compiled.bytes_offloaded >= eager.bytes_offloaded + hidden_bytes
+
+
+def test_int8_base_weights_are_never_offloaded(tiny_model, monkeypatch):
+    """Backward keeps quanto's int8 weight data for the input gradients: it is the model's, not an activation."""
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
+    dtypes: list[torch.dtype] = []
+    real_copy = offload.ActivationOffloader._copy_to_host
+
+    def spy(self, t):
+        dtypes.append(t.dtype)
+        return real_copy(self, t)
+
+    monkeypatch.setattr(offload.ActivationOffloader, "_copy_to_host", spy)
+    _step(tiny_model, MemoryConfig(gradient_checkpointing="selective", compile=True, activation_offload=True,
+                                   base_quantization="int8"))
+    assert dtypes and torch.int8 not in dtypes

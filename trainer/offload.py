@@ -33,6 +33,17 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _storages(t: torch.Tensor) -> list[int]:
+    """Storage addresses of a tensor, or of the plain tensors a tensor subclass is made of (`__tensor_flatten__`)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter):
+        return [t.untyped_storage().data_ptr()]
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None:
+        return []
+    names, _ = flatten()
+    return [ptr for name in names for ptr in _storages(getattr(t, name))]
+
+
 @dataclass(eq=False)
 class _Offloaded:
     host: torch.Tensor
@@ -73,10 +84,10 @@ class ActivationOffloader:
         self.bytes_offloaded = 0  # this step's host copies (a shared tensor counts once)
 
     def exclude_parameters(self, module: torch.nn.Module) -> None:
-        """Never offload the model's own weights and buffers (backward saves frozen weights for input gradients)."""
+        """Never offload the model's own weights and buffers (backward saves frozen weights for input gradients),
+        including the plain tensors inside quantized ones (optimum-quanto's int8 data and scales)."""
         for t in [*module.parameters(), *module.buffers()]:
-            if type(t) in (torch.Tensor, torch.nn.Parameter):
-                self._excluded.add(t.untyped_storage().data_ptr())
+            self._excluded.update(_storages(t))
 
     @contextlib.contextmanager
     def group(self, index: int) -> Iterator[None]:
