@@ -170,7 +170,7 @@ def memory_on(cfg: WanforgeConfig, card: Gpu) -> MemoryConfig:
     """The [memory] settings the trainer will use on this GPU: `preset = "auto"` resolves by its memory (the target
     machine's host RAM is unknown here, so host-RAM limits on activation offload are not applied)."""
     return resolve_memory(cfg.memory, FLAVOURS[cfg.model.flavour], card.memory_gib, tokens=config_shape(cfg).tokens,
-                          batch=cfg.train.train_batch_size)
+                          batch=cfg.train.train_batch_size, warn=False)  # "does not fit" is in the table
 
 
 def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def host_memory_gib() -> float:
 
 
 def choose_preset(f: Flavour, gpu_gib: float, tokens: int | None = None, batch: int = 1,
-                  host_gib: float | None = None) -> str:
+                  host_gib: float | None = None, warn: bool = True) -> str:
     """The first (fastest) preset whose estimated peak fits the GPU and whose offload fits the free host RAM."""
     tokens = tokens or flavour_tokens(f)
     usable = [name for name in PRESETS
@@ -90,20 +90,20 @@ def choose_preset(f: Flavour, gpu_gib: float, tokens: int | None = None, batch: 
         if estimated_peak_gib(f, name, tokens, batch) <= HEADROOM * gpu_gib:
             return name
     smallest = min(usable, key=lambda name: estimated_peak_gib(f, name, tokens, batch))
-    log.warning("no memory preset is expected to fit %.0f GiB GPU memory (with %s host RAM) for %s; using \"%s\"",
+    (log.warning if warn else log.debug)("no memory preset is expected to fit %.0f GiB GPU memory (with %s host RAM) for %s; using \"%s\"",
                 gpu_gib, f"{host_gib:.0f} GiB" if host_gib is not None else "unknown", f.name, smallest)
     return smallest
 
 
 def resolve_memory(cfg: MemoryConfig, f: Flavour, gpu_gib: float | None, tokens: int | None = None,
-                   batch: int = 1, host_gib: float | None = None) -> MemoryConfig:
+                   batch: int = 1, host_gib: float | None = None, warn: bool = True) -> MemoryConfig:
     """The [memory] settings to train with: the preset's values under the fields the user set explicitly."""
     if cfg.preset == "none" or (cfg.preset == "auto" and not gpu_gib):
         return cfg
     name = cfg.preset
     if name == "auto":
-        name = choose_preset(f, gpu_gib, tokens, batch, host_gib)
-        log.info("memory preset auto -> %s (%.0f GiB GPU)", name, gpu_gib)
+        name = choose_preset(f, gpu_gib, tokens, batch, host_gib, warn)
+        (log.info if warn else log.debug)("memory preset auto -> %s (%.0f GiB GPU)", name, gpu_gib)
     explicit = {k: getattr(cfg, k) for k in cfg.model_fields_set if k != "preset"}
     return MemoryConfig(**{**PRESETS[name], **explicit, "preset": cfg.preset})
 
