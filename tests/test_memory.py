@@ -42,8 +42,10 @@ def plain_losses(clips, tmp_path_factory) -> list[float]:
         {"gradient_checkpointing": "selective", "checkpointed_blocks": 1},
         {"gradient_checkpointing": "none", "feed_forward_chunk_size": 7},
         {"gradient_checkpointing": "selective", "attention_backend": "_native_math"},
+        {"gradient_checkpointing": "selective", "checkpoint_sublayers": True},
+        {"gradient_checkpointing": "full", "checkpoint_sublayers": True, "activation_offload": True},
     ],
-    ids=["full", "selective", "partial", "ff-chunk", "math-attention"],
+    ids=["full", "selective", "partial", "ff-chunk", "math-attention", "sublayers", "sublayers-full-offload"],
 )
 def test_memory_option_trains_like_the_plain_path(clips, tmp_path, plain_losses, memory):
     """Exact options (recompute, chunking, backend) give the plain path's losses to float tolerance."""
@@ -151,3 +153,33 @@ def test_feed_forward_chunking_runs_the_ff_per_chunk_and_keeps_keys(tiny_model):
     assert calls == [4, 4, 2]
     assert list(transformer.state_dict()) == keys
     assert type(transformer.blocks[1].ffn) is type(ff)  # one class for every block: compile reuses one graph
+
+
+@pytest.mark.parametrize("temb_dims", [3, 4], ids=["wan2.1", "ti2v-per-token"])
+def test_sublayer_block_forward_is_diffusers_block_forward(tiny_model, temb_dims):
+    """The sub-layer forward repeats diffusers' WanTransformerBlock math: same output and input gradients, exactly."""
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    from trainer.memory import enable_sublayer_checkpointing
+
+    transformer = load_transformer(tiny_model.model, torch.float32)
+    block = transformer.blocks[0]
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 48, dim, generator=g, requires_grad=True)
+    text = torch.randn(1, 6, dim, generator=g)
+    temb = torch.randn(1, 6, dim, generator=g) if temb_dims == 3 else torch.randn(1, 48, 6, dim, generator=g)
+    rotary = transformer.rope(torch.zeros(1, 16, 3, 8, 8))
+    expected = WanTransformerBlock.forward(block, x, text, temb, rotary)
+    (grad,) = torch.autograd.grad(expected.square().sum(), x)
+    enable_sublayer_checkpointing(list(transformer.blocks), {0}, keep_attention=True)
+    assert type(block).__name__ == "SublayerCheckpointedWanTransformerBlock"
+    assert list(transformer.state_dict()) == list(load_transformer(tiny_model.model, torch.float32).state_dict())
+    out = block(x, text, temb, rotary)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(out.square().sum(), x)[0], grad, rtol=0, atol=0)
+
+
+def test_sublayers_without_checkpointing_are_refused():
+    with pytest.raises(ValueError, match="checkpoint_sublayers needs gradient_checkpointing"):
+        MemoryConfig(gradient_checkpointing="none", checkpoint_sublayers=True)

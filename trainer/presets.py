@@ -113,7 +113,8 @@ def preset_of(memory: MemoryConfig) -> str | None:
     for name, values in PRESETS.items():
         if all(getattr(memory, k) == v for k, v in values.items()) and all(
                 getattr(memory, k) == MemoryConfig.model_fields[k].default
-                for k in {"checkpointed_blocks", "base_quantization", "feed_forward_chunk_size", "activation_offload"}
+                for k in {"checkpointed_blocks", "base_quantization", "feed_forward_chunk_size", "activation_offload",
+                          "checkpoint_sublayers"}
                 - set(values)):
             return name
     return None
