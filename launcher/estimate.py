@@ -20,7 +20,7 @@ from typing import Any
 from trainer.config import MemoryConfig, WanforgeConfig
 from trainer.errors import UserError
 from trainer.flavours import FLAVOURS
-from trainer.presets import preset_of, resolve_memory
+from trainer.presets import estimated_peak_gib, preset_of, resolve_memory
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -226,6 +226,12 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
     act = ref_act * (cfg.train.train_batch_size * want.tokens * want.dim * want.layers) / (
         row["batch"] * ref.tokens * ref.dim * ref.layers)
     vram = want.params * _bytes_per_weight(cfg, memory) / gib + want.lora_params * LORA_BYTES_PER_PARAM / gib + act
+    preset = preset_of(memory)
+    memory_basis = ""
+    if preset is not None and row.get("preset") != preset and cfg.model.base_dtype != "float32":
+        # no row measured this preset at this model size: use the preset table `auto` chose it with, so the two agree
+        vram = estimated_peak_gib(FLAVOURS[cfg.model.flavour], preset, want.tokens, cfg.train.train_batch_size)
+        memory_basis = f"; VRAM from the {preset} preset's measured peaks (trainer/presets.py), scaled to this model"
 
     hours = s_per_step * cfg.train.max_train_steps / 3600
     per_hour = card.usd_per_hour * count
@@ -233,9 +239,9 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
         gpu=card.name, count=count, vram_gib=round(vram, 2), s_per_step=round(s_per_step, 3),
         total_hours=round(hours, 3), cost_usd_per_hour=round(per_hour, 2), cost_usd=round(hours * per_hour, 2),
         fits=vram + CONTEXT_GIB <= card.memory_gib,
-        memory_preset=preset_of(memory) or "custom",
-        basis=(f"memory preset {preset_of(memory) or 'custom'}; {row['trainer']} {row['flavour']} on {row['gpu']}: "
-               f"{row['s_per_step']} s/step, {row['peak_gib']} GiB ({row['source']})"),
+        memory_preset=preset or "custom",
+        basis=(f"memory preset {preset or 'custom'}; {row['trainer']} {row['flavour']} on {row['gpu']}: "
+               f"{row['s_per_step']} s/step, {row['peak_gib']} GiB ({row['source']}){memory_basis}"),
     )
 
 

@@ -109,3 +109,23 @@ def test_auto_memory_preset_is_resolved_per_gpu():
     rtx = estimate(cfg, "RTX4090")  # 24 GB: int8 + offload + chunked FF, measured 23.16 GiB: does not fit with context
     assert rtx.memory_preset == "low-int8" and not rtx.fits and rtx.vram_gib == pytest.approx(23.16, abs=0.3)
     assert "[low-int8]" in rtx.line()
+
+
+def test_estimate_and_auto_agree_where_no_row_measured_the_preset():
+    """TI2V-5B has no preset rows: on a 24 GB card `auto` picks the preset its table says fits, and the estimate's
+    VRAM is that same table's number (not the 5B no-offload row's), so it says it fits too."""
+    from trainer.flavours import get_flavour
+    from trainer.presets import estimated_peak_gib
+
+    cfg = config_from_dict({"model": {"flavour": "ti2v-5b-2.2"}, "datasets": [{"path": "/nonexistent"}]})
+    rtx = estimate(cfg, "RTX4090")
+    shape = est_mod.config_shape(cfg)
+    assert rtx.memory_preset == "balanced"
+    assert rtx.vram_gib == pytest.approx(estimated_peak_gib(get_flavour("ti2v-5b-2.2"), "balanced", shape.tokens), abs=0.01)
+    assert rtx.fits and "preset's measured peaks" in rtx.basis
+    h100 = estimate(cfg, "H100")
+    assert h100.memory_preset == "fast" and h100.fits and h100.s_per_step > 0
+    measured_14b = estimate(config_from_dict({"model": {"flavour": "t2v-480p-14b-2.1"},
+                                              "datasets": [{"path": "/x", "num_frames": 81, "width": 832,
+                                                            "height": 480}]}), "L40S")
+    assert "preset's measured peaks" not in measured_14b.basis  # a row of that preset exists: it is used
