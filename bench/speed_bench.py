@@ -71,6 +71,17 @@ VARIANTS: dict[str, dict] = {
                                                      compile=True, activation_offload=True, feed_forward_chunk_size=2048),
     "int8-selective-compile-offload-ffchunk": dict(gradient_checkpointing="selective", base_quantization="int8",
                                                    compile=True, activation_offload=True, feed_forward_chunk_size=8192),
+    "selective-compile-sublayers": dict(gradient_checkpointing="selective", compile=True, checkpoint_sublayers=True),
+    "int8-selective-compile-offload-sublayers-ffchunk": dict(
+        gradient_checkpointing="selective", base_quantization="int8", compile=True, activation_offload=True,
+        checkpoint_sublayers=True, feed_forward_chunk_size=8192),
+    "int8-selective-compile-offload-sublayers-ffchunk4k": dict(
+        gradient_checkpointing="selective", base_quantization="int8", compile=True, activation_offload=True,
+        checkpoint_sublayers=True, feed_forward_chunk_size=4096),
+    "selective-compile-fa4": dict(gradient_checkpointing="selective", compile=True, attention_backend="flash_4_hub"),
+    "selective-compile-offload-sublayers-fa4": dict(gradient_checkpointing="selective", compile=True,
+                                                    activation_offload=True, checkpoint_sublayers=True,
+                                                    attention_backend="flash_4_hub"),
 }
 
 

@@ -8,7 +8,6 @@ selective activation checkpointing; `apply_memory_options` is the one entry poin
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from collections.abc import Callable
@@ -16,21 +15,13 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
+from trainer.attention import resolve_attention_backend, set_attention_backend
 from trainer.config import MemoryConfig
-from trainer.errors import UserError
 from trainer.offload import ActivationOffloader
 
 log = logging.getLogger(__name__)
 
 FF_CHUNK_ENV = "WAN_FEED_FORWARD_CHUNK_SIZE"
-
-
-def resolve_attention_backend(name: str, device: torch.device) -> str:
-    """The diffusers attention backend to use. Always explicit: diffusers otherwise falls back to a process-wide one."""
-    if name == "auto":
-        # cuDNN SDPA measured fastest on H100 (FACTS.md: 545 TF/s fwd+bwd vs 314 for FA2); elsewhere torch picks.
-        return "_native_cudnn" if device.type == "cuda" and torch.version.cuda is not None else "native"
-    return name
 
 
 def _is_attention_op(op) -> bool:
@@ -217,7 +208,7 @@ def place_base_model(transformer, cfg: MemoryConfig, device: torch.device) -> No
 def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -> ActivationOffloader | None:
     """Attention backend, feed-forward chunking, checkpointing, activation offload and compile (after LoRA, before
     accelerate.prepare). Returns the activation offloader when `activation_offload` is on (its byte count is a metric)."""
-    _set_attention_backend(transformer, resolve_attention_backend(cfg.attention_backend, device), cfg.attention_backend)
+    set_attention_backend(transformer, resolve_attention_backend(cfg.attention_backend, device), cfg.attention_backend)
     chunk = cfg.feed_forward_chunk_size or int(os.environ.get(FF_CHUNK_ENV, "0") or 0)
     if chunk:
         enable_feed_forward_chunking(transformer, chunk)
@@ -240,16 +231,3 @@ def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -
                 module.cast_input_dtype_enabled = False
     return offloader
 
-
-def _set_attention_backend(transformer, backend: str, configured: str) -> None:
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
-    names = [b.value for b in AttentionBackendName]
-    if backend not in names:
-        hint = difflib.get_close_matches(backend, names, n=1)
-        fix = f'did you mean "{hint[0]}"?' if hint else 'use "auto" or one of: ' + ", ".join(names)
-        raise UserError(f'memory.attention_backend: unknown backend "{configured}": {fix}')
-    try:
-        transformer.set_attention_backend(backend)
-    except (ValueError, RuntimeError, ImportError) as err:
-        raise UserError(f'memory.attention_backend = "{configured}" is not usable here ({err}): use "auto"') from err

@@ -1,0 +1,117 @@
+"""Attention backend choice for the Wan transformer, through diffusers' attention dispatch.
+
+FlashAttention 4 from the `flash-attn-4` pip package (module `flash_attn.cute`) is served through diffusers'
+`flash_4_hub` backend: when the package is installed, its kernels are wrapped as torch custom ops (so regional
+torch.compile keeps the block in one graph and selective checkpointing can keep the attention output) and handed to
+diffusers in place of the kernels-hub download. Without the package `flash_4_hub` is diffusers' own hub path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+
+import torch
+
+from trainer.errors import UserError
+
+FLASH_4 = "flash_4_hub"
+
+
+def flash_attn_4_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """The diffusers attention backend to use. Always explicit: diffusers otherwise falls back to a process-wide one."""
+    if name == "auto":
+        # cuDNN SDPA measured fastest on H100 (bench/RESULTS.md: ~545 TF/s fwd+bwd vs 314 for FA2); elsewhere torch picks.
+        return "_native_cudnn" if device.type == "cuda" and torch.version.cuda is not None else "native"
+    return name
+
+
+def set_attention_backend(transformer, backend: str, configured: str) -> None:
+    """Point every attention processor of `transformer` at `backend`, with a message naming the field on failure."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    names = [b.value for b in AttentionBackendName]
+    if backend not in names:
+        hint = difflib.get_close_matches(backend, names, n=1)
+        fix = f'did you mean "{hint[0]}"?' if hint else 'use "auto" or one of: ' + ", ".join(names)
+        raise UserError(f'memory.attention_backend: unknown backend "{configured}": {fix}')
+    if backend == FLASH_4 and flash_attn_4_installed():
+        _use_local_flash_attn_4(transformer)
+        return
+    try:
+        transformer.set_attention_backend(backend)
+    except (ValueError, RuntimeError, ImportError) as err:
+        extra = " (or pip install flash-attn-4 for the local kernels)" if backend == FLASH_4 else ""
+        raise UserError(f'memory.attention_backend = "{configured}" is not usable here ({err}){extra}: use "auto"') from err
+
+
+def _use_local_flash_attn_4(transformer) -> None:
+    """diffusers' `set_attention_backend` minus its `kernels`-package check, which only guards the hub download that
+    a pre-filled kernel makes unnecessary."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_dispatch import _HUB_KERNELS_REGISTRY, AttentionBackendName, _AttentionBackendRegistry
+
+    backend = AttentionBackendName(FLASH_4)
+    _HUB_KERNELS_REGISTRY[backend].kernel_fn = flash_attn_4
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(module, AttentionModuleMixin) and hasattr(processor, "_attention_backend"):
+            processor._attention_backend = backend
+    _AttentionBackendRegistry.set_active_backend(backend)
+
+
+def flash_attn_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
+                 causal: bool = False) -> torch.Tensor:
+    """FlashAttention 4 on (batch, seq, heads, head_dim) tensors, differentiable, opaque to torch.compile."""
+    if causal:
+        raise ValueError("flash_attn_4: causal attention is not used by Wan and not wired here")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return torch.ops.wanforge.flash_attn4_fwd(q, k, v, scale)[0]
+
+
+@torch.library.custom_op("wanforge::flash_attn4_fwd", mutates_args=())
+def _flash_attn4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse, *_ = _flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True)
+    return out, lse
+
+
+@_flash_attn4_fwd.register_fake
+def _(q, k, v, scale):
+    batch, seq_q, heads, _ = q.shape
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((batch, heads, seq_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("wanforge::flash_attn4_bwd", mutates_args=())
+def _flash_attn4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout.contiguous(), lse, scale, False, 0.0)[:3]
+    return dq, dk, dv
+
+
+@_flash_attn4_bwd.register_fake
+def _(dout, q, k, v, out, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.wanforge.flash_attn4_bwd(dout, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_flash_attn4_fwd.register_autograd(_backward, setup_context=_setup_context)
