@@ -146,3 +146,19 @@ def test_flash_4_without_the_package_says_how_to_get_it(tiny_model, monkeypatch)
 @pytest.fixture
 def tiny_model(clips, tmp_path):
     return tiny_config(clips, tmp_path / "unused")
+
+
+@pytest.mark.parametrize("capability,installed,expected", [
+    ((9, 0), True, "flash_4_hub"),
+    ((9, 0), False, "_native_cudnn"),
+    ((8, 0), True, "_native_cudnn"),
+])
+def test_auto_takes_flash_attn_4_on_hopper_when_installed(monkeypatch, capability, installed, expected):
+    from trainer.attention import resolve_attention_backend
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr("trainer.attention.flash_attn_4_installed", lambda: installed)
+    assert resolve_attention_backend("auto", torch.device("cuda", 0)) == expected
+    assert resolve_attention_backend("_native_flash", torch.device("cuda", 0)) == "_native_flash"
+    assert resolve_attention_backend("auto", torch.device("cpu")) == "native"

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"cuda": ROOT / "docker" / "Dockerfile.cuda", "rocm": ROOT / "docker" / "Dockerfile.rocm"}
 START = ROOT / "docker" / "start.sh"
 CI_TORCH = metadata.version("torch").split("+")[0]  # the torch this test run (CI) uses
+TRAIN_EXTRA = re.compile(r"\.\[train(,[a-z0-9]+)*\]")  # .[train] or .[train,flash4]
 
 
 def _tool(name: str, package: str) -> str:
@@ -127,18 +128,20 @@ def test_ubuntu_base_with_apt_running_as_root(flavour):
 @pytest.mark.parametrize("flavour", sorted(DOCKERFILES))
 def test_installs_train_extra_with_constraints_and_ci_torch(flavour):
     path = DOCKERFILES[flavour]
-    installs = [r for r in _instructions(path, "RUN") if "pip install" in r and ".[train]" in r]
+    installs = [r for r in _instructions(path, "RUN") if "pip install" in r and TRAIN_EXTRA.search(r)]
     assert len(installs) == 1
-    (command,) = [c for c in installs[0].split("&&") if "pip install" in c and ".[train]" in c]
+    (command,) = [c for c in installs[0].split("&&") if "pip install" in c and TRAIN_EXTRA.search(c)]
     words = shlex.split(command)
     assert words[words.index("-c") + 1] == "constraints.txt"
-    assert "torch==${TORCH_VERSION}" in words and ".[train]" in words
+    assert "torch==${TORCH_VERSION}" in words and any(TRAIN_EXTRA.fullmatch(w) for w in words)
+    if flavour == "cuda":  # FlashAttention 4, which `auto` attention takes on Hopper
+        assert ".[train,flash4]" in words
     # the torch pin of every image is the torch CI tests with, and what images.toml says
     assert _arg_defaults(path)["TORCH_VERSION"] == load_images()["torch"] == CI_TORCH
     # the source (with constraints.txt) is copied before it is installed
     structure = _parse(path).structure
     copy_line = next(i["startline"] for i in structure if i["instruction"] == "COPY" and i["value"].split()[0] == ".")
-    install_line = next(i["startline"] for i in structure if i["instruction"] == "RUN" and ".[train]" in i["value"])
+    install_line = next(i["startline"] for i in structure if i["instruction"] == "RUN" and TRAIN_EXTRA.search(i["value"]))
     assert copy_line < install_line
 
 
@@ -153,7 +156,8 @@ def test_every_image_dependency_is_pinned_in_constraints():
     """The image installs with constraints.txt: every pin there is what it gets, and nothing it installs floats."""
     pins = _pins((ROOT / "constraints.txt").read_text(encoding="utf-8"))
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    wanted = project["dependencies"] + project["optional-dependencies"]["train"]
+    extras = project["optional-dependencies"]
+    wanted = project["dependencies"] + extras["train"] + extras["flash4"]
     unpinned = []
     for req in wanted:
         name, _, marker = req.partition(";")

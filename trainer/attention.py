@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 
 import torch
 
 from trainer.errors import UserError
 
 FLASH_4 = "flash_4_hub"
+
+log = logging.getLogger(__name__)
 
 
 def flash_attn_4_installed() -> bool:
@@ -24,10 +27,15 @@ def flash_attn_4_installed() -> bool:
 
 def resolve_attention_backend(name: str, device: torch.device) -> str:
     """The diffusers attention backend to use. Always explicit: diffusers otherwise falls back to a process-wide one."""
-    if name == "auto":
-        # cuDNN SDPA measured fastest on H100 (bench/RESULTS.md: ~545 TF/s fwd+bwd vs 314 for FA2); elsewhere torch picks.
-        return "_native_cudnn" if device.type == "cuda" and torch.version.cuda is not None else "native"
-    return name
+    if name != "auto":
+        return name
+    if device.type != "cuda" or torch.version.cuda is None:
+        return "native"  # ROCm and CPU: torch picks
+    # H100, Wan shapes (bench/RESULTS.md): FlashAttention 4 654 TF/s fwd+bwd, cuDNN SDPA 553, FA2 330. FA4 on other
+    # architectures is not measured here, so they keep cuDNN.
+    if flash_attn_4_installed() and torch.cuda.get_device_capability(device)[0] == 9:
+        return FLASH_4
+    return "_native_cudnn"
 
 
 def set_attention_backend(transformer, backend: str, configured: str) -> None:
@@ -39,6 +47,7 @@ def set_attention_backend(transformer, backend: str, configured: str) -> None:
         hint = difflib.get_close_matches(backend, names, n=1)
         fix = f'did you mean "{hint[0]}"?' if hint else 'use "auto" or one of: ' + ", ".join(names)
         raise UserError(f'memory.attention_backend: unknown backend "{configured}": {fix}')
+    log.info("attention backend: %s%s", backend, " (auto)" if configured == "auto" else "")
     if backend == FLASH_4 and flash_attn_4_installed():
         _use_local_flash_attn_4(transformer)
         return
