@@ -82,6 +82,14 @@ VARIANTS: dict[str, dict] = {
     "selective-compile-offload-sublayers-fa4": dict(gradient_checkpointing="selective", compile=True,
                                                     activation_offload=True, checkpoint_sublayers=True,
                                                     attention_backend="flash_4_hub"),
+    "selective-compile-sublayers-fa4": dict(gradient_checkpointing="selective", compile=True, checkpoint_sublayers=True,
+                                            attention_backend="flash_4_hub"),
+    "selective-compile-offload-sublayers-ffchunk-fa4": dict(
+        gradient_checkpointing="selective", compile=True, activation_offload=True, checkpoint_sublayers=True,
+        feed_forward_chunk_size=8192, attention_backend="flash_4_hub"),
+    "int8-selective-compile-offload-ffchunk4k-fa4": dict(
+        gradient_checkpointing="selective", base_quantization="int8", compile=True, activation_offload=True,
+        feed_forward_chunk_size=4096, attention_backend="flash_4_hub"),
 }
 
 
