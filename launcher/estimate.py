@@ -37,6 +37,7 @@ LORA_BYTES_PER_PARAM = 16  # fp32 weight + grad + AdamW's two moments
 class Gpu:
     name: str
     vendor: str  # "nvidia" | "amd"
+    arch: str  # "hopper", "blackwell", "ada", "ampere", "cdna3": which attention kernel `auto` gets there
     memory_gib: float
     bf16_tflops: float
     usd_per_hour: float
@@ -173,16 +174,27 @@ def memory_on(cfg: WanforgeConfig, card: Gpu) -> MemoryConfig:
                           batch=cfg.train.train_batch_size, warn=False)  # "does not fit" is in the table
 
 
-def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None) -> dict[str, Any]:
+def expected_attention(memory: MemoryConfig, card: Gpu | None) -> str:
+    """The attention kernel the trainer image runs with on `card` (trainer/attention.py's `auto`: FlashAttention 4 on
+    Hopper, which the CUDA image installs; cuDNN SDPA on other NVIDIA GPUs)."""
+    if memory.attention_backend != "auto":
+        return memory.attention_backend
+    if card is None or card.vendor != "nvidia":
+        return "native"
+    return "flash_4_hub" if card.arch == "hopper" else "_native_cudnn"
+
+
+def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None, card: Gpu | None = None) -> dict[str, Any]:
     """The measured row nearest the config: same model size, the same memory preset (else the same checkpointing),
-    wanforge's own before the naive loop, newest first."""
+    the attention kernel the run gets on `card`, wanforge's own before the naive loop, newest first."""
     rows = load_calibration()["measured"]
     size = _size_of(cfg.model.flavour)
     memory = memory or cfg.memory
     gc = str(memory.gradient_checkpointing)
     preset = preset_of(memory)
+    attention = expected_attention(memory, card)
 
-    def rank(row: dict[str, Any]) -> tuple[int, int, int, str]:
+    def rank(row: dict[str, Any]) -> tuple[int, int, int, int, str]:
         row_gc = row["gradient_checkpointing"]
         if preset is not None and row.get("preset") == preset:
             setting = 0
@@ -193,6 +205,7 @@ def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None) -> dict[st
         return (
             0 if _size_of(row["flavour"]) == size else 1,
             setting,
+            0 if row.get("attention_backend", "_native_cudnn") == attention else 1,
             0 if row["trainer"] == "wanforge" else 1,
             "".join(chr(255 - ord(c)) for c in str(row["date"])),  # newest first
         )
@@ -211,7 +224,7 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
     card, count = parse_gpu(gpu)
     gpus = known_gpus()
     memory = memory_on(cfg, card)
-    row = pick_row(cfg, memory)
+    row = pick_row(cfg, memory, card)
     row_gpu = gpus[row["gpu"]]
     want, ref = config_shape(cfg), _row_shape(row)
     micro = cfg.train.train_batch_size * cfg.train.gradient_accumulation_steps

@@ -153,7 +153,7 @@ def tiny_model(clips, tmp_path):
     ((9, 0), False, "_native_cudnn"),
     ((8, 0), True, "_native_cudnn"),
 ])
-def test_auto_takes_flash_attn_4_on_hopper_when_installed(monkeypatch, capability, installed, expected):
+def test_auto_takes_flash_attn_4_on_hopper_when_installed(fake_fa4, monkeypatch, capability, installed, expected):
     from trainer.attention import resolve_attention_backend
 
     monkeypatch.setattr(torch.version, "cuda", "13.0")
@@ -162,3 +162,17 @@ def test_auto_takes_flash_attn_4_on_hopper_when_installed(monkeypatch, capabilit
     assert resolve_attention_backend("auto", torch.device("cuda", 0)) == expected
     assert resolve_attention_backend("_native_flash", torch.device("cuda", 0)) == "_native_flash"
     assert resolve_attention_backend("auto", torch.device("cpu")) == "native"
+
+
+def test_a_broken_flash_attn_4_install_falls_back_under_auto_and_is_named_when_asked_for(
+        fake_fa4, monkeypatch, tiny_model, caplog):
+    from trainer.attention import resolve_attention_backend
+
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", None)  # its import now fails, as without the DSL
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_attention_backend("auto", torch.device("cuda", 0)) == "_native_cudnn"
+    assert "does not import" in caplog.text
+    transformer = load_transformer(tiny_model.model, torch.float32)
+    with pytest.raises(UserError, match=r'"flash_4_hub": flash-attn-4 is installed but does not import'):
+        apply_memory_options(transformer, MemoryConfig(attention_backend="flash_4_hub"), torch.device("cpu"))

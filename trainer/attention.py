@@ -25,6 +25,15 @@ def flash_attn_4_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
 
 
+def flash_attn_4_import_error() -> str | None:
+    """None when the installed flash-attn-4 kernels import; else why not (a missing or mismatched CuTe DSL, say)."""
+    try:
+        importlib.import_module("flash_attn.cute.interface")
+    except Exception as err:  # noqa: BLE001 - any failure here means "not usable", reported with its reason
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def resolve_attention_backend(name: str, device: torch.device) -> str:
     """The diffusers attention backend to use. Always explicit: diffusers otherwise falls back to a process-wide one."""
     if name != "auto":
@@ -34,7 +43,10 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     # H100, Wan shapes (bench/RESULTS.md): FlashAttention 4 654 TF/s fwd+bwd, cuDNN SDPA 553, FA2 330. FA4 on other
     # architectures is not measured here, so they keep cuDNN.
     if flash_attn_4_installed() and torch.cuda.get_device_capability(device)[0] == 9:
-        return FLASH_4
+        error = flash_attn_4_import_error()
+        if error is None:
+            return FLASH_4
+        log.warning("flash-attn-4 is installed but does not import (%s): using cuDNN SDPA", error)
     return "_native_cudnn"
 
 
@@ -49,6 +61,10 @@ def set_attention_backend(transformer, backend: str, configured: str) -> None:
         raise UserError(f'memory.attention_backend: unknown backend "{configured}": {fix}')
     log.info("attention backend: %s%s", backend, " (auto)" if configured == "auto" else "")
     if backend == FLASH_4 and flash_attn_4_installed():
+        error = flash_attn_4_import_error()
+        if error is not None:
+            raise UserError(f'memory.attention_backend = "{configured}": flash-attn-4 is installed but does not import '
+                            f'({error}): reinstall it with pip install "wanforge[flash4]", or use "auto"')
         _use_local_flash_attn_4(transformer)
         return
     try:

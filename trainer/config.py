@@ -403,10 +403,11 @@ class MemoryConfig(Section):
     preset: Literal["none", "auto", "fast", "balanced", "low", "low-int8", "low-host-ram"] = Field(
         "auto",
         description='"auto": on a GPU, the fastest measured preset that fits its memory and the free host RAM (fields '
-        'you set yourself win; on CPU nothing changes). "fast" = selective checkpointing + compile; "balanced" = fast '
-        '+ activation offload (same speed, ~40% less GPU memory, needs host RAM); "low" = balanced + chunked '
-        'feed-forward; "low-int8" = low + int8 base weights; "low-host-ram" = full checkpointing + compile + int8, no '
-        'offload. "none": exactly the fields below. Numbers: bench/RESULTS.md.',
+        'you set yourself win; on CPU nothing changes). "balanced" = selective checkpointing per sub-layer + compile + '
+        'activation offload (fastest measured, needs host RAM); "fast" = selective checkpointing + compile, no offload; '
+        '"low" = balanced + chunked feed-forward; "low-int8" = offload + int8 base weights + 4096-token FF chunks; '
+        '"low-host-ram" = full checkpointing + compile + int8, no offload. "none": exactly the fields below. Numbers: '
+        'bench/RESULTS.md.',
     )
     gradient_checkpointing: Literal["none", "full", "selective"] = Field(
         "selective",
@@ -419,8 +420,9 @@ class MemoryConfig(Section):
     )
     attention_backend: str = Field(
         "auto",
-        description='diffusers attention backend: "auto" (cuDNN SDPA on NVIDIA, the fastest measured on H100), '
-        '"native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage", ...',
+        description='diffusers attention backend: "auto" (FlashAttention 4 on Hopper when wanforge[flash4] is '
+        'installed, else cuDNN SDPA on NVIDIA: the fastest measured on H100), "flash_4_hub" (FA4: the installed package, '
+        'else the kernels hub), "native", "_native_cudnn", "_native_flash", "_native_efficient", "sage", ...',
     )
     compile: bool = Field(False, description="torch.compile the repeated transformer block (regional compile).")
     feed_forward_chunk_size: int | None = Field(
@@ -431,14 +433,14 @@ class MemoryConfig(Section):
         False,
         description="Move what each checkpointed block keeps for backward (its inputs; with selective checkpointing "
         "also the attention output) to pinned CPU memory during forward, fetched back one block ahead in backward on "
-        "side CUDA streams. GPU activation memory drops to about one block; costs host RAM (~6 GiB at 1.3B, ~27 GiB "
-        "at 14B for 832x480x81) and PCIe bandwidth. Needs gradient_checkpointing selective or full.",
+        "side CUDA streams. GPU activation memory drops to about one block; costs host RAM (~6 GiB at 1.3B, ~25 GiB "
+        "at 14B for 832x480x81; twice that with checkpoint_sublayers) and PCIe bandwidth. Needs gradient_checkpointing selective or full.",
     )
     checkpoint_sublayers: bool = Field(
         False,
         description="Checkpoint each block's self-attention, cross-attention and feed-forward separately: backward "
-        "skips recomputing the two attention output projections (~0.2 s/step at 14B 832x480x81 by FLOP count, not yet "
-        "measured) for two more kept hidden-size tensors per block; meant with activation_offload.",
+        "skips recomputing the two attention output projections (14B 832x480x81 on the H100: 9.78 vs 10.09 s/step) "
+        "for two more kept hidden-size tensors per block; meant with activation_offload.",
     )
     base_quantization: Literal["none", "int8"] = Field(
         "none",

@@ -13,10 +13,14 @@ from trainer.flavours import Flavour
 
 log = logging.getLogger(__name__)
 
+# In the order `auto` tries them: the fastest first (measured on the H100, bench/RESULTS.md). "balanced" is first
+# because checkpointing each block's three sub-layers separately saves recompute and the offload hides behind compute:
+# with FlashAttention 4 it is the fastest (1.3B 1.753 vs 1.795 s/step for "fast", 14B 8.82 vs 9.03) and needs far
+# less GPU memory, but it holds host RAM; "fast" is for machines without that RAM to spare.
 PRESETS: dict[str, dict] = {
-    "fast": {"gradient_checkpointing": "selective", "compile": True},
     "balanced": {"gradient_checkpointing": "selective", "compile": True, "activation_offload": True,
                  "checkpoint_sublayers": True},
+    "fast": {"gradient_checkpointing": "selective", "compile": True},
     "low": {"gradient_checkpointing": "selective", "compile": True, "activation_offload": True,
             "checkpoint_sublayers": True, "feed_forward_chunk_size": 8192},
     # no sublayer checkpointing here: it doubles the host RAM the offload holds (50 GiB at 14B), and 24 GB cards
@@ -27,15 +31,16 @@ PRESETS: dict[str, dict] = {
     "low-host-ram": {"gradient_checkpointing": "full", "compile": True, "base_quantization": "int8"},
 }
 MEASURED_TOKENS = 21 * 30 * 52  # 832x480x81 after the VAE and 2x2 patching
-# H100, 832x480x81, batch 1, r16, by transformer width then preset (bench/RESULTS.md, bench/speed_bench.py):
-# peak GiB (torch max_memory_allocated) and host GiB the activation offload copies per step.
+# H100, 832x480x81, batch 1, r16, by transformer width then preset (bench/RESULTS.md, bench/speed_bench.py), cuDNN
+# attention (FlashAttention 4's peaks are the same or up to 0.6 GiB lower): peak GiB (torch max_memory_allocated) and
+# host GiB the activation offload copies per step.
 MEASURED_PEAK_GIB: dict[int, dict[str, float]] = {
-    1536: {"fast": 13.72, "balanced": 8.52, "low": 5.81, "low-int8": 4.67, "low-host-ram": 10.41},
-    5120: {"fast": 62.76, "balanced": 39.17, "low": 35.29, "low-int8": 23.16, "low-host-ram": 39.80},
+    1536: {"fast": 13.72, "balanced": 7.94, "low": 5.24, "low-int8": 4.13, "low-host-ram": 10.41},
+    5120: {"fast": 62.76, "balanced": 37.27, "low": 34.81, "low-int8": 21.91, "low-host-ram": 39.80},
 }
 MEASURED_OFFLOAD_GIB: dict[int, dict[str, float]] = {
-    1536: {"fast": 0.0, "balanced": 5.97, "low": 5.97, "low-int8": 7.23, "low-host-ram": 0.0},
-    5120: {"fast": 0.0, "balanced": 25.36, "low": 25.36, "low-int8": 38.12, "low-host-ram": 0.0},
+    1536: {"fast": 0.0, "balanced": 11.41, "low": 11.41, "low-int8": 5.97, "low-host-ram": 0.0},
+    5120: {"fast": 0.0, "balanced": 49.73, "low": 49.73, "low-int8": 25.36, "low-host-ram": 0.0},
 }
 HOST_SHARE = 0.6  # offload may use at most this share of the free host RAM (dataloader, page cache, the rest)
 HEADROOM = 0.92  # leave room for the allocator's fragmentation and the CUDA context
@@ -108,7 +113,11 @@ def resolve_memory(cfg: MemoryConfig, f: Flavour, gpu_gib: float | None, tokens:
         name = choose_preset(f, gpu_gib, tokens, batch, host_gib, warn)
         (log.info if warn else log.debug)("memory preset auto -> %s (%.0f GiB GPU)", name, gpu_gib)
     explicit = {k: getattr(cfg, k) for k in cfg.model_fields_set if k != "preset"}
-    return MemoryConfig(**{**PRESETS[name], **explicit, "preset": cfg.preset})
+    values = dict(PRESETS[name])
+    if explicit.get("gradient_checkpointing") == "none":  # offload and sub-layers act on checkpointed blocks only
+        values.pop("activation_offload", None)
+        values.pop("checkpoint_sublayers", None)
+    return MemoryConfig(**{**values, **explicit, "preset": cfg.preset})
 
 
 def preset_of(memory: MemoryConfig) -> str | None:
