@@ -86,10 +86,26 @@ def test_flash_attn_4_matches_sdpa_forward_and_backward(fake_fa4, kv_len):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
+def test_flash_attn_4_casts_to_the_autocast_dtype_and_refuses_fp32(fake_fa4):
+    q, k = (torch.randn(1, 10, 2, 8) for _ in range(2))
+    v = torch.randn(1, 10, 2, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flash_attn_4(q, k, v)  # fp32 q/k (RMSNorm with fp32 weights) next to a bf16 v
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), flash_attn_4(q.bfloat16(), k.bfloat16(), v).float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="bf16 or fp16"):  # on a GPU (meta tensors stand in: no kernel runs)
+        flash_attn_4(*(t.float().to("meta") for t in (q, k, v)))
+
+
 def test_flash_attn_4_is_one_op_under_compile(fake_fa4):
     """fullgraph=True fails on any graph break: the kernels stay opaque to dynamo, forward and backward."""
     q, k, v = (torch.randn(1, 10, 2, 8, requires_grad=True) for _ in range(3))
-    compiled = torch.compile(lambda a, b, c: flash_attn_4(a * 2, b, c).sum(), fullgraph=True, backend="aot_eager")
+
+    def step(a, b, c):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return flash_attn_4(a * 2, b, c).float().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     compiled(q, k, v).backward()
     assert q.grad is not None and fake_fa4.forward_calls == 1
 

@@ -94,6 +94,14 @@ def flash_attn_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     """FlashAttention 4 on (batch, seq, heads, head_dim) tensors, differentiable, opaque to torch.compile."""
     if causal:
         raise ValueError("flash_attn_4: causal attention is not used by Wan and not wired here")
+    # the kernels take one half-precision dtype; under autocast cast to its dtype as SDPA's autocast rule does (with
+    # fp32 base weights the q/k RMSNorms return fp32 while v is already bf16)
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    if device != "cpu" and dtype not in (torch.bfloat16, torch.float16):  # (no FA4 kernels run on CPU)
+        raise ValueError(f"flash_attn_4 needs bf16 or fp16 inputs (got {q.dtype}); train with bf16/fp16 mixed "
+                         'precision or set memory.attention_backend = "_native_cudnn"')
+    q, k, v = (t.to(dtype) for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return torch.ops.wanforge.flash_attn4_fwd(q, k, v, scale)[0]
 
