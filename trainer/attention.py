@@ -97,7 +97,8 @@ def flash_attn_4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     # the kernels take one half-precision dtype; under autocast cast to its dtype as SDPA's autocast rule does (with
     # fp32 base weights the q/k RMSNorms return fp32 while v is already bf16)
     device = q.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else q.dtype
     if device != "cpu" and dtype not in (torch.bfloat16, torch.float16):  # (no FA4 kernels run on CPU)
         raise ValueError(f"flash_attn_4 needs bf16 or fp16 inputs (got {q.dtype}); train with bf16/fp16 mixed "
                          'precision or set memory.attention_backend = "_native_cudnn"')
