@@ -90,6 +90,13 @@ VARIANTS: dict[str, dict] = {
     "int8-selective-compile-offload-ffchunk4k-fa4": dict(
         gradient_checkpointing="selective", base_quantization="int8", compile=True, activation_offload=True,
         feed_forward_chunk_size=4096, attention_backend="flash_4_hub"),
+    # the next candidates for 1.3B <= 1.7 s within 20 GiB: balanced with the last blocks keeping everything
+    "partial24-compile-offload-sublayers-fa4": dict(
+        gradient_checkpointing="selective", checkpointed_blocks=24, compile=True, activation_offload=True,
+        checkpoint_sublayers=True, attention_backend="flash_4_hub"),
+    "partial26-compile-offload-sublayers-fa4": dict(
+        gradient_checkpointing="selective", checkpointed_blocks=26, compile=True, activation_offload=True,
+        checkpoint_sublayers=True, attention_backend="flash_4_hub"),
 }
 
 

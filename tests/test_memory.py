@@ -44,8 +44,11 @@ def plain_losses(clips, tmp_path_factory) -> list[float]:
         {"gradient_checkpointing": "selective", "attention_backend": "_native_math"},
         {"gradient_checkpointing": "selective", "checkpoint_sublayers": True},
         {"gradient_checkpointing": "full", "checkpoint_sublayers": True, "activation_offload": True},
+        {"gradient_checkpointing": "selective", "checkpointed_blocks": 1, "checkpoint_sublayers": True,
+         "activation_offload": True},
     ],
-    ids=["full", "selective", "partial", "ff-chunk", "math-attention", "sublayers", "sublayers-full-offload"],
+    ids=["full", "selective", "partial", "ff-chunk", "math-attention", "sublayers", "sublayers-full-offload",
+         "partial-sublayers-offload"],
 )
 def test_memory_option_trains_like_the_plain_path(clips, tmp_path, plain_losses, memory):
     """Exact options (recompute, chunking, backend) give the plain path's losses to float tolerance."""
