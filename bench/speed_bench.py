@@ -97,6 +97,22 @@ VARIANTS: dict[str, dict] = {
     "partial26-compile-offload-sublayers-fa4": dict(
         gradient_checkpointing="selective", checkpointed_blocks=26, compile=True, activation_offload=True,
         checkpoint_sublayers=True, attention_backend="flash_4_hub"),
+    # frozen base weights in fp8 with fp8 matmuls (trainer/fp8.py)
+    "fp8-selective-compile-sublayers-fa4": dict(gradient_checkpointing="selective", compile=True,
+                                                checkpoint_sublayers=True, base_quantization="fp8",
+                                                attention_backend="flash_4_hub"),
+    "fp8-selective-compile-offload-sublayers-fa4": dict(
+        gradient_checkpointing="selective", compile=True, activation_offload=True, checkpoint_sublayers=True,
+        base_quantization="fp8", attention_backend="flash_4_hub"),
+    "fp8-selective-compile-offload-sublayers-ffchunk-fa4": dict(
+        gradient_checkpointing="selective", compile=True, activation_offload=True, checkpoint_sublayers=True,
+        feed_forward_chunk_size=8192, base_quantization="fp8", attention_backend="flash_4_hub"),
+    "fp8-partial26-compile-offload-sublayers-fa4": dict(
+        gradient_checkpointing="selective", checkpointed_blocks=26, compile=True, activation_offload=True,
+        checkpoint_sublayers=True, base_quantization="fp8", attention_backend="flash_4_hub"),
+    "fp8-selective-compile-offload-sublayers": dict(
+        gradient_checkpointing="selective", compile=True, activation_offload=True, checkpoint_sublayers=True,
+        base_quantization="fp8"),
 }
 
 
@@ -192,7 +208,7 @@ def run_trainer_variant(model: str, memory: dict, warmup: int, steps: int) -> di
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90))
     offloaded = offloader.bytes_offloaded / 2**30 if offloader else 0.0
     del transformer, optimizer, accelerator
     return {"times": times, "peak": peak, "offloaded": offloaded, **first}

@@ -206,6 +206,8 @@ def _model(st: dict[str, Any], conv: Conversion, root: Path, out_dir: Path) -> s
     precision = str(st.get("base_model_precision", "no_change")).lower()
     if precision.startswith("int8"):
         conv.set("memory.base_quantization", "int8")
+    elif precision.startswith("fp8"):  # fp8-torchao, fp8-quanto, fp8uz-quanto: real fp8 matmuls here
+        conv.set("memory.base_quantization", "fp8")
     elif "4" in precision.split("-")[0]:  # nf4-bnb, int4-quanto, fp4, ...
         conv.fixes.append(f'base_model_precision = "{precision}": 4-bit base weights ruin Wan quality: using int8')
         conv.set("memory.base_quantization", "int8")

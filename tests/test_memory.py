@@ -73,11 +73,6 @@ def test_unknown_attention_backend_names_the_field(tiny_model):
         apply_memory_options(transformer, MemoryConfig(attention_backend="native_cudnn"), torch.device("cpu"))
 
 
-def test_fp8_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="divisible by 16"):
-        MemoryConfig(base_quantization="fp8")
-
-
 class _CountAttention(TorchDispatchMode):
     def __init__(self):
         super().__init__()
