@@ -194,7 +194,7 @@ def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None, card: Gpu 
     preset = preset_of(memory)
     attention = expected_attention(memory, card)
 
-    def rank(row: dict[str, Any]) -> tuple[int, int, int, int, str]:
+    def rank(row: dict[str, Any]) -> tuple[int, int, int, int, int, str]:
         row_gc = row["gradient_checkpointing"]
         if preset is not None and row.get("preset") == preset:
             setting = 0
@@ -205,6 +205,7 @@ def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None, card: Gpu 
         return (
             0 if _size_of(row["flavour"]) == size else 1,
             setting,
+            0 if row.get("base_quantization", "none") == memory.base_quantization else 1,
             0 if row.get("attention_backend", "_native_cudnn") == attention else 1,
             0 if row["trainer"] == "wanforge" else 1,
             "".join(chr(255 - ord(c)) for c in str(row["date"])),  # newest first
@@ -213,9 +214,14 @@ def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None, card: Gpu 
     return min(rows, key=rank)
 
 
+FP8_ARCHS = {"ada", "hopper", "blackwell"}  # NVIDIA GPUs with fp8 matmuls (trainer/fp8.py refuses the others)
+
+
 def _bytes_per_weight(cfg: WanforgeConfig, memory: MemoryConfig) -> int:
     if memory.base_quantization == "int8":
         return 1
+    if memory.base_quantization == "fp8":
+        return 2  # two 1-byte copies: the forward and the input-gradient layouts
     return {"bfloat16": 2, "float16": 2, "float32": 4}[cfg.model.base_dtype]
 
 
@@ -246,15 +252,17 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
         vram = estimated_peak_gib(FLAVOURS[cfg.model.flavour], preset, want.tokens, cfg.train.train_batch_size)
         memory_basis = f"; VRAM from the {preset} preset's measured peaks (trainer/presets.py), scaled to this model"
 
+    fp8_runs = memory.base_quantization != "fp8" or (card.vendor == "nvidia" and card.arch in FP8_ARCHS)
     hours = s_per_step * cfg.train.max_train_steps / 3600
     per_hour = card.usd_per_hour * count
     return Estimate(
         gpu=card.name, count=count, vram_gib=round(vram, 2), s_per_step=round(s_per_step, 3),
         total_hours=round(hours, 3), cost_usd_per_hour=round(per_hour, 2), cost_usd=round(hours * per_hour, 2),
-        fits=vram + CONTEXT_GIB <= card.memory_gib,
+        fits=vram + CONTEXT_GIB <= card.memory_gib and fp8_runs,
         memory_preset=preset or "custom",
         basis=(f"memory preset {preset or 'custom'}; {row['trainer']} {row['flavour']} on {row['gpu']}: "
-               f"{row['s_per_step']} s/step, {row['peak_gib']} GiB ({row['source']}){memory_basis}"),
+               f"{row['s_per_step']} s/step, {row['peak_gib']} GiB ({row['source']}){memory_basis}"
+               + ("" if fp8_runs else f"; fp8 base weights need an Ada, Hopper or Blackwell GPU, not {card.name}")),
     )
 
 

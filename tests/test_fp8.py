@@ -109,3 +109,50 @@ def test_fp8_names_are_accepted_and_old_gpus_are_refused(monkeypatch):
         check_float8_device(torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_float8_device(torch.device("cuda"))
+
+
+def test_fp8_with_lycoris_is_refused_with_the_fix(clips, tmp_path):
+    lycoris = tmp_path / "lycoris.json"
+    lycoris.write_text(json.dumps({"algo": "lokr", "factor": 4}))
+    for memory in ({"base_quantization": "fp8"}, {"preset": "balanced-fp8"}):
+        with pytest.raises(UserError, match='lora.lora_type = "standard" only.*"int8" with LyCORIS'):
+            tiny_config(clips, tmp_path / "run", memory=memory,
+                        lora={"lora_type": "lycoris", "lycoris_config": str(lycoris)})
+
+
+def test_auto_never_picks_fp8_and_counts_fp8_weights_at_two_bytes():
+    from trainer.flavours import get_flavour
+    from trainer.presets import choose_preset, estimated_peak_gib, resolve_memory
+
+    big = get_flavour("t2v-480p-14b-2.1")
+    for gpu in (24.0, 48.0, 80.0, 141.0):
+        assert choose_preset(big, gpu) != "balanced-fp8"
+    named = resolve_memory(MemoryConfig(preset="balanced-fp8"), big, 80.0)
+    assert named.base_quantization == "fp8" and named.activation_offload and named.checkpoint_sublayers
+    tokens = 21 * 30 * 52
+    int8 = estimated_peak_gib(big, "low-int8", tokens)
+    as_fp8 = estimated_peak_gib(big, "low-int8", tokens, base_quantization="fp8")
+    assert as_fp8 - int8 == pytest.approx(13.0, abs=0.5)  # ~14e9 weights, one byte more each
+    # 24 GB card, fp8 set by the user: low-int8 no longer fits with two-byte weights, so auto says so and takes the smallest
+    assert resolve_memory(MemoryConfig(preset="auto", base_quantization="fp8"), big, 24.0).base_quantization == "fp8"
+    assert choose_preset(big, 24.0, base_quantization="fp8") == min(
+        ["balanced", "fast", "low", "low-int8", "low-host-ram"],
+        key=lambda name: estimated_peak_gib(big, name, tokens, base_quantization="fp8"))
+
+
+def test_estimate_uses_the_fp8_rows_and_refuses_gpus_without_fp8():
+    from launcher.estimate import estimate
+    from trainer.config import config_from_dict
+
+    def cfg(flavour):
+        return config_from_dict({"model": {"flavour": flavour}, "memory": {"preset": "balanced-fp8"},
+                                 "datasets": [{"path": "/x", "num_frames": 81, "width": 832, "height": 480}],
+                                 "lora": {"rank": 16}})
+
+    h100 = estimate(cfg("t2v-480p-14b-2.1"), "H100")
+    assert h100.memory_preset == "balanced-fp8" and h100.fits
+    assert h100.s_per_step == pytest.approx(7.851, rel=1e-3) and h100.vram_gib == pytest.approx(38.55, abs=0.3)
+    small = estimate(cfg("t2v-480p-1.3b-2.1"), "H100")
+    assert small.s_per_step == pytest.approx(1.691, rel=1e-3)
+    a100 = estimate(cfg("t2v-480p-1.3b-2.1"), "A100-80GB")
+    assert not a100.fits and "fp8 base weights need an Ada, Hopper or Blackwell GPU" in a100.basis

@@ -259,3 +259,6 @@ def test_fixes_and_refusals(simpletuner_root, tmp_path):
     assert cfg.datasets[0].repeats == 3 and cfg.datasets[0].num_frames == 81 and cfg.datasets[0].frame_interval == 8
     fixes = "\n".join(conv.fixes)
     assert "auto_shift" in fixes and "1280x721" not in fixes and "height = 721" in fixes and "frame_interval = 6" in fixes
+
+    run({**CONFIG, "base_model_precision": "fp8-torchao"})  # real fp8 matmuls here too
+    assert load_config(tmp_path / "out.toml").memory.base_quantization == "fp8"

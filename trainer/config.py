@@ -400,14 +400,15 @@ class ValidationConfig(Section):
 
 
 class MemoryConfig(Section):
-    preset: Literal["none", "auto", "fast", "balanced", "low", "low-int8", "low-host-ram"] = Field(
+    preset: Literal["none", "auto", "fast", "balanced", "low", "low-int8", "low-host-ram", "balanced-fp8"] = Field(
         "auto",
         description='"auto": on a GPU, the fastest measured preset that fits its memory and the free host RAM (fields '
         'you set yourself win; on CPU nothing changes). "balanced" = selective checkpointing per sub-layer + compile + '
         'activation offload (fastest measured, needs host RAM); "fast" = selective checkpointing + compile, no offload; '
         '"low" = balanced + chunked feed-forward; "low-int8" = offload + int8 base weights + 4096-token FF chunks; '
-        '"low-host-ram" = full checkpointing + compile + int8, no offload. "none": exactly the fields below. Numbers: '
-        'bench/RESULTS.md.',
+        '"low-host-ram" = full checkpointing + compile + int8, no offload; "balanced-fp8" = balanced with fp8 base '
+        'weights (fastest on Ada / Hopper, slightly different numbers: never picked by "auto"). "none": exactly the '
+        'fields below. Numbers: bench/RESULTS.md.',
     )
     gradient_checkpointing: Literal["none", "full", "selective"] = Field(
         "selective",
@@ -614,6 +615,15 @@ class WanforgeConfig(Section):
                     f"datasets[{i}]: {width}x{height} does not fit {self.model.flavour} (its VAE and patching need "
                     f"multiples of {step}): try {width // step * step}x{height // step * step}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _fp8_needs_a_standard_lora(self) -> WanforgeConfig:
+        fp8 = self.memory.base_quantization == "fp8" or self.memory.preset == "balanced-fp8"
+        if fp8 and self.lora.lora_type == "lycoris":
+            raise ValueError('memory: fp8 base weights (base_quantization = "fp8" or preset = "balanced-fp8") work with '
+                             'lora.lora_type = "standard" only: LyCORIS adds its delta to the base weight itself, which '
+                             'fp8 keeps quantized; use base_quantization = "none" or "int8" with LyCORIS')
         return self
 
     def dataset_shape(self, index: int = 0) -> tuple[int, int, int]:
