@@ -27,6 +27,17 @@ def clips(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("clips"))
 
 
+@pytest.fixture(scope="session")
+def few_clips(clips, tmp_path_factory) -> Path:
+    """Two of the demo clips: enough for a batch of 2, and a quarter of the caching time."""
+    import shutil
+
+    target = tmp_path_factory.mktemp("few_clips")
+    for path in sorted(clips.glob("clip_0[01].*")):
+        shutil.copy(path, target / path.name)
+    return target
+
+
 @pytest.fixture
 def dataset_copy(clips, tmp_path) -> Path:
     """A private copy of the clips, for tests that build or inspect caches."""

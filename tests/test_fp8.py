@@ -156,3 +156,25 @@ def test_estimate_uses_the_fp8_rows_and_refuses_gpus_without_fp8():
     assert small.s_per_step == pytest.approx(1.691, rel=1e-3)
     a100 = estimate(cfg("t2v-480p-1.3b-2.1"), "A100-80GB")
     assert not a100.fits and "fp8 base weights need an Ada, Hopper or Blackwell GPU" in a100.basis
+
+
+@pytest.mark.parametrize("model", [{"flavour": "tiny-i2v-2.1"},
+                                   {"flavour": "tiny-t2v-2.2-high", "train_both_experts": True,
+                                    "expert_switch_every_n_steps": 1}], ids=["i2v", "two-experts"])
+def test_fp8_trains_resumes_and_renders_other_architectures(few_clips, tmp_path, monkeypatch, model):
+    """I2V (image key/value projections too) and both Wan 2.2 experts (quantized on the CPU, moved to the GPU later):
+    fp8 layers in every block, a checkpoint resumes, validation renders through the fp8 layers."""
+    import trainer.memory as memory
+
+    converted = []
+    original = memory.convert_blocks_to_float8
+    monkeypatch.setattr(memory, "convert_blocks_to_float8", lambda t: converted.append(original(t)) or converted[-1])
+    cfg = tiny_config(few_clips, tmp_path / "run", model=model, memory={"base_quantization": "fp8"},
+                      train={"max_train_steps": 2}, checkpoint={"every_n_steps": 2},
+                      validation={"num_inference_steps": 2, "eval_every_n_steps": 0})
+    train(cfg, show_progress=False)
+    cfg.train.max_train_steps = 3
+    result = train(cfg, resume="latest", show_progress=False)
+    assert result.final_step == 3 and result.videos and result.lora_file.stat().st_size > 0
+    experts = 2 if model.get("train_both_experts") else 1
+    assert len(converted) == 2 * experts and min(converted) >= 2 * 8  # 2 blocks x (8 attention + 2 FF, I2V 2 more)

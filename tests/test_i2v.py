@@ -14,17 +14,6 @@ from trainer.video import load_clip
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def few_clips(clips, tmp_path_factory):
-    """Two of the demo clips: enough for a batch of 2, and a quarter of the caching time."""
-    import shutil
-
-    target = tmp_path_factory.mktemp("few_clips")
-    for path in sorted(clips.glob("clip_0[01].*")):
-        shutil.copy(path, target / path.name)
-    return target
-
-
 def _first_sample(cfg):
     report = build_caches(cfg, CPU, show_progress=False)
     return report.samples[0][0]

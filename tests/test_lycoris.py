@@ -15,18 +15,6 @@ from trainer.export import _to_original
 from trainer.lycoris_adapter import add_lycoris, to_comfyui
 from trainer.train import train
 
-
-
-@pytest.fixture(scope="module")
-def few_clips(clips, tmp_path_factory):
-    """Two of the demo clips: enough for a batch of 2, and a quarter of the caching time."""
-    import shutil
-
-    target = tmp_path_factory.mktemp("few_clips")
-    for path in sorted(clips.glob("clip_0[01].*")):
-        shutil.copy(path, target / path.name)
-    return target
-
 # ComfyUI's model_lora_keys_unet maps "lora_unet_<module with dots as underscores>" for every
 # diffusion_model.<module>.weight; its LoKr / LoHa / LoCon adapters read these suffixes.
 SUFFIXES = {"alpha", "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "hada_w1_a",

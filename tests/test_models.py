@@ -17,17 +17,6 @@ from trainer.train import train
 from trainer.video import decode_frames
 
 
-@pytest.fixture(scope="module")
-def few_clips(clips, tmp_path_factory):
-    """Two of the demo clips: enough for a batch of 2, and a quarter of the caching time."""
-    import shutil
-
-    target = tmp_path_factory.mktemp("few_clips")
-    for path in sorted(clips.glob("clip_0[01].*")):
-        shutil.copy(path, target / path.name)
-    return target
-
-
 def test_flavour_table_and_simpletuner_aliases(tmp_path):
     assert get_flavour("t2v-14b-2.2-high").boundary == 0.875 and get_flavour("i2v-14b-2.2-low").boundary == 0.9
     assert get_flavour("t2v-14b-2.2-high").expert_subfolder == "transformer"  # diffusers: transformer = high noise
