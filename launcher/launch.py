@@ -20,7 +20,7 @@ from typing import Any
 from launcher import lifecycle, render
 from launcher.estimate import Estimate, cheapest_fitting, estimate, estimate_all, parse_gpu
 from launcher.lifecycle import LaunchRecord
-from launcher.targets import TARGETS, Plan, check_request
+from launcher.targets import TARGETS, Plan, check_output, check_request, check_run_name
 from trainer.config import WanforgeConfig, load_config, save_config
 from trainer.errors import UserError
 
@@ -42,36 +42,68 @@ def secret_value(name: str) -> str | None:
         return None
 
 
-def needed_secrets(cfg: WanforgeConfig, plan: Plan) -> list[str]:
+def needed_secrets(cfg: WanforgeConfig, plan: Plan, hub_dataset: str = "") -> list[str]:
+    """The secrets this run uses, and only those: every other secret of the caller's shell stays here.
+
+    HF_TOKEN: an hf:// output, a Hub dataset, push_to_hub, or a Hub model (a private or gated one needs it; the
+    public Wan repos work without, so it travels for a Hub model only when set). WANDB_API_KEY: report_to wandb.
+    AWS keys: an s3:// output the node uploads to (a mounted bucket uses SkyPilot's own cloud credentials)."""
     need = []
-    if plan.output and plan.output.startswith("hf://"):
+    if (plan.output or "").startswith("hf://") or hub_dataset or cfg.hub.push_to_hub or cfg.hub.push_checkpoints_to_hub:
         need.append("HF_TOKEN")
     if cfg.tracking.report_to == "wandb":
         need.append("WANDB_API_KEY")
-    if plan.output_mode == "upload" and plan.output and plan.output.startswith("s3://"):
+    if plan.output_mode == "upload" and (plan.output or "").startswith("s3://"):
         need += ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
     return need
 
 
-def gather_secrets(cfg: WanforgeConfig, plan: Plan) -> dict[str, str]:
-    """Values of the secrets the run needs (missing ones are a UserError) and of the optional ones that are set."""
-    missing = [n for n in needed_secrets(cfg, plan) if not secret_value(n)]
+def optional_secrets(cfg: WanforgeConfig, plan: Plan) -> list[str]:
+    """Secrets the run uses when the caller has them: HF_TOKEN for a Hub model, AWS_ENDPOINT_URL for an s3:// store."""
+    optional = []
+    if not all(Path(v).exists() for v in (cfg.model.pretrained_model_name_or_path,
+                                           cfg.model.pretrained_transformer_model_name_or_path) if v):
+        optional.append("HF_TOKEN")
+    if plan.output_mode == "upload" and (plan.output or "").startswith("s3://"):
+        optional.append("AWS_ENDPOINT_URL")
+    return optional
+
+
+def secret_names(cfg: WanforgeConfig, plan: Plan, hub_dataset: str = "", present_only: bool = True) -> list[str]:
+    """Names of the secrets that travel: the needed ones, and the optional ones the caller has set."""
+    names = set(needed_secrets(cfg, plan, hub_dataset))
+    names |= {n for n in optional_secrets(cfg, plan) if not present_only or secret_value(n)}
+    return sorted(names)
+
+
+def gather_secrets(cfg: WanforgeConfig, plan: Plan, hub_dataset: str = "") -> dict[str, str]:
+    """Values of the secrets the run uses (a missing needed one is a UserError); nothing else of the environment."""
+    missing = [n for n in needed_secrets(cfg, plan, hub_dataset) if not secret_value(n)]
     if missing:
         raise UserError(f"set {', '.join(missing)} in your environment (or Colab secrets): the run needs "
                         f"{'it' if len(missing) == 1 else 'them'}; the value travels as a SkyPilot secret, never in a file")
-    return {n: v for n in render.SECRET_NAMES if (v := secret_value(n))}
+    return {n: v for n in secret_names(cfg, plan, hub_dataset) if (v := secret_value(n))}
 
 
 # ---------------------------------------------------------------- the request
 
 
 def run_name(config: Path, given: str | None) -> str:
-    """A SkyPilot cluster / job name: lowercase letters, digits and dashes, starting with a letter."""
-    raw = given or f"wf-{config.stem}-{time.strftime('%m%d-%H%M%S')}"
-    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
-    if not name or not name[0].isalpha():
-        name = f"wf-{name}"
-    return name[:40]
+    """A SkyPilot cluster / job name: lowercase letters, digits and dashes, starting with a letter. A given name is
+    checked as it is (never rewritten: it names the run folder and its place in the bucket / Hub repo)."""
+    if given is not None:
+        return check_run_name(given)
+    name = re.sub(r"[^a-z0-9-]+", "-", f"wf-{config.stem}".lower()).strip("-")[:26].rstrip("-")
+    return check_run_name(f"{name}-{time.strftime('%m%d-%H%M%S')}")
+
+
+def check_hub_dataset(value: str) -> str:
+    """--hub-dataset: a Hub dataset id (USER/NAME), checked by the Hub's own repo-id rules."""
+    if not value:
+        return ""
+    repo = value.removeprefix("hf://").removeprefix("datasets/")
+    check_output(f"hf://{repo}", "--hub-dataset")
+    return repo
 
 
 def plan_request(cfg: WanforgeConfig, args: argparse.Namespace) -> tuple[Plan, Estimate | None]:
@@ -164,7 +196,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if plan.target.kind != "local":
         check_model_travels(cfg)
     name = run_name(config, args.name)
-    hub_dataset = args.hub_dataset or ""
+    hub_dataset = check_hub_dataset(args.hub_dataset or "")
     datasets = local_datasets(cfg, hub_dataset)
     staging = lifecycle.state_dir() / name
     staging.mkdir(parents=True, exist_ok=True)
@@ -174,9 +206,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
         secrets: dict[str, str] = {}
         names: list[str] = []
     elif args.dryrun:  # names only: a dry run shows which secrets would travel, and needs none of them set
-        secrets, names = {}, sorted(set(needed_secrets(cfg, plan)) | {n for n in render.SECRET_NAMES if secret_value(n)})
+        secrets, names = {}, secret_names(cfg, plan, hub_dataset)
     else:
-        secrets = gather_secrets(cfg, plan)
+        secrets = gather_secrets(cfg, plan, hub_dataset)
         names = sorted(secrets)
     task = render.render_task(plan, name, staged_config, datasets, hub_dataset, names)
     (staging / "task.yaml").write_text(render.dump(task), encoding="utf-8")
@@ -234,6 +266,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{rec.name}: target {rec.target}{' (managed job)' if rec.managed else ''}, outputs: "
           f"{rec.output or 'on the node'} ({rec.output_mode}), last sync: {rec.synced_at or 'never'}"
           f"{f' (run was {rec.synced_status})' if rec.synced_status else ''}")
+    from launcher.sync import node_status_line
+
+    line = node_status_line(rec)
+    if line:
+        print(f"  run: {line}")
     if rec.target == "local":
         return 0
     for row in lifecycle.status(rec):
@@ -253,7 +290,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from launcher.sync import sync_run
 
     rec = lifecycle.load_record(args.run)
-    folder, status = sync_run(rec, Path(args.to) if args.to else None)
+    folder, status = sync_run(rec, Path(args.to) if args.to else None, from_node=args.from_node)
     print(f"synced {rec.name} -> {folder} (run status: {status})")
     return 0
 
@@ -300,6 +337,8 @@ def add_commands(sub: Any, with_config: Any) -> None:
             p.add_argument("--no-follow", action="store_true", help="print what is there and return")
         if name == "sync":
             p.add_argument("--to", help="local folder (default: the config's train.output_dir)")
+            p.add_argument("--from-node", action="store_true",
+                           help="rsync from the node even where the run is uploaded (after a failed final upload)")
         if name == "down":
             p.add_argument("--force", action="store_true", help="even if the outputs were never synced")
 

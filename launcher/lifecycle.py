@@ -18,11 +18,19 @@ from typing import Any
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_json
 
-LAUNCH_ENV_HINT = (
-    "SkyPilot is not installed in this Python. It lives in its own environment (its click pin clashes with wandb): "
-    'python -m venv .venv-launch && .venv-launch/bin/pip install -c constraints-launch.txt -e ".[launch]", '
-    "then run .venv-launch/bin/wanforge ..."
-)
+CLOUD_EXTRAS = ("aws", "gcp", "azure", "lambda", "runpod", "vast", "nebius", "oci", "kubernetes")  # skypilot[...]
+
+
+def launch_env_hint(target: str | None = None) -> str:
+    """How to install the launcher environment, with the SkyPilot extra of `target` (any of CLOUD_EXTRAS)."""
+    extra = target if target in CLOUD_EXTRAS else "CLOUD"
+    which = "" if extra != "CLOUD" else f" (CLOUD: one or more of {','.join(CLOUD_EXTRAS)})"
+    return ("SkyPilot is not installed in this Python. It lives in its own environment (its click pin clashes with "
+            'wandb): python -m venv .venv-launch && .venv-launch/bin/pip install -c constraints-launch.txt -e ".[launch]" '
+            f'"skypilot[{extra}]"{which}, then run .venv-launch/bin/wanforge ...')
+
+
+LAUNCH_ENV_HINT = launch_env_hint()
 
 
 @dataclass
@@ -65,13 +73,13 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _sky() -> Any:
+def _sky(target: str | None = None) -> Any:
     try:
         import sky
     except ImportError:
-        raise UserError(LAUNCH_ENV_HINT) from None
+        raise UserError(launch_env_hint(target)) from None
     if not hasattr(sky, "Task"):  # the repo's sky/ templates folder, seen as a namespace package from the repo root
-        raise UserError(LAUNCH_ENV_HINT)
+        raise UserError(launch_env_hint(target))
     return sky
 
 
@@ -80,13 +88,13 @@ def _sky() -> Any:
 
 def to_task(task_config: dict[str, Any]) -> Any:
     """The SkyPilot Task of a rendered config, schema-checked (no secret values yet)."""
-    sky = _sky()
+    sky = _sky(task_config.get("resources", {}).get("cloud"))
     return sky.Task.from_yaml_config(copy.deepcopy(task_config))
 
 
 def launch(task_config: dict[str, Any], rec: LaunchRecord, secrets: dict[str, str]) -> None:
     """Start the cluster (or managed job) and stream its logs; secret values go to the Task object only."""
-    sky = _sky()
+    sky = _sky(rec.target)
     task = to_task(task_config)
     if secrets:
         task.update_secrets(secrets)
@@ -99,7 +107,7 @@ def launch(task_config: dict[str, Any], rec: LaunchRecord, secrets: dict[str, st
 
 def status(rec: LaunchRecord) -> list[dict[str, Any]]:
     """What SkyPilot says about the run now: the cluster's record, or the managed job's."""
-    sky = _sky()
+    sky = _sky(rec.target)
     if rec.managed:
         jobs = sky.get(sky.jobs.queue(refresh=False, skip_finished=False))
         rows = [_as_dict(j) for j in jobs]
@@ -118,7 +126,7 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 
 def logs(rec: LaunchRecord, follow: bool = True) -> int:
     """Stream the run's logs to stdout (follows until the job ends unless follow=False)."""
-    sky = _sky()
+    sky = _sky(rec.target)
     if rec.managed:
         result = sky.jobs.tail_logs(name=rec.name, follow=follow)
     else:
@@ -141,7 +149,7 @@ def down(rec: LaunchRecord, force: bool = False) -> None:
     reason = unsynced_reason(rec)
     if reason and not force:
         raise UserError(f"not taking {rec.name} down: {reason}")
-    sky = _sky()
+    sky = _sky(rec.target)
     if rec.managed:
         sky.stream_and_get(sky.jobs.cancel(name=rec.name))
     else:

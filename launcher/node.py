@@ -10,7 +10,12 @@ Everything is read from the environment the task sets:
     OUTPUT            hf://USER/REPO or s3://BUCKET/PREFIX the node uploads to (OUTPUT_MODE=upload)
     OUTPUT_MODE       mount (the bucket is the folder) | upload (the node uploads as it goes) | node (stays here)
     UPLOAD_EVERY_MIN  minutes between uploads while training (default 15)
+    KEEP_ALIVE_MIN    minutes the node stays up after a final upload that failed (pod targets: 60), so
+                      `wanforge sync RUN --from-node` can still fetch the run folder
     SKYPILOT_NODE_RANK, SKYPILOT_NODE_IPS, SKYPILOT_NUM_NODES, SKYPILOT_NUM_GPUS_PER_NODE: multi-node start
+
+RUN_NAME and OUTPUT are checked here as `wanforge launch` checks them. The final upload is retried and verified;
+if it fails, run.json says `upload_failed` (with the remedy), the node waits KEEP_ALIVE_MIN and exits 3.
 
 Preemption: a managed job starts `run` again on a new node; `run` first brings back the run folder (mount: already
 there; upload: downloaded from the bucket / Hub) and always trains with `--resume latest`, which is a fresh start
@@ -24,8 +29,10 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
+from launcher.targets import check_output, check_run_name
 from trainer.config import load_config, save_config
 from trainer.errors import UserError
 
@@ -82,13 +89,21 @@ def prepare_config() -> Path:
 
 
 def setup() -> None:
-    if env("OUTPUT_MODE") == "upload" and env("OUTPUT").startswith("s3://") and shutil.which("aws") is None:
+    _, output, mode = checked_env()
+    if mode == "upload" and output.startswith("s3://") and shutil.which("aws") is None:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "awscli"], check=True)
     path = prepare_config()
     print(f"wanforge node: config {path}, run folder {run_dir()}", flush=True)
 
 
 # ---------------------------------------------------------------- outputs: upload and bring back
+
+UPLOAD_FAILED_EXIT = 3  # the run trained but its folder did not reach OUTPUT (run.json status upload_failed)
+_SKIP = ("checkpoints/.tmp-", ".hub-staging/")  # half-written checkpoints, the trainer's own Hub staging copies
+
+
+def _skipped(rel: str) -> bool:
+    return rel.startswith(_SKIP)
 
 
 def _hub_repo(output: str) -> str:
@@ -99,8 +114,31 @@ def _s3_url(output: str, name: str) -> str:
     return output.rstrip("/") + "/" + name
 
 
-def upload(folder: Path, output: str, name: str) -> None:
-    """Push the run folder to <output>/<name>: a Hub repo subfolder (pruned checkpoints deleted there too) or an S3 prefix."""
+def _aws(*args: str) -> list[str]:
+    """An `aws` argument list; AWS_ENDPOINT_URL (an S3-compatible store) is read by the CLI itself."""
+    return ["aws", *args]
+
+
+def _s3_listing(url: str) -> dict[str, int]:
+    """key relative to url -> size, from `aws s3 ls --recursive` (lines: DATE TIME SIZE KEY)."""
+    done = subprocess.run(_aws("s3", "ls", "--recursive", url.rstrip("/") + "/"), capture_output=True, text=True)
+    if done.returncode not in (0, 1):  # 1: nothing there
+        raise RuntimeError(f"aws s3 ls {url} failed: {done.stderr.strip()[-300:]}")
+    base = url.split("://", 1)[1].partition("/")[2].rstrip("/")
+    listed = {}
+    for line in done.stdout.splitlines():
+        fields = line.split(None, 3)
+        if len(fields) == 4 and fields[2].isdigit():
+            key = fields[3]
+            listed[key[len(base) + 1:] if base and key.startswith(base + "/") else key] = int(fields[2])
+    return listed
+
+
+def upload_once(folder: Path, output: str, name: str, verify: bool = False) -> None:
+    """Push the run folder to <output>/<name> once: a Hub repo subfolder (pruned checkpoints deleted there too) or an S3
+    prefix; with verify, the files are then listed back and compared (path and size)."""
+    from trainer.hub import local_files, verify_uploaded
+
     if output.startswith("hf://"):
         from huggingface_hub import HfApi
 
@@ -108,22 +146,53 @@ def upload(folder: Path, output: str, name: str) -> None:
         repo = _hub_repo(output)
         api.create_repo(repo, private=True, exist_ok=True)
         api.upload_folder(repo_id=repo, folder_path=str(folder), path_in_repo=name,
-                          delete_patterns=["checkpoints/**"], ignore_patterns=["checkpoints/.tmp-*/**"],
+                          delete_patterns=["checkpoints/**"], ignore_patterns=[f"{p}*/**" for p in _SKIP],
                           commit_message=f"wanforge: {name}")
+        if verify:
+            verify_uploaded(api, repo, local_files(folder, name, _skipped))
     elif output.startswith("s3://"):
-        subprocess.run(["aws", "s3", "sync", "--delete", "--exclude", "checkpoints/.tmp-*", str(folder),
-                        _s3_url(output, name)], check=True)
+        url = _s3_url(output, name)
+        excludes = [arg for p in _SKIP for arg in ("--exclude", f"{p}*")]
+        subprocess.run(_aws("s3", "sync", "--delete", *excludes, str(folder), url), check=True)
+        if verify:
+            expected, listed = local_files(folder, "", _skipped), _s3_listing(url)
+            missing = [k for k, size in expected.items() if listed.get(k) != size]
+            if missing:
+                from trainer.hub import UploadNotVerified
+
+                raise UploadNotVerified(f"{url} does not list {len(missing)} uploaded file(s), e.g. {missing[:3]}")
     else:
         raise UserError(f"OUTPUT={output}: the node uploads to hf://USER/REPO or s3://BUCKET/PREFIX only")
 
 
-def download(output: str, name: str, folder: Path) -> None:
-    """Bring a run folder back from where `upload` put it (resume after preemption, or `wanforge sync`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if output.startswith("hf://"):
-        from huggingface_hub import snapshot_download
+def upload(folder: Path, output: str, name: str, verify: bool = False) -> None:
+    """upload_once with retries and exponential backoff (trainer.hub.with_retries)."""
+    from trainer.hub import with_retries
 
-        from huggingface_hub import HfApi
+    with_retries(f"upload of {folder} to {output}", lambda: upload_once(folder, output, name, verify))
+
+
+def download(output: str, name: str, folder: Path) -> None:
+    """Bring a run folder back from where `upload` put it (resume after preemption, or `wanforge sync`).
+
+    An unreachable output (no network, a bad token, a bucket that does not exist) is one UserError line."""
+    output = check_output(output, "OUTPUT")
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _download(output, name, folder)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        from trainer.hub import first_line
+
+        token = " (HF_TOKEN must be a token that can read and write it)" if output.startswith("hf://") else \
+            " (check the AWS keys / AWS_ENDPOINT_URL)"
+        raise UserError(f"OUTPUT={output}: cannot read {name}/ there: {first_line(err)[:300]}{token}") from None
+
+
+def _download(output: str, name: str, folder: Path) -> None:
+    if output.startswith("hf://"):
+        from huggingface_hub import HfApi, snapshot_download
 
         if not HfApi().repo_exists(_hub_repo(output)):
             return  # a first run: nothing uploaded yet
@@ -133,29 +202,56 @@ def download(output: str, name: str, folder: Path) -> None:
             shutil.copytree(staging / name, folder, dirs_exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
     elif output.startswith("s3://"):
-        subprocess.run(["aws", "s3", "sync", _s3_url(output, name), str(folder)], check=True)
+        subprocess.run(_aws("s3", "sync", _s3_url(output, name), str(folder)), check=True)
     else:
         raise UserError(f"{output}: runs come back from hf://USER/REPO or s3://BUCKET/PREFIX only")
 
 
+def _webhooks(name: str):
+    """The config's webhooks (tracking.webhook_config) where that file is on the node; None otherwise."""
+    from trainer.webhooks import Webhooks
+
+    try:
+        path = load_config(node_config()).tracking.webhook_config
+        return Webhooks.from_config(path, name) if path is not None else None
+    except (UserError, OSError, ValueError):
+        return None
+
+
 class Uploader:
-    """Uploads the run folder every few minutes in the background while training runs (rank 0 only)."""
+    """Uploads the run folder every few minutes in the background while training runs (rank 0 only).
+
+    A failed periodic upload is logged and sent to the config's webhook, and the next one tries again; the final
+    upload is retried with backoff and verified (`final_error` says why it did not make it)."""
 
     def __init__(self, folder: Path, output: str, name: str, every_s: float):
         self.folder, self.output, self.name, self.every_s = folder, output, name, every_s
+        self.final_error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._webhooks = _webhooks(name)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
             self.push("periodic")
 
-    def push(self, why: str) -> None:
+    def push(self, why: str) -> str | None:
+        """One upload (the final one retried and verified); returns the failure line, or None."""
+        from trainer.hub import first_line
+
         try:
-            upload(self.folder, self.output, self.name)
+            if why == "final":
+                upload(self.folder, self.output, self.name, verify=True)
+            else:
+                upload_once(self.folder, self.output, self.name)
             print(f"wanforge node: uploaded {self.folder} to {self.output} ({why})", flush=True)
+            return None
         except Exception as err:  # an upload hiccup must not kill a training run; the next one retries
-            print(f"wanforge node: upload to {self.output} failed ({why}): {type(err).__name__}: {err}", flush=True)
+            line = f"upload of {self.folder} to {self.output} failed ({why}): {first_line(err)[:500]}"
+            print(f"wanforge node: {line}", flush=True)
+            if self._webhooks is not None:
+                self._webhooks.send("error", line)
+            return line
 
     def __enter__(self) -> Uploader:
         self._thread.start()
@@ -164,7 +260,30 @@ class Uploader:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.push("final")
+        self.final_error = self.push("final")
+        if self._webhooks is not None:
+            self._webhooks.close()
+
+
+def upload_failed(folder: Path, error: str) -> None:
+    """run.json says the run did not reach OUTPUT, with what to do; `wanforge status` / `sync` show it."""
+    from trainer.rundir import RunDir
+
+    name = env("RUN_NAME", "wanforge")
+    remedy = (f"the run folder is still on the node at {folder}: bring it back with `wanforge sync {name} --from-node` "
+              f"while the node is up (KEEP_ALIVE_MIN), fix the output's credentials, then upload it again")
+    RunDir(folder).write_status(status="upload_failed", error=error[:2000], remedy=remedy)
+    print(f"wanforge node: run status upload_failed: {error}\nwanforge node: {remedy}", flush=True)
+
+
+def keep_alive(minutes: float, sleep=time.sleep) -> None:
+    """A pod is deleted once its job ends: stay up so `wanforge sync --from-node` can still fetch the run folder."""
+    if minutes <= 0:
+        return
+    print(f"wanforge node: keeping this node up {minutes:g} min (KEEP_ALIVE_MIN) so `wanforge sync "
+          f"{env('RUN_NAME', 'wanforge')} --from-node` can fetch the run folder; `wanforge down` ends it sooner",
+          flush=True)
+    sleep(minutes * 60)
 
 
 # ---------------------------------------------------------------- training: one process, or accelerate on many
@@ -186,20 +305,52 @@ def train_command(config: Path) -> list[str]:
     ]
 
 
+def checked_env() -> tuple[str, str, str]:
+    """RUN_NAME, OUTPUT, OUTPUT_MODE from the task, checked as `wanforge launch` checks them (a hand-written task or
+    an edited --env is held to the same rules)."""
+    name = check_run_name(env("RUN_NAME", "wanforge"), "RUN_NAME", folder_only=True)
+    mode = env("OUTPUT_MODE", "node")
+    if mode not in ("mount", "upload", "node"):
+        raise UserError(f"OUTPUT_MODE={mode}: use mount, upload or node")
+    output = check_output(env("OUTPUT"), "OUTPUT") if env("OUTPUT") else ""
+    if mode == "upload" and not output:
+        raise UserError("OUTPUT_MODE=upload needs OUTPUT=hf://USER/REPO or s3://BUCKET/PREFIX")
+    return name, output, mode
+
+
 def run() -> int:
+    name, output, mode = checked_env()
     config = node_config()
     if not config.is_file():
         config = prepare_config()
-    folder, output, mode = run_dir(), env("OUTPUT"), env("OUTPUT_MODE", "node")
+    folder = run_dir()
     rank0 = env("SKYPILOT_NODE_RANK", "0") == "0"
-    if mode == "upload" and output and not (folder / "checkpoints").is_dir():
-        download(output, env("RUN_NAME", "wanforge"), folder)  # a recovered managed job: carry on from the uploaded checkpoint
+    if mode == "upload" and not (folder / "checkpoints").is_dir():
+        download(output, name, folder)  # a recovered managed job: carry on from the uploaded checkpoint
     cmd = train_command(config)
     print(f"wanforge node: {' '.join(cmd)}", flush=True)
-    if mode == "upload" and output and rank0:
-        with Uploader(folder, output, env("RUN_NAME", "wanforge"), float(env("UPLOAD_EVERY_MIN", "15")) * 60):
-            return subprocess.call(cmd)
-    return subprocess.call(cmd)
+    if not (mode == "upload" and rank0):
+        return subprocess.call(cmd)
+    with Uploader(folder, output, name, float(env("UPLOAD_EVERY_MIN", "15")) * 60) as uploader:
+        code = subprocess.call(cmd)
+    status = _status(folder)
+    if uploader.final_error is not None:
+        if code == 0:
+            upload_failed(folder, uploader.final_error)
+        keep_alive(float(env("KEEP_ALIVE_MIN", "0") or 0))
+        return code or UPLOAD_FAILED_EXIT
+    if code == 0 and status == "upload_failed":  # the trainer's own push_to_hub did not verify (run.json says why)
+        return UPLOAD_FAILED_EXIT
+    return code
+
+
+def _status(folder: Path) -> str:
+    from trainer.rundir import RunDir
+
+    try:
+        return str(RunDir(folder).read_status().get("status", ""))
+    except ValueError:
+        return ""
 
 
 def main(argv: list[str] | None = None) -> int:

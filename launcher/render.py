@@ -4,8 +4,10 @@ One builder makes both: `render_task` fills in a real config (its staged copy, e
 the output) and `template_task` leaves `${CONFIG}` / `${DATASET}` for plain `sky launch sky/<t>.yaml --env ...`.
 `python -m launcher.render templates` rewrites sky/*.yaml from here (tests check they are up to date).
 
-Secrets are listed by NAME only (`secrets: {HF_TOKEN: null}`); their values go to the Task object at launch time
-(launcher.lifecycle) from the caller's environment or Colab userdata, never into a YAML, a log or a printout.
+Secrets are listed by NAME only (`secrets: {HF_TOKEN: null}`), only those the run uses (launcher.launch.secret_names);
+their values go to the Task object at launch time (launcher.lifecycle) from the caller's environment or Colab
+userdata, never into a YAML, a log or a printout. The setup / run scripts are fixed text: user values (run name,
+output, dataset id) reach them only as environment variables, never spliced into the script.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ NODE_ROOT = "/wanforge"  # inputs on the node: input/config.toml, input/data/<i>
 NODE_OUTPUTS = "/outputs"  # run folders on the node (the trainer image's VOLUME; the bucket in mount mode)
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "sky"
 
-# Secrets the node may need: the Hub (models, datasets, uploads), W&B, and an S3-compatible bucket the node uploads to.
-SECRET_NAMES = ["HF_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"]
+KEEP_ALIVE_MIN = 60  # a pod stays up this long after a failed final upload (launcher.node.keep_alive)
 
 SETUP = """\
 set -euo pipefail
@@ -73,12 +74,15 @@ def _output_mount(plan: Plan, source: str) -> dict[str, Any]:
 
 
 def node_envs(run_name: str, plan: Plan, hub_dataset: str = "", upload_every_min: int = 15) -> dict[str, str]:
+    """The task's envs: every user value reaches the node as an environment variable (the setup / run scripts are
+    fixed text that only read them), checked again there (launcher.node.checked_env)."""
     return {
         "RUN_NAME": run_name,
         "OUTPUT": plan.output or "",
         "OUTPUT_MODE": plan.output_mode,
         "HUB_DATASET": hub_dataset,
         "UPLOAD_EVERY_MIN": str(upload_every_min),
+        "KEEP_ALIVE_MIN": str(KEEP_ALIVE_MIN if plan.target.kind == "pod" else 0),
         "WANFORGE_ROOT": NODE_ROOT,
         "WANFORGE_OUTPUTS": NODE_OUTPUTS,
     }
@@ -107,16 +111,17 @@ def _template_plans() -> dict[str, tuple[Plan, str]]:
     return {
         "runpod": (check_request("runpod", "H100", 1, output="hf://USER/REPO"),
                    "RunPod: the image is the pod (one node); the node uploads the run to OUTPUT (hf://USER/REPO or "
-                   "s3://BUCKET/PREFIX); the pod is deleted 10 minutes after it goes idle."),
+                   "s3://BUCKET/PREFIX); the pod is deleted 10 minutes after it goes idle. A final upload that fails "
+                   "keeps the pod up KEEP_ALIVE_MIN minutes: `wanforge sync RUN --from-node` (or rsync) fetches it."),
         "runpod-mi300x": (check_request("runpod", "MI300X", 1, output="hf://USER/REPO"),
                           "RunPod AMD MI300X with the ROCm trainer image; otherwise as runpod.yaml."),
         "vast": (check_request("vast", "RTX4090", 1, output="hf://USER/REPO"),
                  "Vast.ai: the image is the instance (one node, no bucket mounts); the node uploads the run to OUTPUT. "
                  "`sky down` it when the upload is done."),
-        "vm": (check_request("aws", "H100", 1, output="s3://BUCKET/PREFIX"),
+        "vm": (check_request("aws", "H100", 1, output="s3://bucket/prefix"),
                "VM clouds (aws, gcp, azure, lambda, nebius, oci: change `cloud`): the image runs inside the VM, the run "
                "folder is a MOUNT_CACHED bucket. Spot + recovery: `sky jobs launch sky/vm.yaml --use-spot ...`."),
-        "multinode": (check_request("aws", "H100", 8, nodes=2, managed=True, output="s3://BUCKET/PREFIX"),
+        "multinode": (check_request("aws", "H100", 8, nodes=2, managed=True, output="s3://bucket/prefix"),
                       "Two nodes x 8 GPUs as a managed job: accelerate starts one process per GPU, rendezvous on the "
                       "first of SKYPILOT_NODE_IPS; checkpoints in the bucket, so a recovery resumes."),
         "kubernetes": (check_request("kubernetes", "H100", 1),

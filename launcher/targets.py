@@ -8,6 +8,7 @@ anything is rendered or launched.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,14 +88,64 @@ def offering(gpu: str) -> list[str]:
     return [t.name for t in TARGETS.values() if gpu in t.gpus]
 
 
-def _output_kind(output: str) -> str:
-    scheme = output.split("://", 1)[0] if "://" in output else ""
+OUTPUT_HELP = "hf://USER/REPO (a Hugging Face model repo) or a bucket: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, r2://BUCKET/PREFIX"
+BUCKET_SCHEMES = ("s3", "gs", "r2")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]")  # S3 / GCS / R2 bucket names (GCS also allows "_")
+_PREFIX_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-=+]*")  # a key prefix segment: no spaces, quotes or shell syntax
+RUN_NAME_RULE = re.compile(r"[a-z][a-z0-9-]{0,39}")  # a SkyPilot cluster name, a folder name, a Hub path segment
+
+
+def check_output(output: str, field: str = "--output") -> str:
+    """A checked output URI, or one UserError: Hub repo-id rules, bucket-name rules, no traversal, nothing for a shell.
+
+    Checked at `launch` and again on the node (launcher.node), so a hand-written task is held to the same rules."""
+    scheme, sep, rest = output.partition("://")
+    bad = f"{field} {output!r}"
+    if not sep or scheme not in ("hf", *BUCKET_SCHEMES):
+        raise UserError(f"{bad}: use {OUTPUT_HELP}")
+    if "://" in rest or any(ch.isspace() for ch in output):
+        raise UserError(f"{bad}: one scheme and no spaces, e.g. hf://me/my-lora or s3://my-bucket/loras")
     if scheme == "hf":
-        return "hub"
-    if scheme in ("s3", "gs", "r2", "https"):
-        return "bucket"
-    raise UserError(f'--output "{output}": use hf://USER/REPO (a Hugging Face model repo) or a bucket '
-                    "(s3://BUCKET/PREFIX, gs://..., r2://...)")
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        repo = rest.strip("/")
+        try:
+            if repo.count("/") != 1:
+                raise HFValidationError("a repo id is NAMESPACE/NAME")
+            validate_repo_id(repo)
+        except HFValidationError as err:
+            raise UserError(f"{bad}: not a Hub repo id ({str(err).splitlines()[0]}); e.g. hf://me/my-lora") from None
+        return f"hf://{repo}"
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise UserError(f"{bad}: {bucket!r} is not a bucket name (3-63 lowercase letters, digits, '-', '.'); "
+                        f"e.g. {scheme}://my-bucket/loras")
+    parts = [p for p in prefix.split("/") if p]
+    for part in parts:
+        if not _PREFIX_PART.fullmatch(part) or part.strip(".") == "":
+            raise UserError(f"{bad}: the prefix part {part!r} is not allowed (letters, digits, '.', '_', '-', '=', '+'; "
+                            f"no '..'); e.g. {scheme}://{bucket}/loras")
+    return f"{scheme}://{bucket}" + (f"/{'/'.join(parts)}" if parts else "")
+
+
+FOLDER_NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ +=-]{0,99}")  # one path segment: no "/", quotes or `$;&|`
+
+
+def check_run_name(name: str, field: str = "--name", folder_only: bool = False) -> str:
+    """A run name: it names the cluster, the run folder and its place in the bucket / Hub repo. folder_only (the node,
+    where a `--target local` run keeps the config's own folder name): one safe path segment, spaces allowed."""
+    if folder_only:
+        if not FOLDER_NAME_RULE.fullmatch(name) or ".." in name or name != name.strip():
+            raise UserError(f'{field} {name!r}: one folder name (letters, digits, spaces, ".", "_", "-"; no "/" or "..")')
+        return name
+    if not RUN_NAME_RULE.fullmatch(name):
+        raise UserError(f'{field} {name!r}: use 1-40 lowercase letters, digits and dashes, starting with a letter '
+                        "(e.g. wf-my-lora)")
+    return name
+
+
+def _output_kind(output: str) -> str:
+    return "hub" if check_output(output).startswith("hf://") else "bucket"
 
 
 def check_request(
@@ -112,6 +163,7 @@ def check_request(
     `gpu` is a kit GPU name already resolved (see launcher.estimate.parse_gpu); `count` GPUs per node.
     """
     t = target(target_name)
+    output = check_output(output) if output else None
     if nodes < 1:
         raise UserError(f"--nodes {nodes}: must be at least 1")
     if t.kind == "local":

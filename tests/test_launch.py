@@ -25,12 +25,13 @@ from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "hf_THIS_VALUE_MUST_NEVER_BE_WRITTEN_123"
+ALL_SECRETS = ("HF_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
 
 
 @pytest.fixture
 def state(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("WANFORGE_STATE_DIR", str(tmp_path / "state"))
-    for name in render.SECRET_NAMES:
+    for name in ALL_SECRETS:
         monkeypatch.delenv(name, raising=False)
     return tmp_path / "state"
 
@@ -55,10 +56,10 @@ def launch(config_file: Path, *extra: str) -> int:
         (["--target", "runpod", "--gpu", "H1000", "--output", "hf://u/r"], 'unknown GPU. did you mean "H100"'),
         (["--target", "vast", "--gpu", "MI300X", "--output", "hf://u/r"], "MI300X: not offered on vast"),
         (["--target", "runpod", "--gpu", "H100", "--nodes", "2", "--output", "hf://u/r"], "--nodes 2: runpod runs the image as the pod"),
-        (["--target", "runpod", "--gpu", "H100", "--output", "s3://b/p", "--output-mode", "mount"], "runpod cannot mount buckets"),
+        (["--target", "runpod", "--gpu", "H100", "--output", "s3://bkt/p", "--output-mode", "mount"], "runpod cannot mount buckets"),
         (["--target", "vast", "--gpu", "RTX4090"], "the node must upload the run"),
         (["--target", "aws", "--gpu", "H100", "--managed"], "checkpoints must live outside it"),
-        (["--target", "lambda", "--gpu", "H100", "--spot", "--output", "s3://b/p"], "lambda has no spot"),
+        (["--target", "lambda", "--gpu", "H100", "--spot", "--output", "s3://bkt/p"], "lambda has no spot"),
         (["--target", "gcp", "--gpu", "RTX4090"], "RTX4090: not offered on gcp"),
         (["--target", "runpod", "--gpu", "H100", "--output", "ftp://x"], "use hf://USER/REPO"),
     ],
@@ -100,7 +101,7 @@ def test_rendered_tasks_carry_no_secret_value(config_file, state, monkeypatch, c
     for text in (out, task_file.read_text(), (state / "s1" / "config.toml").read_text()):
         assert SECRET not in text
     task = yaml.safe_load(task_file.read_text())
-    assert task["secrets"] == {"HF_TOKEN": None, "WANDB_API_KEY": None}
+    assert task["secrets"] == {"HF_TOKEN": None}  # W&B is set here but the run does not report to it
     assert task["resources"]["autostop"] == {"idle_minutes": 10, "down": True}
     assert task["envs"]["OUTPUT_MODE"] == "upload" and "num_nodes" not in task
     assert "MOUNT" not in task_file.read_text()  # pod clouds only COPY
@@ -200,7 +201,7 @@ def test_cli_works_without_skypilot():
     spec = importlib.util.find_spec("sky")
     if spec is not None and spec.origin is not None:  # pragma: no cover - running in the launch environment
         pytest.skip("SkyPilot is installed here")
-    rec = LaunchRecord(name="x", target="aws", managed=False, output="s3://b", output_mode="mount", remote="",
+    rec = LaunchRecord(name="x", target="aws", managed=False, output="s3://bkt", output_mode="mount", remote="",
                        local_dir="/tmp")
     with pytest.raises(UserError, match=".venv-launch"):
         lifecycle.status(rec)
@@ -221,3 +222,146 @@ def test_hub_dataset_is_fetched_on_the_node_not_uploaded(config_file, state):
     assert task["envs"]["HUB_DATASET"] == "someone/clips"
     assert "/wanforge/input/data/0" not in task["file_mounts"] and "/wanforge/input/config.toml" in task["file_mounts"]
     assert task["envs"]["OUTPUT_MODE"] == "node" and "/outputs" not in task["file_mounts"]
+
+
+# ---------------------------------------------------------------- least secrets
+
+
+@pytest.mark.parametrize(
+    ("args", "sets", "travel"),
+    [
+        (["--target", "vast", "--gpu", "RTX4090", "--output", "hf://me/loras"], [], ["HF_TOKEN"]),
+        (["--target", "aws", "--gpu", "H100", "--output", "s3://my-bucket/runs"], [], []),
+        (["--target", "runpod", "--gpu", "H100", "--output", "s3://my-bucket/runs"], [],
+         ["AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY"]),
+        (["--target", "kubernetes", "--gpu", "H100"], ['tracking.report_to="wandb"'], ["WANDB_API_KEY"]),
+        (["--target", "gcp", "--gpu", "L4", "--hub-dataset", "someone/clips"], [], ["HF_TOKEN"]),
+        (["--target", "aws", "--gpu", "H100"], ["hub.push_to_hub=true", 'hub.hub_model_id="me/lora"'], ["HF_TOKEN"]),
+        (["--target", "aws", "--gpu", "H100"], ['model.pretrained_model_name_or_path="me/private-wan"'], ["HF_TOKEN"]),
+    ],
+)
+def test_a_task_gets_only_the_secrets_its_run_uses(config_file, state, monkeypatch, args, sets, travel):
+    """Every secret is set in the caller's shell; the rendered task names only those the run uses, with no value."""
+    for name in ALL_SECRETS:
+        monkeypatch.setenv(name, SECRET + name)
+    overrides = [x for kv in sets for x in ("--set", kv)]
+    assert launch(config_file, *overrides, *args, "--dryrun", "--name", "least") == 0
+    text = (state / "least" / "task.yaml").read_text()
+    assert sorted(yaml.safe_load(text).get("secrets") or {}) == travel
+    assert SECRET not in text
+
+
+def test_launch_hands_only_the_used_secret_values_to_skypilot(config_file, state, monkeypatch):
+    """The values that reach the SkyPilot Task (lifecycle.launch) are the used ones only."""
+    for name in ALL_SECRETS:
+        monkeypatch.setenv(name, SECRET + name)
+    handed = {}
+    monkeypatch.setattr(lifecycle, "launch", lambda task, rec, secrets: handed.update(secrets))
+    assert launch(config_file, "--target", "vast", "--gpu", "RTX4090", "--output", "hf://me/loras", "--name", "v1") == 0
+    assert handed == {"HF_TOKEN": SECRET + "HF_TOKEN"}
+
+
+# ---------------------------------------------------------------- no shell from strings
+
+HOSTILE_OUTPUTS = ["hf://me/../other", "hf://https://evil.example/x", "hf://me/x;rm -rf ~", "hf://me/$(id)", "hf://me/a b",
+                   "s3://my-bucket/$(touch pwned)", "s3://my-bucket/a;id", "s3://my-bucket/`id`", "s3://my-bucket/../x",
+                   "s3://../x", "s3://my-bucket/a b", "gs://my-bucket/x|id", "r2://s3://my-bucket", "hf://me/a/b",
+                   "s3://Bad_Bucket/x", "hf://me/x\nOUTPUT=y"]
+HOSTILE_NAMES = ["../../x", "a;b", "$(id)", "`id`", "my run", "x/../../y", "Run", "-x", ""]
+
+
+@pytest.mark.parametrize("output", HOSTILE_OUTPUTS)
+def test_hostile_outputs_are_refused_at_launch(config_file, state, capsys, output):
+    assert launch(config_file, "--target", "runpod", "--gpu", "H100", "--output", output, "--dryrun") == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not list(state.glob("*/task.yaml"))
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_run_names_are_refused_at_launch(config_file, state, capsys, name):
+    assert launch(config_file, "--target", "runpod", "--gpu", "H100", "--output", "hf://me/r", f"--name={name}",
+                  "--dryrun") == 2
+    assert "--name" in capsys.readouterr().err
+    assert not (state.parent / "x").exists() and not list(state.glob("*/task.yaml"))
+
+
+@pytest.mark.parametrize(("variable", "value"), [("OUTPUT", o) for o in HOSTILE_OUTPUTS[:8]] +
+                         [("RUN_NAME", n) for n in ("../../x", "a;b", "$(id)", "`id`", "x/y")] +
+                         [("OUTPUT_MODE", "upload; id")])
+def test_the_node_checks_its_environment_again(tmp_path, monkeypatch, capsys, variable, value):
+    """A hand-edited task (sky launch --env OUTPUT=...) meets the same rules on the node, before anything runs."""
+    from launcher import node
+
+    monkeypatch.setenv("WANFORGE_ROOT", str(tmp_path / "root"))
+    monkeypatch.setenv("WANFORGE_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("OUTPUT_MODE", "upload")
+    monkeypatch.setenv("OUTPUT", "hf://me/runs")
+    monkeypatch.setenv("RUN_NAME", "ok")
+    monkeypatch.setenv(variable, value)
+    for part in ("setup", "run"):
+        assert node.main([part]) == 2
+        err = capsys.readouterr().err
+        assert variable in err and "Traceback" not in err
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "x").exists()
+
+
+def test_rendered_scripts_are_fixed_text_with_values_in_envs(config_file, state):
+    """User values reach the node only as environment variables: the setup/run scripts never contain them."""
+    assert launch(config_file, "--target", "runpod", "--gpu", "H100", "--output", "hf://me/my-lora", "--name",
+                  "wf-values", "--hub-dataset", "someone/clips", "--dryrun") == 0
+    task = yaml.safe_load((state / "wf-values" / "task.yaml").read_text())
+    assert task["setup"] == render.SETUP and task["run"] == render.RUN
+    for value in ("me/my-lora", "wf-values", "someone/clips"):
+        assert value not in task["setup"] + task["run"]
+    assert task["envs"]["OUTPUT"] == "hf://me/my-lora" and task["envs"]["RUN_NAME"] == "wf-values"
+    assert task["envs"]["KEEP_ALIVE_MIN"] == str(render.KEEP_ALIVE_MIN)
+
+
+def test_no_external_command_is_a_shell_string():
+    """No shell=True, os.system or `bash -c` with built text in the launcher / trainer / bench code (the task's own
+    fixed setup/run scripts, run by --target local as SkyPilot runs them, are the one `bash -c`)."""
+    import re
+
+    offenders = []
+    for path in [*REPO.glob("launcher/*.py"), *REPO.glob("trainer/*.py")]:
+        text = path.read_text()
+        for pattern in (r"shell\s*=\s*True", r"os\.system\(", r"os\.popen\(", r"\[\s*\"(ba)?sh\",\s*\"-c\""):
+            for match in re.finditer(pattern, text):
+                line = text[:match.start()].count("\n") + 1
+                offenders.append(f"{path.relative_to(REPO)}:{line}")
+    assert offenders == ["launcher/launch.py:" + str(_run_local_line())]
+
+
+def _run_local_line() -> int:
+    lines = (REPO / "launcher" / "launch.py").read_text().splitlines()
+    return next(i + 1 for i, line in enumerate(lines) if '["bash", "-c", task[part]]' in line)
+
+
+def test_sync_brings_back_folders_with_spaces_and_shell_syntax(state, tmp_path):
+    """rsync gets argument lists: a node folder and a local folder named with spaces, `;` and `$(...)` are just names."""
+    node_copy = tmp_path / "node outputs; $(touch pwned)" / "r3"
+    (node_copy / "lora").mkdir(parents=True)
+    (node_copy / "config.toml").write_text("x = 1\n")
+    (node_copy / "run.json").write_text(json.dumps({"status": "completed"}))
+    (node_copy / "lora" / "w.safetensors").write_bytes(b"\0" * 64)
+    dest = tmp_path / "my runs `id`" / "back here"
+    rec = LaunchRecord(name="r3", target="kubernetes", managed=False, output=None, output_mode="node",
+                       remote=str(node_copy), local_dir=str(dest), launched_at=lifecycle.now())
+    lifecycle.save_record(rec)
+    assert sync_run(rec) == (dest, "completed")
+    assert (dest / "lora" / "w.safetensors").read_bytes() == b"\0" * 64
+    assert not list(tmp_path.rglob("pwned")) and not (REPO / "pwned").exists()
+
+
+@pytest.mark.parametrize(("url", "tool"), [("s3://my-bucket/runs/r1", "aws"), ("gs://my-bucket/runs/r1", "gsutil")])
+def test_bucket_sync_is_an_argument_list(tmp_path, url, tool):
+    from launcher.sync import bucket_sync_command
+
+    dest = tmp_path / "a b; $(touch pwned)"
+    cmd, env = bucket_sync_command(url, dest)
+    assert cmd[0] == tool and url in cmd and str(dest) in cmd and env == {}
+    with pytest.raises(UserError, match="not allowed"):
+        from launcher.sync import bucket_sync
+
+        bucket_sync("s3://my-bucket/$(id)/r1", dest)

@@ -5,6 +5,10 @@ Uploads go through huggingface_hub's own background queue (`run_as_future`: one 
 never waits for the network. Files are hard-linked (or copied) into a staging folder first, so pruning an old
 checkpoint while it uploads does no harm. The token is whatever huggingface_hub finds (HF_TOKEN in the environment,
 `hf auth login`, a Colab secret); wanforge never reads, passes or prints it.
+
+Every upload is retried with exponential backoff (`with_retries`), and the final one is verified by asking the Hub
+for the uploaded paths and sizes back (`verify_uploaded`): a LoRA is "published" only once the Hub lists it. The
+node's run-folder upload (launcher/node.py) uses the same two helpers.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -21,6 +26,79 @@ from trainer.errors import UserError
 from trainer.rundir import RunDir
 
 log = logging.getLogger(__name__)
+
+UPLOAD_ATTEMPTS_ENV = "WANFORGE_UPLOAD_ATTEMPTS"  # tries per upload (default 5)
+UPLOAD_BACKOFF_ENV = "WANFORGE_UPLOAD_BACKOFF_S"  # first wait between tries, doubled each time (default 5 s)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{err.__class__.__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def with_retries(what: str, fn: Callable[[], object], attempts: int | None = None, first_wait_s: float | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> object:
+    """fn() with up to `attempts` tries, waiting first_wait_s, 2x, 4x ... between them; the last error is raised.
+
+    Written here because huggingface_hub retries only single HTTP calls (5xx, rate limits), not a whole commit."""
+    attempts = attempts or int(os.environ.get(UPLOAD_ATTEMPTS_ENV) or 5)
+    wait = float(os.environ.get(UPLOAD_BACKOFF_ENV) or 5.0) if first_wait_s is None else first_wait_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as err:
+            if attempt == attempts:
+                raise
+            log.warning("%s failed (%s); try %d of %d in %.0f s", what, first_line(err), attempt + 1, attempts, wait)
+            sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
+def local_files(folder: Path, prefix: str = "", skip: Callable[[str], bool] = lambda rel: False) -> dict[str, int]:
+    """path in the repo -> size, for every file under `folder` (relative paths joined to `prefix`)."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and not skip(rel):
+            found[f"{prefix.strip('/')}/{rel}" if prefix.strip("/") else rel] = path.stat().st_size
+    return found
+
+
+def verify_uploaded(api, repo_id: str, expected: dict[str, int], repo_type: str = "model") -> None:
+    """Ask the Hub for `expected` (path -> size) back; raises UploadNotVerified naming what is missing or different."""
+    listed: dict[str, int | None] = {}
+    paths = list(expected)
+    for start in range(0, len(paths), 500):  # the paths-info endpoint takes a bounded list
+        for info in api.get_paths_info(repo_id, paths[start:start + 500], repo_type=repo_type):
+            if getattr(info, "size", None) is not None:
+                listed[info.path] = info.size
+    missing = [p for p in paths if p not in listed]
+    wrong = [p for p in paths if p in listed and listed[p] != expected[p]]
+    if missing or wrong:
+        parts = ([f"missing {len(missing)} file(s), e.g. {', '.join(missing[:3])}"] if missing else []) + \
+                ([f"{len(wrong)} file(s) of another size, e.g. {', '.join(wrong[:3])}"] if wrong else [])
+        raise UploadNotVerified(f"the Hub repo {repo_id} does not list what was uploaded: {'; '.join(parts)}")
+
+
+class UploadNotVerified(RuntimeError):
+    """The upload call returned, but the Hub does not list the files back."""
+
+
+def tracker_note(trackers: Iterable) -> Callable[[str], None]:
+    """A callback that puts an upload failure line in the experiment tracker: a W&B alert, a TensorBoard text."""
+
+    def note(line: str) -> None:
+        for tracker in trackers:
+            try:
+                if tracker.name == "wandb":
+                    tracker.run.alert(title="wanforge: Hub upload failed", text=line)
+                elif tracker.name == "tensorboard":
+                    tracker.writer.add_text("wanforge/upload_error", line)
+            except Exception:  # the tracker is a report channel: its own trouble must not stop training
+                log.exception("sending an upload failure to %s failed", tracker.name)
+
+    return note
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -63,8 +141,14 @@ class HubPublisher:
             return None
         return cls(cfg, run, on_error=on_error)
 
-    def _queue(self, what: str, fn, **kwargs) -> Future:
-        future = self.api.run_as_future(fn, **kwargs)
+    def _queue(self, what: str, fn, verify: dict[str, int] | None = None, **kwargs) -> Future:
+        def attempt() -> object:
+            result = fn(**kwargs)
+            if verify is not None:
+                verify_uploaded(self.api, self.repo_id, verify)
+            return result
+
+        future = self.api.run_as_future(with_retries, f"Hub upload of {what} to {self.repo_id}", attempt)
         future.add_done_callback(lambda f: self._report(what, f))
         self.futures.append((what, future))
         return future
@@ -81,8 +165,9 @@ class HubPublisher:
             except Exception:  # a reporting problem must not hide the upload problem
                 log.exception("reporting a Hub upload failure failed")
 
-    def _upload(self, what: str, folder: Path, path_in_repo: str | None, message: str) -> Future:
-        future = self._queue(what, self.api.upload_folder, repo_id=self.repo_id, folder_path=str(folder),
+    def _upload(self, what: str, folder: Path, path_in_repo: str | None, message: str, verify: bool = False) -> Future:
+        expected = local_files(folder, path_in_repo or "") if verify else None
+        future = self._queue(what, self.api.upload_folder, expected, repo_id=self.repo_id, folder_path=str(folder),
                              path_in_repo=path_in_repo, commit_message=message, repo_type="model")
         future.add_done_callback(lambda _f: shutil.rmtree(folder, ignore_errors=True))
         return future
@@ -107,14 +192,13 @@ class HubPublisher:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
         (staged / "README.md").write_text(card, encoding="utf-8")
-        return self._upload("final LoRA", staged, None, f"LoRA after {step} steps (wanforge)")
+        return self._upload(FINAL, staged, None, f"LoRA after {step} steps (wanforge)", verify=True)
 
     def _failure(self, what: str, future: Future) -> str | None:
         err = future.exception()
         if err is None:
             return None
-        first = str(err).splitlines()[0] if str(err) else ""
-        return f"Hub upload of {what} to {self.repo_id} failed: {err.__class__.__name__}: {first}"
+        return f"Hub upload of {what} to {self.repo_id} failed: {first_line(err)}"
 
     def wait(self, timeout: float | None = None) -> list[str]:
         """Wait for every queued upload (the final one included); returns the failures, one line each."""
@@ -127,6 +211,19 @@ class HubPublisher:
                                 else f"Hub upload of {what} to {self.repo_id} still running after {timeout} s")
         self.futures = [(w, f) for w, f in self.futures if not f.done()]
         return failures
+
+    def final_failure(self, failures: list[str]) -> str | None:
+        """The line of a failed (or unverified) final LoRA upload among `wait()`'s failures, else None."""
+        return next((line for line in failures if f"of {FINAL} to" in line), None)
+
+
+FINAL = "final LoRA"
+
+
+def final_upload_remedy(repo_id: str, run_root: Path) -> str:
+    """What the user does when the final upload did not verify: the LoRA is in the run folder, push it by hand."""
+    return (f"the LoRA is in {run_root}; check the token can write to {repo_id} (a write token in HF_TOKEN), then "
+            f"upload it: hf upload {repo_id} {run_root} . --include '*.safetensors' 'config.toml'")
 
 
 def publish_final(publisher: HubPublisher | None, cfg: WanforgeConfig, run: RunDir, settings, lora_file: Path,

@@ -25,7 +25,7 @@ from trainer.evaluation import eval_due, log_eval_loss, split_eval_samples
 from trainer.experts import active_stage, sample_training_sigmas, save_expert_loras, select_expert, setup_expert_pair
 from trainer.export import save_lora
 from trainer.flow import flow_loss, flow_target, noisy_input, sample_sigmas, timesteps_from_sigmas
-from trainer.hub import HubPublisher, publish_final
+from trainer.hub import HubPublisher, final_upload_remedy, publish_final, tracker_note
 from trainer.flavours import get_flavour
 from trainer.lora import adapter_state_dict, add_lora, trainable_parameters
 from trainer.lycoris_adapter import save_lycoris
@@ -131,7 +131,11 @@ def train(
 def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_progress, on_step,
            webhooks: Webhooks) -> TrainResult:
     main = accelerator.is_main_process
-    publisher = HubPublisher.maybe(cfg, run, on_error=lambda line: webhooks.send("error", line)) if main else None
+    def upload_failed(line: str) -> None:  # log (hub.py), webhook and tracker hear of every failed Hub upload
+        webhooks.send("error", line)
+        tracker_note(accelerator.trackers)(line)
+
+    publisher = HubPublisher.maybe(cfg, run, on_error=upload_failed) if main else None
     with accelerator.main_process_first():  # one process builds the tiny model / fills the Hub cache, then the rest
         base_model_path(cfg.model)
     # ---- caches: the VAE and text encoder are loaded only for missing entries, then freed
@@ -289,8 +293,11 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
     if main:
         publish_final(publisher, cfg, run, val, lora_file, ema_file, validator.last, state.step)
         hub_errors = publisher.wait() if publisher is not None else []  # the run is done: let uploads finish
-        run.write_status(status="completed", step=state.step, lora=str(lora_file.relative_to(run.root)),
-                         videos=[str(v.relative_to(run.root)) for v in videos], error=None, hub_errors=hub_errors)
+        final_error = publisher.final_failure(hub_errors) if publisher is not None else None
+        run.write_status(status="upload_failed" if final_error else "completed", step=state.step,
+                         lora=str(lora_file.relative_to(run.root)), videos=[str(v.relative_to(run.root)) for v in videos],
+                         error=final_error, hub_errors=hub_errors,
+                         remedy=final_upload_remedy(cfg.hub.hub_model_id, run.root) if final_error else None)
         webhooks.send("info", f"finished after {state.step} steps" + (f"; {hub_errors[0]}" if hub_errors else ""))
     return TrainResult(run.root, lora_file, videos, report.built, state.step)
 
