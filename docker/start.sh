@@ -21,7 +21,8 @@
 #   WANFORGE_GPU_STACK       cuda | rocm (the image sets it; outside an image it is guessed)
 #   WANFORGE_MIN_DRIVER      oldest NVIDIA driver this image's torch runs on (the image sets it from its build)
 #   WANFORGE_MIN_ROCM        oldest ROCm this image's torch runs on (the ROCm image sets it)
-#   WANFORGE_IDLE_CMD        what a hosted container runs instead of training (default: sleep infinity)
+#   WANFORGE_IDLE_CMD        what a hosted container runs instead of training, split on spaces, no shell syntax
+#                            (default: sleep infinity)
 #   WANFORGE_PYTHON          the Python used when no `wanforge` command is on PATH (default python3)
 #
 # Exit codes: the trainer's own; 2 for a problem the user fixes (no config, no GPU, a driver too old), with the fix.
@@ -55,7 +56,8 @@ fi
 platform="$(hosted_by)"
 if [ -n "$platform" ]; then
     say "started by $platform: not training here (the task's run command or your terminal starts \`wanforge train\`)."
-    exec bash -c "${WANFORGE_IDLE_CMD:-sleep infinity}"
+    read -r -a idle <<< "${WANFORGE_IDLE_CMD:-sleep infinity}"  # split on spaces: a command, never shell text
+    exec "${idle[@]}"
 fi
 
 # ---------------------------------------------------------------- the config

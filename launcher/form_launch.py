@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,7 +96,9 @@ def start_run(cfg: WanforgeConfig, target: str = "local", gpu: str | None = None
               python: str | None = None) -> RunHandle:
     """Save the config beside its run folder and start `wanforge launch` on it; returns at once."""
     run_dir = Path(cfg.train.output_dir)
-    name = name or f"wf-{run_dir.name}-{time.strftime('%m%d-%H%M%S')}".lower().replace("_", "-")
+    from launcher.launch import default_run_name
+
+    name = name or default_run_name(run_dir.name)
     config_file = run_dir.parent / f"{run_dir.name}.launch.toml"
     save_config(cfg, config_file)
     log_file = run_dir.parent / f"{run_dir.name}.launch.log"

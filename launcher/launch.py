@@ -93,7 +93,12 @@ def run_name(config: Path, given: str | None) -> str:
     checked as it is (never rewritten: it names the run folder and its place in the bucket / Hub repo)."""
     if given is not None:
         return check_run_name(given)
-    name = re.sub(r"[^a-z0-9-]+", "-", f"wf-{config.stem}".lower()).strip("-")[:26].rstrip("-")
+    return default_run_name(config.stem)
+
+
+def default_run_name(stem: str) -> str:
+    """wf-<stem>-<MMDD-HHMMSS>, the stem reduced to lowercase letters, digits and dashes (the notebook form uses it)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", f"wf-{stem}".lower()).strip("-")[:26].rstrip("-")
     return check_run_name(f"{name}-{time.strftime('%m%d-%H%M%S')}")
 
 

@@ -237,14 +237,18 @@ class Uploader:
 
     def push(self, why: str) -> str | None:
         """One upload (the final one retried and verified); returns the failure line, or None."""
-        from trainer.hub import first_line
+        from trainer.hub import first_line, local_files
 
+        started = time.perf_counter()
         try:
             if why == "final":
                 upload(self.folder, self.output, self.name, verify=True)
             else:
                 upload_once(self.folder, self.output, self.name)
-            print(f"wanforge node: uploaded {self.folder} to {self.output} ({why})", flush=True)
+            sizes = local_files(self.folder, "", _skipped)
+            print(f"wanforge node: uploaded {self.folder} to {self.output} ({why}{', verified' if why == 'final' else ''}"
+                  f"): {len(sizes)} files, {sum(sizes.values()) / 2**20:.1f} MiB in {time.perf_counter() - started:.1f} s",
+                  flush=True)
             return None
         except Exception as err:  # an upload hiccup must not kill a training run; the next one retries
             line = f"upload of {self.folder} to {self.output} failed ({why}): {first_line(err)[:500]}"
@@ -276,14 +280,14 @@ def upload_failed(folder: Path, error: str) -> None:
     print(f"wanforge node: run status upload_failed: {error}\nwanforge node: {remedy}", flush=True)
 
 
-def keep_alive(minutes: float, sleep=time.sleep) -> None:
+def keep_alive(minutes: float) -> None:
     """A pod is deleted once its job ends: stay up so `wanforge sync --from-node` can still fetch the run folder."""
     if minutes <= 0:
         return
     print(f"wanforge node: keeping this node up {minutes:g} min (KEEP_ALIVE_MIN) so `wanforge sync "
           f"{env('RUN_NAME', 'wanforge')} --from-node` can fetch the run folder; `wanforge down` ends it sooner",
           flush=True)
-    sleep(minutes * 60)
+    time.sleep(minutes * 60)
 
 
 # ---------------------------------------------------------------- training: one process, or accelerate on many

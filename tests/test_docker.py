@@ -411,6 +411,15 @@ def test_hosted_container_idles_instead_of_training(config_file, tmp_path, platf
     assert proc.returncode == 0 and proc.stdout.strip() == "from-args"
 
 
+def test_idle_command_is_words_not_shell_text(tmp_path):
+    """WANFORGE_IDLE_CMD is split into words and run: `;` and `$(...)` are passed as text, never evaluated."""
+    marker = tmp_path / "pwned"
+    env = _env(tmp_path, RUNPOD_POD_ID="abc", WANFORGE_IDLE_CMD=f"echo idle; touch {marker} $(touch {marker})")
+    proc = _start(env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"idle; touch {marker} $(touch {marker})" in proc.stdout and not marker.exists()
+
+
 def test_a_command_given_runs_instead_of_training(config_file, tmp_path):
     env = _env(tmp_path, WANFORGE_CONFIG=str(config_file), WANFORGE_OUTPUT_DIR=str(tmp_path / "outputs"))
     proc = _start(env, "bash", "-c", "echo custom; exit 3")
