@@ -51,31 +51,16 @@ def main() -> None:
     if not (work / "model" / "model_index.json").exists():
         build_model(work / "model")
     make_clips(work / "clips")
+    from trainer.config import config_from_dict, save_config
+
     config = work / "rehearsal.toml"
-    config.write_text(f"""
-[model]
-flavour = "t2v-480p-1.3b-2.1"
-pretrained_model_name_or_path = "{work / 'model'}"
-
-[[datasets]]
-path = "{work / 'clips'}"
-num_frames = 81
-width = 832
-height = 480
-
-[lora]
-rank = 16
-
-[train]
-output_dir = "{work / 'laptop-run'}"
-max_train_steps = {args.steps}
-
-[validation]
-at_end = false
-
-[checkpoint]
-every_n_steps = {max(args.steps // 2, 1)}
-""")
+    save_config(config_from_dict({
+        "model": {"flavour": "t2v-480p-1.3b-2.1", "pretrained_model_name_or_path": str(work / "model")},
+        "datasets": [{"path": str(work / "clips"), "num_frames": 81, "width": 832, "height": 480}],
+        "lora": {"rank": 16}, "validation": {"at_end": False},
+        "train": {"output_dir": str(work / "laptop-run"), "max_train_steps": args.steps},
+        "checkpoint": {"every_n_steps": max(args.steps // 2, 1)},
+    }), config)
     name = "wf-rehearsal"
     plan = check_request("runpod", "H100", 1, output="hf://me/rehearsal")
     task = render.render_task(plan, name, config, [work / "clips"], secrets=["HF_TOKEN"])
