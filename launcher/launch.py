@@ -215,7 +215,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     else:
         secrets = gather_secrets(cfg, plan, hub_dataset)
         names = sorted(secrets)
-    task = render.render_task(plan, name, staged_config, datasets, hub_dataset, names)
+    if args.keep_alive_min < 0:
+        raise UserError(f"--keep-alive-min {args.keep_alive_min}: minutes, 0 or more")
+    task = render.render_task(plan, name, staged_config, datasets, hub_dataset, names,
+                              keep_alive_min=args.keep_alive_min)
     (staging / "task.yaml").write_text(render.dump(task), encoding="utf-8")
 
     if args.dryrun:
@@ -329,6 +332,9 @@ def add_commands(sub: Any, with_config: Any) -> None:
     p.add_argument("--name", help="run / cluster name (default wf-<config>-<time>)")
     p.add_argument("--dryrun", action="store_true", help="print the rendered task and the estimate, launch nothing")
     p.add_argument("--ignore-estimate", action="store_true", help="launch even if the estimate says it won't fit")
+    p.add_argument("--keep-alive-min", type=int, default=render.KEEP_ALIVE_MIN,
+                   help="pod targets: minutes the pod stays up after a final upload that failed, so `wanforge sync "
+                        f"RUN --from-node` can fetch the run (default {render.KEEP_ALIVE_MIN})")
     p.set_defaults(func=cmd_launch)
 
     for name, helptext, func in (("status", "the run's cluster / managed job status", cmd_status),

@@ -114,14 +114,9 @@ def _s3_url(output: str, name: str) -> str:
     return output.rstrip("/") + "/" + name
 
 
-def _aws(*args: str) -> list[str]:
-    """An `aws` argument list; AWS_ENDPOINT_URL (an S3-compatible store) is read by the CLI itself."""
-    return ["aws", *args]
-
-
 def _s3_listing(url: str) -> dict[str, int]:
     """key relative to url -> size, from `aws s3 ls --recursive` (lines: DATE TIME SIZE KEY)."""
-    done = subprocess.run(_aws("s3", "ls", "--recursive", url.rstrip("/") + "/"), capture_output=True, text=True)
+    done = subprocess.run(["aws", "s3", "ls", "--recursive", url.rstrip("/") + "/"], capture_output=True, text=True)
     if done.returncode not in (0, 1):  # 1: nothing there
         raise RuntimeError(f"aws s3 ls {url} failed: {done.stderr.strip()[-300:]}")
     base = url.split("://", 1)[1].partition("/")[2].rstrip("/")
@@ -153,7 +148,8 @@ def upload_once(folder: Path, output: str, name: str, verify: bool = False) -> N
     elif output.startswith("s3://"):
         url = _s3_url(output, name)
         excludes = [arg for p in _SKIP for arg in ("--exclude", f"{p}*")]
-        subprocess.run(_aws("s3", "sync", "--delete", *excludes, str(folder), url), check=True)
+        # an S3-compatible store: AWS_ENDPOINT_URL, read by the CLI itself
+        subprocess.run(["aws", "s3", "sync", "--delete", *excludes, str(folder), url], check=True)
         if verify:
             expected, listed = local_files(folder, "", _skipped), _s3_listing(url)
             missing = [k for k, size in expected.items() if listed.get(k) != size]
@@ -202,7 +198,7 @@ def _download(output: str, name: str, folder: Path) -> None:
             shutil.copytree(staging / name, folder, dirs_exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
     elif output.startswith("s3://"):
-        subprocess.run(_aws("s3", "sync", _s3_url(output, name), str(folder)), check=True)
+        subprocess.run(["aws", "s3", "sync", _s3_url(output, name), str(folder)], check=True)
     else:
         raise UserError(f"{output}: runs come back from hf://USER/REPO or s3://BUCKET/PREFIX only")
 
@@ -334,16 +330,16 @@ def run() -> int:
     cmd = train_command(config)
     print(f"wanforge node: {' '.join(cmd)}", flush=True)
     if not (mode == "upload" and rank0):
-        return subprocess.call(cmd)
-    with Uploader(folder, output, name, float(env("UPLOAD_EVERY_MIN", "15")) * 60) as uploader:
         code = subprocess.call(cmd)
-    status = _status(folder)
-    if uploader.final_error is not None:
-        if code == 0:
-            upload_failed(folder, uploader.final_error)
-        keep_alive(float(env("KEEP_ALIVE_MIN", "0") or 0))
-        return code or UPLOAD_FAILED_EXIT
-    if code == 0 and status == "upload_failed":  # the trainer's own push_to_hub did not verify (run.json says why)
+    else:
+        with Uploader(folder, output, name, float(env("UPLOAD_EVERY_MIN", "15")) * 60) as uploader:
+            code = subprocess.call(cmd)
+        if uploader.final_error is not None:
+            if code == 0:
+                upload_failed(folder, uploader.final_error)
+            keep_alive(float(env("KEEP_ALIVE_MIN", "0") or 0))
+            return code or UPLOAD_FAILED_EXIT
+    if code == 0 and rank0 and _status(folder) == "upload_failed":  # the trainer's push_to_hub did not verify
         return UPLOAD_FAILED_EXIT
     return code
 

@@ -73,7 +73,8 @@ def _output_mount(plan: Plan, source: str) -> dict[str, Any]:
     return {NODE_OUTPUTS: {"source": source, "mode": "MOUNT_CACHED"}} if plan.output_mode == "mount" else {}
 
 
-def node_envs(run_name: str, plan: Plan, hub_dataset: str = "", upload_every_min: int = 15) -> dict[str, str]:
+def node_envs(run_name: str, plan: Plan, hub_dataset: str = "", upload_every_min: int = 15,
+              keep_alive_min: int = KEEP_ALIVE_MIN) -> dict[str, str]:
     """The task's envs: every user value reaches the node as an environment variable (the setup / run scripts are
     fixed text that only read them), checked again there (launcher.node.checked_env)."""
     return {
@@ -82,14 +83,15 @@ def node_envs(run_name: str, plan: Plan, hub_dataset: str = "", upload_every_min
         "OUTPUT_MODE": plan.output_mode,
         "HUB_DATASET": hub_dataset,
         "UPLOAD_EVERY_MIN": str(upload_every_min),
-        "KEEP_ALIVE_MIN": str(KEEP_ALIVE_MIN if plan.target.kind == "pod" else 0),
+        "KEEP_ALIVE_MIN": str(keep_alive_min if plan.target.kind == "pod" else 0),
         "WANFORGE_ROOT": NODE_ROOT,
         "WANFORGE_OUTPUTS": NODE_OUTPUTS,
     }
 
 
 def render_task(plan: Plan, run_name: str, config_file: Path, datasets: list[Path], hub_dataset: str = "",
-                secrets: list[str] | None = None, image: str | None = None) -> dict[str, Any]:
+                secrets: list[str] | None = None, image: str | None = None,
+                keep_alive_min: int = KEEP_ALIVE_MIN) -> dict[str, Any]:
     """The task for one launch: `config_file` is the staged, resolved config; `datasets` its local folders in order."""
     image = image or image_for(plan.vendor)
     mounts: dict[str, Any] = {f"{NODE_ROOT}/input/config.toml": str(config_file)}
@@ -98,7 +100,8 @@ def render_task(plan: Plan, run_name: str, config_file: Path, datasets: list[Pat
             continue
         mounts[f"{NODE_ROOT}/input/data/{i}"] = str(folder)
     mounts.update(_output_mount(plan, plan.output or ""))
-    return _task(run_name, plan, image, node_envs(run_name, plan, hub_dataset), mounts, secrets or [])
+    return _task(run_name, plan, image, node_envs(run_name, plan, hub_dataset, keep_alive_min=keep_alive_min), mounts,
+                 secrets or [])
 
 
 # ---------------------------------------------------------------- the sky/ templates

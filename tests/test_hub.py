@@ -250,6 +250,22 @@ def test_node_uploads_verifies_and_sync_brings_back_the_same_folder(hub_factory,
             assert (back / path.relative_to(folder)).read_bytes() == path.read_bytes()
 
 
+def test_node_exits_non_zero_when_the_trainers_own_push_failed(monkeypatch, tmp_path):
+    """Outputs kept on the node (or a mounted bucket), push_to_hub on: a final push that did not verify (run.json
+    upload_failed, written by the trainer) makes the node's run fail too, so SkyPilot reports it."""
+    import sys
+
+    from launcher import node
+
+    _node_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("OUTPUT_MODE", "node")
+    monkeypatch.delenv("OUTPUT")
+    _fake_training(monkeypatch, tmp_path)
+    script = node.train_command(None)[2].replace("'completed'", "'upload_failed'")
+    monkeypatch.setattr(node, "train_command", lambda config: [sys.executable, "-c", script, str(node.run_dir())])
+    assert node.main(["run"]) == node.UPLOAD_FAILED_EXIT
+
+
 @pytest.mark.parametrize("mode", ["deny_reads", "closed_port"])
 def test_unreachable_output_at_start_is_one_line(hub_factory, monkeypatch, tmp_path, capsys, mode):
     """The node's resume check cannot read OUTPUT (a token that cannot see it, no Hub at all): one line, exit 2."""

@@ -316,6 +316,11 @@ def test_rendered_scripts_are_fixed_text_with_values_in_envs(config_file, state)
         assert value not in task["setup"] + task["run"]
     assert task["envs"]["OUTPUT"] == "hf://me/my-lora" and task["envs"]["RUN_NAME"] == "wf-values"
     assert task["envs"]["KEEP_ALIVE_MIN"] == str(render.KEEP_ALIVE_MIN)
+    assert launch(config_file, "--target", "vast", "--gpu", "RTX4090", "--output", "hf://me/my-lora", "--name", "wf-k",
+                  "--keep-alive-min", "5", "--dryrun") == 0
+    assert yaml.safe_load((state / "wf-k" / "task.yaml").read_text())["envs"]["KEEP_ALIVE_MIN"] == "5"
+    assert launch(config_file, "--target", "aws", "--gpu", "H100", "--name", "wf-vm", "--dryrun") == 0
+    assert yaml.safe_load((state / "wf-vm" / "task.yaml").read_text())["envs"]["KEEP_ALIVE_MIN"] == "0"  # a VM stays
 
 
 def test_no_external_command_is_a_shell_string():
@@ -365,3 +370,21 @@ def test_bucket_sync_is_an_argument_list(tmp_path, url, tool):
         from launcher.sync import bucket_sync
 
         bucket_sync("s3://my-bucket/$(id)/r1", dest)
+
+
+def test_every_cloud_installs_from_the_constraints_and_ci_checks_it():
+    """The install hint names the target's SkyPilot extra; .ci/run resolves every cloud of the table against
+    constraints-launch.txt (the pins come from one resolve of all of them, so none can be left out)."""
+    import re
+
+    clouds = [t for t in TARGETS if t != "local"]
+    assert sorted(lifecycle.CLOUD_EXTRAS) == sorted(clouds)
+    hint = lifecycle.launch_env_hint("runpod")
+    assert '-c constraints-launch.txt -e ".[launch]" "skypilot[runpod]"' in hint
+    ci = (REPO / ".ci" / "run").read_text()
+    joint = re.search(r"for extras in (\S+)", ci).group(1).split(",")
+    assert sorted(joint) == sorted(clouds) and "--dry-run" in ci and "-c constraints-launch.txt" in ci
+    pins = {line.split("==")[0].lower() for line in (REPO / "constraints-launch.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    assert {"skypilot", "boto3", "runpod", "vastai-sdk", "azure-cli", "google-api-python-client", "oci", "nebius",
+            "kubernetes", "python-dateutil"} <= pins
