@@ -250,6 +250,38 @@ def test_node_uploads_verifies_and_sync_brings_back_the_same_folder(hub_factory,
             assert (back / path.relative_to(folder)).read_bytes() == path.read_bytes()
 
 
+def test_node_periodic_upload_failures_reach_the_log_and_the_webhook(hub_factory, monkeypatch, tmp_path, clips, capsys):
+    """While training runs, a refused periodic upload is a log line and a webhook error; the next one tries again."""
+    import time
+
+    from launcher import node
+    from trainer.config import save_config
+
+    hub = hub_factory(fail_commits=True)
+    _node_env(monkeypatch, tmp_path)
+    receiver = Receiver()
+    hook = tmp_path / "hook.json"
+    hook.write_text(json.dumps({"url": receiver.url, "format": "raw"}))
+    node.root().mkdir(parents=True)
+    save_config(tiny_config(clips, tmp_path / "run", tracking={"webhook_config": str(hook)}), node.node_config())
+    folder = tmp_path / "outputs" / "r1"
+    (folder / "lora").mkdir(parents=True)
+    (folder / "lora" / "w.safetensors").write_bytes(b"w" * 64)
+    monkeypatch.setenv("WANFORGE_UPLOAD_ATTEMPTS", "1")
+    try:
+        with node.Uploader(folder, "hf://me/runs", "r1", every_s=0.05) as uploader:
+            deadline = time.time() + 20
+            while hub.refused < 2 and time.time() < deadline:
+                time.sleep(0.05)
+        time.sleep(0.5)  # the webhook thread posts in the background
+    finally:
+        receiver.close()
+    out = capsys.readouterr().out
+    assert out.count("failed (periodic)") >= 2 and "failed (final)" in out and uploader.final_error is not None
+    errors = [b["message"] for b in receiver.json_bodies() if b.get("level") == "error"]
+    assert any("failed (periodic)" in e for e in errors) and any("failed (final)" in e for e in errors)
+
+
 def test_node_exits_non_zero_when_the_trainers_own_push_failed(monkeypatch, tmp_path):
     """Outputs kept on the node (or a mounted bucket), push_to_hub on: a final push that did not verify (run.json
     upload_failed, written by the trainer) makes the node's run fail too, so SkyPilot reports it."""
