@@ -67,6 +67,7 @@ def probe_video(path: Path) -> MediaInfo:
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
             tb = float(stream.time_base)
+            header_rate = float(stream.average_rate or stream.guessed_rate or 0)  # read while open: av 19 frees it on close
             first = last = None
             last_duration = 0
             count = 0
@@ -81,7 +82,7 @@ def probe_video(path: Path) -> MediaInfo:
         raise MediaError(f"unreadable video ({err.__class__.__name__}: {err})") from None
     if count == 0 or not width or not height:
         raise MediaError("no video frames")
-    rate = float(stream.average_rate or stream.guessed_rate or 0) or (count / max((last - first) * tb, 1e-9))
+    rate = header_rate or (count / max((last - first) * tb, 1e-9))
     frame_time = last_duration * tb if last_duration else 1.0 / rate
     duration = (last - first) * tb + frame_time
     return MediaInfo("video", width, height, count, duration, rate)
