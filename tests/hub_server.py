@@ -11,7 +11,8 @@ from pathlib import Path
 
 
 class FakeHub:
-    def __init__(self, fail_commits: bool = False):
+    def __init__(self, fail_commits: bool = False, owner: str = "user"):
+        self.owner = owner  # whose token the tests use
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers)
         self.files: dict[str, dict[str, bytes]] = {}  # repo -> path -> content
         self.commits: list[tuple[str, str]] = []  # (repo, message)
@@ -63,6 +64,10 @@ class FakeHub:
 
             def do_GET(self):
                 hub.requests.append(("GET", self.path, dict(self.headers)))
+                if self.path.startswith("/api/whoami-v2"):  # the token's owner (a bare repo name lands there)
+                    if not self.headers.get("Authorization"):
+                        return self._reply(401, {"error": "no token"})
+                    return self._reply(200, {"type": "user", "name": hub.owner, "orgs": []})
                 return self._reply(404, {"error": f"no fake for {self.path}"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
