@@ -110,3 +110,14 @@ def load_like_comfyui(model_factory, lora: dict[str, torch.Tensor], strength: fl
     patched = apply_lora(original_layout(model), lora, strength)
     model.load_state_dict(_to_diffusers(patched), strict=True)
     return model.eval()
+
+
+def transformer_inputs(image: bool, timestep: float = 700.0) -> dict:
+    """Fixed inputs for the tiny transformers (T2V, or I2V with 36 channels and CLIP image tokens)."""
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 36 if image else 16, 3, 8, 8, generator=g),
+                  timestep=torch.tensor([timestep]), encoder_hidden_states=torch.randn(1, 12, 32, generator=g),
+                  return_dict=False)
+    if image:
+        inputs["encoder_hidden_states_image"] = torch.randn(1, 5, 32, generator=g)
+    return inputs

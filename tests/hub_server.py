@@ -11,8 +11,8 @@ from pathlib import Path
 
 
 class FakeHub:
-    def __init__(self, fail_commits: bool = False, owner: str = "user"):
-        self.owner = owner  # whose token the tests use
+    def __init__(self, fail_commits: bool = False):
+        self.owner = "user"  # whose token the tests use (create_repo without a namespace lands here too)
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers)
         self.files: dict[str, dict[str, bytes]] = {}  # repo -> path -> content
         self.commits: list[tuple[str, str]] = []  # (repo, message)

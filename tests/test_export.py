@@ -10,7 +10,7 @@ import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from comfyui_rules import load_like_comfyui
+from comfyui_rules import load_like_comfyui, transformer_inputs
 from conftest import tiny_config
 from trainer.components import load_transformer, load_vae
 from trainer.config import DEFAULT_TARGET_MODULES, LoraConfig, ModelConfig, config_from_dict
@@ -32,16 +32,6 @@ def trained(clips, tmp_path_factory):
     return cfg, result
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    return dict(
-        hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g),
-        timestep=torch.tensor([500.0]),
-        encoder_hidden_states=torch.randn(1, 12, 32, generator=g),
-        return_dict=False,
-    )
-
-
 @torch.no_grad()
 def _trained_output(cfg, result):
     """The transformer exactly as training left it: base + the adapter from the last checkpoint."""
@@ -49,7 +39,7 @@ def _trained_output(cfg, result):
     add_lora(model, cfg.lora)
     ckpt = sorted((result.run_dir / "checkpoints").iterdir())[-1] / "adapter.safetensors"
     set_peft_model_state_dict(model, load_file(str(ckpt)))
-    return model.eval()(**_inputs())[0]
+    return model.eval()(**transformer_inputs(False, 500.0))[0]
 
 
 def _pipeline(cfg):
@@ -100,7 +90,7 @@ def test_lora_loads_into_wan_pipeline_and_reproduces_training(trained, tmp_path,
         assert all(k.startswith("transformer.blocks.") for k in load_file(str(path)))
     pipe = _pipeline(cfg)
     with torch.no_grad():
-        base_out = pipe.transformer(**_inputs())[0]
+        base_out = pipe.transformer(**transformer_inputs(False, 500.0))[0]
     pipe.load_lora_weights(str(path), adapter_name="wanforge")
 
     loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="wanforge")
@@ -108,7 +98,7 @@ def test_lora_loads_into_wan_pipeline_and_reproduces_training(trained, tmp_path,
     assert set(loaded) == set(saved)  # every saved tensor landed on a module, none was dropped
 
     with torch.no_grad():
-        lora_out = pipe.transformer(**_inputs())[0]
+        lora_out = pipe.transformer(**transformer_inputs(False, 500.0))[0]
     expected = _trained_output(cfg, result)
     assert (lora_out - base_out).abs().max() > 1e-3  # the LoRA changes the output
     torch.testing.assert_close(lora_out, expected, rtol=1e-4, atol=1e-5)  # ...into what training produced
@@ -147,15 +137,6 @@ def test_module_table_is_the_real_transformer():
         assert wan_modules(image, len(model.blocks)) == real, flavour
 
 
-def _model_inputs(image: bool):
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 36 if image else 16, 3, 8, 8, generator=g), timestep=torch.tensor([700.0]),
-                  encoder_hidden_states=torch.randn(1, 12, 32, generator=g), return_dict=False)
-    if image:
-        inputs["encoder_hidden_states_image"] = torch.randn(1, 5, 32, generator=g)
-    return inputs
-
-
 def _adapted(flavour: str, targets: list[str], rank: int = 4, alpha: float = 6.0):
     """The flavour's transformer with a LoRA on `targets`, every LoRA weight random (as after training)."""
     model = load_transformer(ModelConfig(flavour=flavour))
@@ -183,7 +164,7 @@ def test_every_target_loads_in_diffusers_and_comfyui_as_trained(flavour, targets
     assert interchange_problems(cfg) == []  # preflight lets it through...
     model, lora = _adapted(flavour, targets)
     with torch.no_grad():
-        trained = model(**_model_inputs(image))[0]
+        trained = model(**transformer_inputs(image))[0]
     path = save_adapter(model, get_peft_model_state_dict(model), tmp_path / "lora", lora, {})  # ...and it saves
     state = load_file(str(path))
     top = [k for k in state if not k.startswith("diffusion_model.blocks.")]
@@ -202,11 +183,11 @@ def test_every_target_loads_in_diffusers_and_comfyui_as_trained(flavour, targets
         loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="wanforge")
         assert set(loaded) == set(get_peft_model_state_dict(model))
         with torch.no_grad():
-            torch.testing.assert_close(pipe.transformer(**_model_inputs(image))[0], trained, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(pipe.transformer(**transformer_inputs(image))[0], trained, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # ComfyUI: original names, its update rule, merged into the original layout
-        comfy = load_like_comfyui(base, state)(**_model_inputs(image))[0]
+        comfy = load_like_comfyui(base, state)(**transformer_inputs(image))[0]
     torch.testing.assert_close(comfy, trained, rtol=1e-4, atol=1e-5)
-    assert (comfy - base()(**_model_inputs(image))[0]).abs().max() > 1e-3  # the LoRA does something
+    assert (comfy - base()(**transformer_inputs(image))[0]).abs().max() > 1e-3  # the LoRA does something
 
 
 def _problems(tmp_path, flavour="tiny", **lora):
@@ -261,3 +242,11 @@ def test_export_explains_lycoris_files(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", "export", str(file), "--format", "diffusers"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "LoCon file also loads in diffusers" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bfloat16_files_pass_the_self_check(tmp_path):
+    model, lora = _adapted("tiny", DEFAULT_TARGET_MODULES + TOP_LEVEL, rank=4, alpha=3.0)
+    lora = lora.model_copy(update={"save_dtype": "bfloat16"})
+    path = save_adapter(model, get_peft_model_state_dict(model), tmp_path, lora, {})
+    state = load_file(str(path))
+    assert all(v.dtype == torch.bfloat16 for k, v in state.items() if not k.endswith(".alpha"))

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from comfyui_rules import load_like_comfyui
+from comfyui_rules import load_like_comfyui, transformer_inputs
 from conftest import tiny_config
 from trainer.components import load_transformer
 from trainer.config import DEFAULT_TARGET_MODULES, LoraConfig, ModelConfig, config_from_dict
@@ -94,15 +94,6 @@ def test_lycoris_needs_a_config(clips, tmp_path):
         add_lycoris(transformer, tmp_path / "missing.json", DEFAULT_TARGET_MODULES)
 
 
-def _inputs(image: bool):
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 36 if image else 16, 3, 8, 8, generator=g), timestep=torch.tensor([300.0]),
-                  encoder_hidden_states=torch.randn(1, 12, 32, generator=g), return_dict=False)
-    if image:
-        inputs["encoder_hidden_states_image"] = torch.randn(1, 5, 32, generator=g)
-    return inputs
-
-
 def _trained_network(flavour, tmp_path, **kwargs):
     """The transformer with a LyCORIS network whose weights are all random (as after training)."""
     transformer = load_transformer(ModelConfig(flavour=flavour))
@@ -129,7 +120,7 @@ def test_exported_file_at_strength_one_is_the_trained_model(algo, extra, tmp_pat
                             "lora": {"lora_type": "lycoris", "lycoris_config": str(config)}})
     assert interchange_problems(cfg) == []
     with torch.no_grad():
-        trained = transformer(**_inputs(True))[0]
+        trained = transformer(**transformer_inputs(True, 300.0))[0]
     path = save_adapter(transformer, network_of(transformer).state_dict(), tmp_path / "lora", cfg.lora, {})
     state = load_file(str(path))
     assert any(k.startswith("lora_unet_img_emb_proj_1.") for k in state)
@@ -139,8 +130,8 @@ def test_exported_file_at_strength_one_is_the_trained_model(algo, extra, tmp_pat
         return load_transformer(ModelConfig(flavour="tiny-i2v-2.1")).eval()
 
     with torch.no_grad():
-        comfy = load_like_comfyui(base, state)(**_inputs(True))[0]
-        untouched = base()(**_inputs(True))[0]
+        comfy = load_like_comfyui(base, state)(**transformer_inputs(True, 300.0))[0]
+        untouched = base()(**transformer_inputs(True, 300.0))[0]
     torch.testing.assert_close(comfy, trained, rtol=1e-4, atol=1e-5)
     assert (trained - untouched).abs().max() > 1e-3
 
@@ -150,14 +141,14 @@ def test_locon_loads_in_diffusers_as_it_is(tmp_path):
 
     transformer, config = _trained_network("tiny", tmp_path, algo="locon", linear_dim=4, linear_alpha=2, multiplier=2.0)
     with torch.no_grad():
-        trained = transformer(**_inputs(False))[0]
+        trained = transformer(**transformer_inputs(False, 300.0))[0]
     lora = LoraConfig(lora_type="lycoris", lycoris_config=config)
     path = save_adapter(transformer, network_of(transformer).state_dict(), tmp_path / "lora", lora, {})
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None,
                        transformer=load_transformer(ModelConfig(flavour="tiny")))
     pipe.load_lora_weights(str(path))
     with torch.no_grad():
-        torch.testing.assert_close(pipe.transformer(**_inputs(False))[0], trained, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pipe.transformer(**transformer_inputs(False, 300.0))[0], trained, rtol=1e-4, atol=1e-5)
 
 
 PRESETS = [
@@ -197,3 +188,17 @@ def test_preflight_refuses_lycoris_files_that_cannot_be_saved(tmp_path):
     assert 'algo "ia3"' in problems(algo="ia3")[0]
     assert "dora_wd" in problems(algo="locon", dora_wd=True, multiplier=0.5)[0]
     assert "matches no module" in problems(algo="lokr", apply_preset={"target_name": ["^nothing$"], "target_module": []})[0]
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"algo": "lokr", "multiplier": "strong"}, "multiplier"),
+    ({"algo": "lokr", "apply_preset": {"target_modules": ["WanAttention"]}}, "target_modules"),
+    ({"algo": "lokr", "apply_preset": {"target_module": ["WanAttention"], "exclude_name": None}}, "apply_preset"),
+    ({"algo": "lokr", "apply_preset": {"target_name": ["(unclosed"]}}, "apply_preset"),
+    ({"algo": "lokr", "apply_preset": ["WanAttention"]}, "JSON object"),
+])
+def test_preflight_names_broken_lycoris_configs(config, words, tmp_path):
+    cfg = config_from_dict({"datasets": [{"path": "x"}], "lora": {"lora_type": "lycoris",
+                                                                   "lycoris_config": str(_config(tmp_path, **config))}})
+    problems = interchange_problems(cfg)
+    assert len(problems) == 1 and words in problems[0] and "lycoris_config" in problems[0]

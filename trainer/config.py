@@ -273,7 +273,9 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        description="diffusers module names to adapt in every block (self/cross attention and the FFN by default).",
+        description="diffusers module names to adapt, each matching every module path that ends in it (default: every "
+        'block\'s self/cross attention and FFN). Top-level "proj_out", "time_proj", "linear_1", "linear_2" and, on Wan 2.1 '
+        'I2V, "add_k_proj" + "add_v_proj" and "ff.net.0.proj" / "ff.net.2" (image embedder) save too.',
     )
     save_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the saved LoRA weights.")
     save_format: Literal["comfyui", "diffusers"] = Field(

@@ -116,8 +116,8 @@ def _check_interchange(tensors: dict) -> None:
         if m["part"] == "alpha" and (value.numel() != 1 or not alpha_read_by_diffusers(m["module"])):
             raise LoRAFileError(f'"{key}": diffusers reads a scalar alpha only on block modules')
         modules.add(m["module"])
-    try:  # the converter multiplies some tensors in place: give it copies
-        converted = _convert_non_diffusers_wan_lora_to_diffusers({k: v.clone() for k, v in tensors.items()})
+    try:  # the converter multiplies some tensors in place: give it float32 copies (the check is about names and scale)
+        converted = _convert_non_diffusers_wan_lora_to_diffusers({k: v.float().clone() for k, v in tensors.items()})
     except Exception as err:  # diffusers raises assorted types on keys it leaves over
         raise LoRAFileError(f"diffusers' Wan LoRA converter rejects the file: {err.__class__.__name__}: {err}") from None
     expected = {f"transformer.{to_diffusers(m)}.{p}.weight" for m in modules for p in ("lora_A", "lora_B")}

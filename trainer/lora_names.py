@@ -133,8 +133,8 @@ def lycoris_targets(kwargs: dict, preset: dict, modules: list[tuple[str, str]]) 
     classes = set(preset["target_module"]) | set(preset["module_algo_map"])
     names = set(preset["target_name"]) | set(preset["name_algo_map"])
     excluded = lambda n: bool(n) and (n in preset["exclude_name"] or any(match(p, n) for p in preset["exclude_name"]))  # noqa: E731
-    linear_dim = kwargs.get("linear_dim", 4) or 4
-    conv_dim = int(kwargs.get("conv_dim", linear_dim) or linear_dim) if preset["enable_conv"] else 0
+    linear_dim = int(kwargs.get("linear_dim", 4) if kwargs.get("linear_dim", 4) is not None else 4)
+    conv_dim = int(kwargs.get("conv_dim", linear_dim) or linear_dim)
     train_norm = str(kwargs.get("train_norm", False)).lower() in ("1", "true", "yes")
 
     def supported(cls: str, config: dict) -> bool:
@@ -142,7 +142,7 @@ def lycoris_targets(kwargs: dict, preset: dict, modules: list[tuple[str, str]]) 
             return True
         if cls == "Linear":
             return linear_dim > 0
-        if _is_conv(cls):  # Wan's only conv is patch_embedding: kernel (1, 2, 2), k_size 1
+        if _is_conv(cls):  # Wan's only conv, patch_embedding, has kernel (1, 2, 2): lycoris treats it as k_size 1
             return linear_dim > 0 or conv_dim > 0 or bool(config.get("dim"))
         return False
 
@@ -167,6 +167,11 @@ def lycoris_preset_defaults() -> dict:
     a key out would otherwise inherit the previous network's value)."""
     return {"enable_conv": True, "target_module": ["Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm"],
             "target_name": [], "module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False, "exclude_name": []}
+
+
+# preset keys lycoris accepts that do not change which Wan modules it adapts
+_OTHER_PRESET_KEYS = {"lora_prefix", "unet_target_module", "unet_target_name", "text_encoder_target_module",
+                      "text_encoder_target_name"}
 
 
 def default_lycoris_preset(target_modules: list[str]) -> dict:
@@ -224,7 +229,10 @@ def _lycoris_problems(cfg, modules: list[tuple[str, str]]) -> list[str]:
     if algo not in LYCORIS_ALGOS:
         problems.append(f'{field}: algo "{algo}" is not exported by wanforge (its file is not checked to load in '
                         f'ComfyUI): use one of {", ".join(LYCORIS_ALGOS)}')
-    multiplier = float(kwargs.get("multiplier", 1.0) or 1.0)
+    try:
+        multiplier = float(kwargs.get("multiplier", 1.0))
+    except (TypeError, ValueError):
+        return problems + [f'{field}: "multiplier" must be a number (1.0: the trained strength)']
     if str(kwargs.get("dora_wd", False)).lower() in ("1", "true", "yes") and multiplier != 1.0:
         problems.append(f'{field}: "multiplier" {multiplier} with "dora_wd" cannot be baked into the saved weights '
                         '(DoRA is not linear in its strength): use "multiplier": 1.0')
@@ -233,9 +241,13 @@ def _lycoris_problems(cfg, modules: list[tuple[str, str]]) -> list[str]:
         preset = default_lycoris_preset(cfg.lora.target_modules)
     if not isinstance(preset, dict):
         return problems + [f'{field}: "apply_preset" must be a JSON object of lycoris preset keys']
+    unknown = sorted(set(preset) - set(lycoris_preset_defaults()) - _OTHER_PRESET_KEYS)
+    if unknown:
+        return problems + [f'{field}: "apply_preset" has keys lycoris does not know: {", ".join(unknown)} (it takes '
+                           f'{", ".join(sorted(set(lycoris_preset_defaults()) | _OTHER_PRESET_KEYS))})']
     try:
         reached = lycoris_targets(kwargs, preset, modules)
-    except (re.error, TypeError) as err:
+    except (re.error, TypeError, AttributeError, ValueError) as err:
         return problems + [f'{field}: its "apply_preset" is not usable ({err})']
     if not reached:
         problems.append(f"{field}: its preset matches no module of the {cfg.model.flavour} transformer")
