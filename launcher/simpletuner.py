@@ -18,7 +18,7 @@ from typing import Any
 
 import tomli_w
 
-from trainer.config import FLAVOURS, WanforgeConfig, config_from_dict, resolve_flavour_name
+from trainer.config import FLAVOURS, WanforgeConfig, config_from_dict, four_k_plus_one, resolve_flavour_name
 from trainer.errors import UserError
 
 DEFAULT_ST_FLAVOUR = "t2v-480p-1.3b-2.1"  # SimpleTuner's Wan default
@@ -52,12 +52,11 @@ def _bool(value: Any) -> bool:
 
 
 def _frames(value: Any, where: str, conv: Conversion) -> int:
-    """4k+1 frames (the Wan VAE packs 4 frames into one latent frame): other counts go down to the nearest 4k+1."""
+    """4k+1 frames (the Wan VAE packs 4 frames into one latent frame), by the schema's own rounding rule."""
     n = int(value)
-    if n >= 1 and (n - 1) % 4 == 0:
-        return n
-    fixed = max(1, (n - 1) // 4 * 4 + 1)
-    conv.fixes.append(f"{where} = {n} is not 4k+1 (Wan's VAE packs 4 frames into one): using {fixed}")
+    fixed = four_k_plus_one(n)
+    if fixed != n:
+        conv.fixes.append(f"{where} = {n} is not 4k+1 (Wan's VAE packs 4 frames into one): using {fixed}")
     return fixed
 
 
@@ -502,6 +501,7 @@ def _dataset(entry: dict[str, Any], st: dict[str, Any], conv: Conversion, where:
             if fixed != interval:
                 conv.fixes.append(f"{where} video.frame_interval = {interval}: frame counts are 4k+1: using {fixed}")
             out["frame_interval"] = fixed
+        _frames_in_order(out, st, where, conv)
         for key in video:
             if key not in ("num_frames", "min_frames", "max_frames", "bucket_strategy", "frame_interval"):
                 conv.unsupported.append(f"{where}.video.{key}")
@@ -512,6 +512,18 @@ def _dataset(entry: dict[str, Any], st: dict[str, Any], conv: Conversion, where:
             continue
         conv.unsupported.append(f"{where}.{key}")
     return out
+
+
+def _frames_in_order(out: dict[str, Any], st: dict[str, Any], where: str, conv: Conversion) -> None:
+    """min_frames <= num_frames after rounding (SimpleTuner users often set min_frames = num_frames and
+    the 4k+1 rounding then leaves min_frames above it, which would skip every clip of exactly that length)."""
+    num = out.get("num_frames")
+    if num is None:
+        name = resolve_flavour_name(str(st.get("model_flavour", DEFAULT_ST_FLAVOUR))) or DEFAULT_ST_FLAVOUR
+        num = FLAVOURS[name].num_frames
+    if out.get("min_frames", 0) > num:
+        conv.fixes.append(f"{where} video.min_frames = {out['min_frames']} is above num_frames = {num}: using {num}")
+        out["min_frames"] = num
 
 
 # ---------------------------------------------------------------- files

@@ -22,6 +22,7 @@ from pathlib import Path
 class FakeHub:
     def __init__(self, fail_commits: bool = False, fail_first: int = 0, drop_files: bool = False,
                  deny_reads: bool = False, host: str = "127.0.0.1", port: int = 0):
+        self.owner = "user"  # whose token the tests use (create_repo without a namespace lands here too)
         self.requests: list[tuple[str, str, dict[str, str]]] = []  # (method, path, headers)
         self.files: dict[str, dict[str, bytes]] = {}  # repo -> path -> content
         self.commits: list[tuple[str, str]] = []  # (repo, message)
@@ -129,6 +130,11 @@ class FakeHub:
                 return self._reply(404, {"error": f"no fake for {self.path}"})
 
             def do_GET(self):
+                if self.path.startswith("/api/whoami-v2"):  # the token's owner (a bare repo name lands there)
+                    hub.requests.append(("GET", self.path, dict(self.headers)))
+                    if not self.headers.get("Authorization"):
+                        return self._reply(401, {"error": "no token"})
+                    return self._reply(200, {"type": "user", "name": hub.owner, "orgs": []})
                 return self._read(head=False)
 
             def do_HEAD(self):

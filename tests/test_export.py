@@ -1,4 +1,5 @@
-"""The saved LoRA loads where users load it: diffusers' load_lora_weights in both formats, original Wan names."""
+"""The saved LoRA loads where users load it: diffusers' real load_lora_weights (both formats) and ComfyUI's key rules
+(tests/comfyui_rules.py), reproducing the trained model, for block and top-level targets, T2V and I2V."""
 
 import re
 import subprocess
@@ -7,12 +8,16 @@ import sys
 import pytest
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from comfyui_rules import load_like_comfyui, transformer_inputs
 from conftest import tiny_config
 from trainer.components import load_transformer, load_vae
-from trainer.export import DIFFUSERS_FILE, INTERCHANGE_FILE, read_lora
+from trainer.config import DEFAULT_TARGET_MODULES, LoraConfig, ModelConfig, config_from_dict
+from trainer.export import (DIFFUSERS_FILE, INTERCHANGE_FILE, LoRAFileError, check_lora_file, convert_lora, read_lora,
+                            save_adapter)
 from trainer.lora import add_lora
+from trainer.lora_names import interchange_problems, wan_modules
 from trainer.train import train
 
 RANK, ALPHA = 8, 4.0  # alpha != rank so a loader that ignores alpha gives a different output
@@ -27,16 +32,6 @@ def trained(clips, tmp_path_factory):
     return cfg, result
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    return dict(
-        hidden_states=torch.randn(1, 16, 3, 8, 8, generator=g),
-        timestep=torch.tensor([500.0]),
-        encoder_hidden_states=torch.randn(1, 12, 32, generator=g),
-        return_dict=False,
-    )
-
-
 @torch.no_grad()
 def _trained_output(cfg, result):
     """The transformer exactly as training left it: base + the adapter from the last checkpoint."""
@@ -44,7 +39,7 @@ def _trained_output(cfg, result):
     add_lora(model, cfg.lora)
     ckpt = sorted((result.run_dir / "checkpoints").iterdir())[-1] / "adapter.safetensors"
     set_peft_model_state_dict(model, load_file(str(ckpt)))
-    return model.eval()(**_inputs())[0]
+    return model.eval()(**transformer_inputs(False, 500.0))[0]
 
 
 def _pipeline(cfg):
@@ -95,7 +90,7 @@ def test_lora_loads_into_wan_pipeline_and_reproduces_training(trained, tmp_path,
         assert all(k.startswith("transformer.blocks.") for k in load_file(str(path)))
     pipe = _pipeline(cfg)
     with torch.no_grad():
-        base_out = pipe.transformer(**_inputs())[0]
+        base_out = pipe.transformer(**transformer_inputs(False, 500.0))[0]
     pipe.load_lora_weights(str(path), adapter_name="wanforge")
 
     loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="wanforge")
@@ -103,7 +98,7 @@ def test_lora_loads_into_wan_pipeline_and_reproduces_training(trained, tmp_path,
     assert set(loaded) == set(saved)  # every saved tensor landed on a module, none was dropped
 
     with torch.no_grad():
-        lora_out = pipe.transformer(**_inputs())[0]
+        lora_out = pipe.transformer(**transformer_inputs(False, 500.0))[0]
     expected = _trained_output(cfg, result)
     assert (lora_out - base_out).abs().max() > 1e-3  # the LoRA changes the output
     torch.testing.assert_close(lora_out, expected, rtol=1e-4, atol=1e-5)  # ...into what training produced
@@ -126,3 +121,132 @@ def test_export_of_a_missing_file_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", "export", str(tmp_path / "nope.safetensors"),
                            "--format", "diffusers"], capture_output=True, text=True)
     assert proc.returncode == 2 and "no such LoRA file" in proc.stderr
+
+
+# ---------------------------------------------------------------- every target the original layout names
+
+TOP_LEVEL = ["proj_out", "time_proj", "linear_1", "linear_2"]  # head.head, time_projection.1, time/text_embedding.0/.2
+IMAGE = ["add_k_proj", "add_v_proj", "ff.net.0.proj", "ff.net.2"]  # cross_attn.k_img/v_img, img_emb.proj.1/.3
+
+
+def test_module_table_is_the_real_transformer():
+    """lora_names.wan_modules (torch-free, what preflight reasons about) lists exactly diffusers' modules."""
+    for flavour, image in (("tiny", False), ("tiny-i2v-2.1", True), ("tiny-ti2v", False), ("tiny-i2v-2.2-high", False)):
+        model = load_transformer(ModelConfig(flavour=flavour))
+        real = [(n, type(m).__name__) for n, m in model.named_modules()]
+        assert wan_modules(image, len(model.blocks)) == real, flavour
+
+
+def _adapted(flavour: str, targets: list[str], rank: int = 4, alpha: float = 6.0):
+    """The flavour's transformer with a LoRA on `targets`, every LoRA weight random (as after training)."""
+    model = load_transformer(ModelConfig(flavour=flavour))
+    lora = LoraConfig(rank=rank, alpha=alpha, target_modules=targets)
+    add_lora(model, lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval(), lora
+
+
+@pytest.mark.parametrize("flavour, targets", [
+    ("tiny", DEFAULT_TARGET_MODULES + TOP_LEVEL),
+    ("tiny-i2v-2.1", DEFAULT_TARGET_MODULES + TOP_LEVEL + IMAGE),
+    ("tiny-i2v-2.1", ["attn1.to_q", "ff.net.0.proj", "ff.net.2"]),  # the image embedder alone beside one block layer
+])
+def test_every_target_loads_in_diffusers_and_comfyui_as_trained(flavour, targets, tmp_path):
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    image = flavour == "tiny-i2v-2.1"
+    cfg = config_from_dict({"datasets": [{"path": "x"}], "model": {"flavour": flavour},
+                            "lora": {"rank": 4, "alpha": 6.0, "target_modules": targets}})
+    assert interchange_problems(cfg) == []  # preflight lets it through...
+    model, lora = _adapted(flavour, targets)
+    with torch.no_grad():
+        trained = model(**transformer_inputs(image))[0]
+    path = save_adapter(model, get_peft_model_state_dict(model), tmp_path / "lora", lora, {})  # ...and it saves
+    state = load_file(str(path))
+    top = [k for k in state if not k.startswith("diffusion_model.blocks.")]
+    assert top or targets == DEFAULT_TARGET_MODULES
+    assert not any(k.endswith(".alpha") for k in top)  # alpha folded into lora_A where diffusers reads none
+    if "ff.net.2" in targets:
+        assert "diffusion_model.img_emb.proj.1.lora_A.weight" in state and "diffusion_model.img_emb.proj.3.lora_B.weight" in state
+
+    def base():
+        return load_transformer(ModelConfig(flavour=flavour)).eval()
+
+    pipeline = WanImageToVideoPipeline if image else WanPipeline
+    for file in (path, convert_lora(path, "diffusers", tmp_path / "d")):
+        pipe = pipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=base())
+        pipe.load_lora_weights(str(file), adapter_name="wanforge")  # diffusers' real loader, no key left over
+        loaded = get_peft_model_state_dict(pipe.transformer, adapter_name="wanforge")
+        assert set(loaded) == set(get_peft_model_state_dict(model))
+        with torch.no_grad():
+            torch.testing.assert_close(pipe.transformer(**transformer_inputs(image))[0], trained, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # ComfyUI: original names, its update rule, merged into the original layout
+        comfy = load_like_comfyui(base, state)(**transformer_inputs(image))[0]
+    torch.testing.assert_close(comfy, trained, rtol=1e-4, atol=1e-5)
+    assert (comfy - base()(**transformer_inputs(image))[0]).abs().max() > 1e-3  # the LoRA does something
+
+
+def _problems(tmp_path, flavour="tiny", **lora):
+    return interchange_problems(config_from_dict({"datasets": [{"path": "x"}], "model": {"flavour": flavour}, "lora": lora},
+                                                 base_dir=tmp_path))
+
+
+def test_preflight_names_every_target_that_cannot_be_saved(tmp_path):
+    assert _problems(tmp_path) == [] and _problems(tmp_path, flavour="tiny-i2v-2.1", target_modules=IMAGE) == []
+    assert "patch_embedding" in _problems(tmp_path, target_modules=["attn1.to_q", "patch_embedding"])[0]
+    assert "matches no module" in _problems(tmp_path, target_modules=["add_k_proj"])[0]  # T2V has no image keys
+    assert "go together" in _problems(tmp_path, flavour="tiny-i2v-2.1", target_modules=["to_q", "add_k_proj"])[0]
+    assert "no transformer block" in _problems(tmp_path, target_modules=["proj_out"])[0]
+    assert _problems(tmp_path, target_modules=["proj_out"], save_format="diffusers") == []
+    assert "matches no module" in _problems(tmp_path, target_modules=["to_qq"])[0]
+
+
+def test_preflight_side_needs_no_torch():
+    code = ("import sys, trainer.export, trainer.lora_names; from trainer.export import interchange_problems; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_self_check_refuses_files_a_loader_would_reject(tmp_path):
+    a, b = torch.randn(4, 32), torch.randn(32, 4)
+    good = {"diffusion_model.blocks.0.self_attn.q.lora_A.weight": a, "diffusion_model.blocks.0.self_attn.q.lora_B.weight": b,
+            "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(4.0)}
+    check_lora_file(good)
+    bad = [
+        {**good, "diffusion_model.head.head.lora_A.weight": a, "diffusion_model.head.head.lora_B.weight": b,
+         "diffusion_model.head.head.alpha": torch.tensor(4.0)},  # diffusers leaves a top-level alpha over
+        {k.replace("self_attn.q", "attn1.to_q"): v for k, v in good.items()},  # diffusers names: not ComfyUI's
+        {k.replace("self_attn.q", "self_attn.norm_q"): v for k, v in good.items()},  # not a LoRA-able module
+        {**good, "diffusion_model.blocks.0.self_attn.q.lora_A.weight": a * float("nan")},
+        {"lora_unet_blocks_0_self_attn_q.lokr_w9": a},  # a suffix ComfyUI does not read
+        {"lora_unet_blocks_0_attn1_to_q.lokr_w1": a},  # a diffusers module name in kohya form
+        {"transformer.blocks.0.attn1.norm_q.lora_A.weight": a},
+    ]
+    for tensors in bad:
+        with pytest.raises(LoRAFileError):
+            check_lora_file(tensors)
+    from trainer.export import _save
+
+    with pytest.raises(LoRAFileError):  # nothing is published, not even a temp file
+        _save(bad[0], tmp_path / INTERCHANGE_FILE, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_explains_lycoris_files(tmp_path):
+    file = tmp_path / "lokr.safetensors"
+    save_file({"lora_unet_blocks_0_self_attn_q.lokr_w1": torch.ones(2, 2)}, str(file))
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "export", str(file), "--format", "diffusers"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "LoCon file also loads in diffusers" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bfloat16_files_pass_the_self_check(tmp_path):
+    model, lora = _adapted("tiny", DEFAULT_TARGET_MODULES + TOP_LEVEL, rank=4, alpha=3.0)
+    lora = lora.model_copy(update={"save_dtype": "bfloat16"})
+    path = save_adapter(model, get_peft_model_state_dict(model), tmp_path, lora, {})
+    state = load_file(str(path))
+    assert all(v.dtype == torch.bfloat16 for k, v in state.items() if not k.endswith(".alpha"))

@@ -344,3 +344,16 @@ def test_model_card_for_a_hub_base_model(tmp_path):
     assert "ema/wanforge_lora.safetensors" in text and "| EMA | decay 0.999 |" in text
     with pytest.raises(UserError, match="hub_model_id"):
         config_from_dict({"datasets": [{"path": "x"}], "hub": {"push_checkpoints_to_hub": True}})
+
+
+def test_bare_repo_name_lands_in_the_token_owners_account(online_hub, few_clips, tmp_path):
+    """A bare hub_model_id ("wan-disney", as SimpleTuner's quickstart writes it) is the token owner's repo: the run
+    asks the Hub whose token it is and publishes there; the card names the full repo."""
+    cfg = tiny_config(few_clips, tmp_path / "run", train={"max_train_steps": 1},
+                      validation={"at_end": False, "eval_every_n_steps": 0},
+                      hub={"push_to_hub": True, "hub_model_id": "wan-disney"})
+    result = train(cfg, show_progress=False)
+    repo = online_hub.write_repo("user/wan-disney", tmp_path / "repo")
+    assert [r for r, _ in online_hub.commits] == ["user/wan-disney"]
+    assert (repo / "wanforge_lora.safetensors").read_bytes() == result.lora_file.read_bytes()
+    assert 'load_lora_weights("user/wan-disney"' in ModelCard.load(repo / "README.md").text

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launcher.simpletuner import import_simpletuner
-from trainer.config import load_config
+from trainer.config import config_from_dict, four_k_plus_one, load_config
 from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_import_maps_the_quickstart(simpletuner_root, tmp_path):
 
     (ds,) = cfg.datasets
     assert ds.id == "disney-black-and-white" and ds.path == root / "datasets/disney-black-and-white"
-    assert ds.num_frames == 73 and ds.min_frames == 75 and ds.bucket_strategy == "aspect_ratio"
+    assert ds.num_frames == 73 and ds.min_frames == 73 and ds.bucket_strategy == "aspect_ratio"  # min <= num
     assert ds.repeats == 1  # SimpleTuner repeats 0 = seen once
     assert ds.crop is False and ds.resolution == 480 and ds.resolution_type == "pixel_area"
     assert ds.maximum_image_size == 480 and ds.target_downsample_size == 480
@@ -192,6 +192,7 @@ def test_import_maps_the_quickstart(simpletuner_root, tmp_path):
 
     fixes = "\n".join(conv.fixes)
     assert "video.num_frames = 75 is not 4k+1" in fixes and "validation_num_video_frames = 75" in fixes
+    assert "video.min_frames = 75 is above num_frames = 73: using 73" in fixes
     assert "optimi-lion" in fixes and "nf4-bnb" in fixes
     warning = conv.warning()
     for key in ("aspect_bucket_rounding", "disable_bucket_pruning", "quantize_via", "offload_during_startup",
@@ -262,3 +263,44 @@ def test_fixes_and_refusals(simpletuner_root, tmp_path):
 
     run({**CONFIG, "base_model_precision": "fp8-torchao"})  # real fp8 matmuls here too
     assert load_config(tmp_path / "out.toml").memory.base_quantization == "fp8"
+
+
+QUICKSTART = Path(__file__).parent / "fixtures" / "simpletuner_wan"  # SimpleTuner's Wan quickstart pair, as users have it
+
+
+def test_the_quickstart_pair_imports_as_written(tmp_path):
+    """config.json + multidatabackend.json as the quickstart writes them (bare hub_model_id, min_frames = num_frames =
+    75, 84 validation frames): imported with `wanforge import-simpletuner` and no extra flag, then loaded by the schema."""
+    root = tmp_path / "SimpleTuner"
+    (root / "config" / "wan").mkdir(parents=True)
+    (root / "datasets" / "disney-black-and-white").mkdir(parents=True)
+    for name in ("config.json", "multidatabackend.json"):
+        (root / "config" / "wan" / name).write_bytes((QUICKSTART / name).read_bytes())
+    out = tmp_path / "wan.toml"
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "import-simpletuner", "config/wan/config.json", "-o",
+                           str(out)], capture_output=True, text=True, timeout=120, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_config(out)
+    assert cfg.hub.hub_model_id == "wan-disney" and cfg.hub.push_to_hub  # resolved to the token's owner at push time
+    (ds,) = cfg.datasets
+    assert ds.min_frames <= ds.num_frames == 73
+    assert cfg.validation.num_frames == 85 == four_k_plus_one(84)  # the schema's rule: the same from a TOML
+    assert config_from_dict({"datasets": [{"path": "x", "num_frames": 84}]}).datasets[0].num_frames == 85
+    assert cfg.lora.rank == 16 and cfg.lora.alpha == 16 and cfg.memory.base_quantization == "int8"
+    assert cfg.checkpoint.every_n_steps == 100 and cfg.model.flavour == "t2v-480p-1.3b-2.1"
+    assert "validation_num_video_frames = 84 is not 4k+1 (Wan's VAE packs 4 frames into one): using 85" in proc.stderr
+
+
+@pytest.mark.parametrize("frames, expected", [(1, 1), (2, 1), (3, 1), (4, 5), (80, 81), (83, 81), (84, 85), (87, 85),
+                                              (88, 89)])
+def test_one_four_k_plus_one_rule(frames, expected, tmp_path):
+    assert four_k_plus_one(frames) == expected
+    assert config_from_dict({"datasets": [{"path": "x", "num_frames": frames}]}).datasets[0].num_frames == expected
+    cfg_path = tmp_path / "config.json"
+    cfg_path.write_text(json.dumps({"validation_num_video_frames": frames}))
+    (tmp_path / "b.json").write_text(json.dumps([{**BACKEND[0], "video": {"num_frames": frames}}]))
+    (tmp_path / "datasets" / "disney-black-and-white").mkdir(parents=True)
+    import_simpletuner(cfg_path, tmp_path / "out.toml", tmp_path / "b.json", root=tmp_path)
+    cfg = load_config(tmp_path / "out.toml")
+    assert cfg.datasets[0].num_frames == expected == cfg.validation.num_frames

@@ -118,6 +118,24 @@ def load_image_encoder(model: ModelConfig, dtype: torch.dtype = torch.float32):
     return encoder, processor
 
 
+def pipeline_boundary(model: ModelConfig) -> float | None:
+    """The base model's own Wan 2.2 expert boundary: `boundary_ratio` in its diffusers model_index.json (local folder
+    or Hub repo). None when it states none or the file cannot be read (the flavour's value applies then)."""
+    base = base_model_path(model)
+    local = Path(base) / "model_index.json"
+    try:
+        if local.is_file():
+            text = local.read_text(encoding="utf-8")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            text = Path(hf_hub_download(base, "model_index.json", revision=model.revision)).read_text(encoding="utf-8")
+        value = json.loads(text).get("boundary_ratio")
+    except Exception:  # offline, gated, not a diffusers repo...: best effort, the flavour's boundary is the fallback
+        return None
+    return float(value) if isinstance(value, (int, float)) and 0.0 < float(value) < 1.0 else None
+
+
 def expert_subfolder(model: ModelConfig, other: bool = False) -> str:
     """The subfolder of the trained transformer (or, with other=True, of the other Wan 2.2 expert)."""
     flavour = get_flavour(model.flavour)

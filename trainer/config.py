@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,15 @@ DEFAULT_TARGET_MODULES = [
     "ffn.net.0.proj",
     "ffn.net.2",
 ]
+
+
+def four_k_plus_one(frames: int) -> int:
+    """The frame count the Wan VAE takes (4k+1) nearest to `frames`, the smaller one on a tie (84 -> 85, 83 -> 81).
+    The one rounding rule of the schema and the SimpleTuner importer."""
+    return max(1, frames // 4 * 4 + 1)
+
+
+HUB_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class Section(BaseModel):
@@ -224,11 +234,10 @@ class DatasetConfig(Section):
             return v
         if v < 1:
             raise ValueError("must be 1 or more, 4k+1 (1, 5, ..., 81)")
-        if (v - 1) % 4:
-            rounded = round((v - 1) / 4) * 4 + 1
+        rounded = four_k_plus_one(v)
+        if rounded != v:
             _log.warning("num_frames=%d is not 4k+1 (the Wan VAE packs 4 frames into one): using %d", v, rounded)
-            return rounded
-        return v
+        return rounded
 
     @field_validator("frame_interval")
     @classmethod
@@ -264,7 +273,9 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        description="diffusers module names to adapt in every block (self/cross attention and the FFN by default).",
+        description="diffusers module names to adapt, each matching every module path that ends in it (default: every "
+        'block\'s self/cross attention and FFN). Top-level "proj_out", "time_proj", "linear_1", "linear_2" and, on Wan 2.1 '
+        'I2V, "add_k_proj" + "add_v_proj" and "ff.net.0.proj" / "ff.net.2" (image embedder) save too.',
     )
     save_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the saved LoRA weights.")
     save_format: Literal["comfyui", "diffusers"] = Field(
@@ -516,7 +527,9 @@ class TrackingConfig(Section):
 
 class HubConfig(Section):
     push_to_hub: bool = Field(False, description="Upload the final LoRA, a model card and a preview to the Hugging Face Hub.")
-    hub_model_id: str | None = Field(None, description='Hub repo to upload to, "user/name" (created if missing).')
+    hub_model_id: str | None = Field(
+        None, description='Hub repo to upload to, "user/name" or a bare "name" in the token owner\'s account (created if missing).'
+    )
     push_checkpoints_to_hub: bool = Field(False, description="Also upload each checkpoint as it is saved (for resuming elsewhere).")
     private: bool = Field(True, description="Create the repo as private.")
     trigger_words: list[str] = Field(
@@ -527,8 +540,10 @@ class HubConfig(Section):
     def _needs_repo(self) -> HubConfig:
         if (self.push_to_hub or self.push_checkpoints_to_hub) and not self.hub_model_id:
             raise ValueError('uploading needs hub_model_id = "your-user/your-lora"')
-        if self.hub_model_id is not None and self.hub_model_id.count("/") != 1:
-            raise ValueError('hub_model_id must look like "user/name"')
+        if self.hub_model_id is not None and (not HUB_REPO_ID.match(self.hub_model_id) or ".." in self.hub_model_id
+                                              or self.hub_model_id.endswith((".git", "."))):
+            raise ValueError('hub_model_id must be "name" (in your account) or "user/name": letters, digits, ".", "_" '
+                             'and "-"')
         return self
 
 

@@ -13,6 +13,8 @@ back to rejection sampling from flow.sample_sigmas.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 from trainer.config import FlowConfig
 from trainer.flavours import Flavour, Stage
 
+log = logging.getLogger(__name__)
 _EPS = 1e-5  # flow.sample_sigmas clamps to (1e-5, 1 - 1e-5); stay inside the same open interval
 
 
@@ -80,13 +83,41 @@ def _rejection(batch: int, cfg: FlowConfig, generator: torch.Generator, stage: S
 
 
 def sample_training_sigmas(batch: int, cfg: FlowConfig, generator: torch.Generator, flavour: Flavour,
-                           stage: Stage | None) -> torch.Tensor:
-    """Noise levels for a micro-batch: restricted to the trained expert's side on Wan 2.2 A14B, else unrestricted."""
+                           stage: Stage | None, boundary: float | None = None) -> torch.Tensor:
+    """Noise levels for a micro-batch: restricted to the trained expert's side on Wan 2.2 A14B, else unrestricted.
+    `boundary`: the model's own (expert_boundary); default the flavour's."""
     from trainer.flow import sample_sigmas
 
-    if stage is None or flavour.boundary is None:
+    boundary = boundary if boundary is not None else flavour.boundary
+    if stage is None or boundary is None:
         return sample_sigmas(batch, cfg, generator)
-    return stage_sigmas(batch, cfg, generator, stage, flavour.boundary)
+    return stage_sigmas(batch, cfg, generator, stage, boundary)
+
+
+def expert_boundary(model) -> float | None:
+    """The Wan 2.2 A14B boundary to train and render with: the checkpoint's own `boundary_ratio` when its config states
+    one (a warning when it differs from the flavour's), else the flavour's; None for models without experts."""
+    from trainer.components import base_model_path
+
+    return _boundary(model.flavour, base_model_path(model), model.revision)
+
+
+@functools.lru_cache(maxsize=16)
+def _boundary(flavour_name: str, base: str, revision: str | None) -> float | None:
+    from trainer.components import pipeline_boundary
+    from trainer.config import ModelConfig
+    from trainer.flavours import get_flavour
+
+    flavour = get_flavour(flavour_name)
+    if flavour.boundary is None:
+        return None
+    own = pipeline_boundary(ModelConfig(flavour=flavour_name, pretrained_model_name_or_path=base, revision=revision))
+    if own is None:
+        return flavour.boundary
+    if abs(own - flavour.boundary) > 1e-9:
+        log.warning("%s states boundary_ratio %s, the %s flavour %s: training the experts on the model's own %s",
+                    base, own, flavour_name, flavour.boundary, own)
+    return own
 
 
 def expert_for_step(step: int, first: Stage, every: int) -> Stage:
@@ -206,9 +237,8 @@ def select_expert(transformer, stage: Stage | None, device: torch.device) -> Non
 
 def save_expert_loras(cfg, run, accelerator, transformer) -> Path:
     """lora/high_noise/ and lora/low_noise/: one LoRA file per expert, each loadable on its own; returns the high one."""
-    from trainer.export import save_lora
+    from trainer.export import save_adapter
     from trainer.lora import adapter_state_dict
-    from trainer.lycoris_adapter import save_lycoris
 
     pair = accelerator.unwrap_model(transformer)
     files = {}
@@ -216,11 +246,6 @@ def save_expert_loras(cfg, run, accelerator, transformer) -> Path:
         state = {k: v.detach().clone() for k, v in adapter_state_dict(pair.expert(stage)).items()}
         info = {"flavour": cfg.model.flavour, "expert": stage, "rank": str(cfg.lora.rank),
                 "alpha": str(cfg.lora.effective_alpha), "steps": str(cfg.train.max_train_steps)}
-        if accelerator.is_main_process and cfg.lora.lora_type == "lycoris":
-            files[stage] = save_lycoris(pair.expert(stage), run.lora / f"{stage}_noise",
-                                        getattr(torch, cfg.lora.save_dtype), info, state)
-        elif accelerator.is_main_process:
-            files[stage] = save_lora(state, run.lora / f"{stage}_noise", rank=cfg.lora.rank,
-                                     alpha=cfg.lora.effective_alpha, fmt=cfg.lora.save_format,
-                                     dtype=getattr(torch, cfg.lora.save_dtype), info=info)
+        if accelerator.is_main_process:
+            files[stage] = save_adapter(pair.expert(stage), state, run.lora / f"{stage}_noise", cfg.lora, info)
     return files.get("high", run.lora)

@@ -129,11 +129,20 @@ class HubPublisher:
                 )
             api = HfApi()
         self.api = api
+        if "/" not in self.repo_id:  # a bare name lives in the token owner's account: say which repo it is
+            self.repo_id = f"{self._owner()}/{self.repo_id}"
         self.staging = run.root / ".hub-staging"
         shutil.rmtree(self.staging, ignore_errors=True)
         self.futures: list[tuple[str, Future]] = []
         self._queue("create repo", self.api.create_repo, repo_id=self.repo_id, private=cfg.hub.private,
                     exist_ok=True, repo_type="model")
+
+    def _owner(self) -> str:
+        try:
+            return self.api.whoami()["name"]
+        except Exception as err:  # network, bad token: huggingface_hub raises assorted types
+            raise UserError(f'hub.hub_model_id "{self.repo_id}" has no account: asking the Hub whose token this is '
+                            f"failed ({err.__class__.__name__}); write it as \"your-user/{self.repo_id}\"") from None
 
     @classmethod
     def maybe(cls, cfg: WanforgeConfig, run: RunDir, on_error: Callable[[str], None] | None = None) -> HubPublisher | None:
@@ -244,6 +253,8 @@ def publish_final(publisher: HubPublisher | None, cfg: WanforgeConfig, run: RunD
             videos.append((f"media/{r.path.name}", r.prompt.text + (" (EMA weights)" if r.variant == "ema" else "")))
         sheet = f"media/{last_round.sheet.name}"
         files[sheet] = last_round.sheet
+    if publisher.repo_id != cfg.hub.hub_model_id:  # a bare name, resolved to the token owner's account
+        cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"hub_model_id": publisher.repo_id})})
     card = build_model_card(cfg, settings, lora_file.name, step, videos, sheet,
                             f"ema/{ema_lora_file.name}" if ema_lora_file is not None else None)
     return publisher.push_final(files, card, step)

@@ -1,15 +1,19 @@
-"""LyCORIS adapters (LoKr, LoHa, LoCon, ...) from the lycoris-lora package, and their ComfyUI export.
+"""LyCORIS adapters (LoKr, LoHa, LoCon, full) from the lycoris-lora package, and their ComfyUI export.
 
 `lora.lycoris_config` is a JSON file of lycoris.create_lycoris arguments, e.g.
     {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 16,
      "apply_preset": {"target_module": ["WanAttention", "FeedForward"]}}
 Without "apply_preset" the adapters go on the modules lora.target_modules names (every block's attention and FFN).
+Preset keys a config leaves out take lycoris' defaults (lycoris keeps presets as class state; we reset it per network).
 
 The network is registered as the transformer's `lycoris` submodule, so its parameters train, checkpoint and move with
-the transformer. Export (`to_comfyui`): kohya-style keys on the original Wan module names, which ComfyUI's
-model_lora_keys_unet maps for every `diffusion_model.<module>.weight`:
+the transformer. Export (`to_comfyui`, written by trainer.export): kohya-style keys on the original Wan module names,
+which ComfyUI maps for every `diffusion_model.<module>.weight`:
     lora_unet_blocks_0_self_attn_q.lokr_w1 / .lokr_w2 (/ _a / _b), .hada_w1_a ..., .lora_up.weight / .lora_down.weight,
-    .alpha  (ComfyUI's LoKr / LoHa / LoCon adapters read these suffixes as lycoris writes them)
+    .diff, .alpha  (ComfyUI's LoKr / LoHa / LoCon / full adapters read these suffixes as lycoris writes them)
+The network's `multiplier` scales its output while training; the export multiplies it into one factor of each
+module's update, so the file at strength 1.0 gives the trained effect. LoCon files that cover every block's attention
+and FFN layers also load in diffusers' load_lora_weights as they are.
 """
 
 from __future__ import annotations
@@ -44,12 +48,17 @@ def add_lycoris(transformer, config_path: Path, target_modules: list[str]):
     except ImportError:
         raise UserError('lora.lora_type = "lycoris" needs the lycoris-lora package: pip install lycoris-lora') from None
 
+    from trainer.lora_names import default_lycoris_preset, lycoris_preset_defaults
+
     kwargs = read_lycoris_config(config_path)
     preset = kwargs.pop("apply_preset", None)
     if preset is None:  # the same modules as the LoRA default: every block's attention projections and FFN
-        preset = {"target_module": [], "target_name": [rf"^blocks\.\d+\.{t.replace('.', r'.')}$" for t in target_modules]}
+        preset = default_lycoris_preset(target_modules)
     transformer.requires_grad_(False)
-    LycorisNetwork.apply_preset({"lora_prefix": PREFIX, **preset})
+    try:
+        LycorisNetwork.apply_preset({**lycoris_preset_defaults(), **preset, "lora_prefix": PREFIX})
+    except (KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"lora.lycoris_config: its apply_preset is not a lycoris preset: {err}") from None
     try:
         network = create_lycoris(transformer, **kwargs)
     except (TypeError, ValueError, KeyError) as err:
@@ -69,7 +78,7 @@ def network_of(transformer):
 
 def _original_names(transformer) -> dict[str, str]:
     """lycoris module name -> original Wan module path (`blocks.0.self_attn.q`), through the diffusers path."""
-    from trainer.export import _to_original
+    from trainer.export import original_name
 
     names = {}
     for path, _ in transformer.named_modules():
@@ -77,26 +86,42 @@ def _original_names(transformer) -> dict[str, str]:
             continue
         names[f"{PREFIX}_{path}".replace(".", "_")] = path
     network = network_of(transformer)
-    return {lora.lora_name: _to_original(names[lora.lora_name]) for lora in network.loras}
+    return {lora.lora_name: original_name(names[lora.lora_name]) for lora in network.loras}
+
+
+# the tensor each module's update is linear in: scaling it by the multiplier scales the update (first one present)
+_STRENGTH_KEYS = {"LoConModule": ("lora_up.weight",), "LohaModule": ("hada_w1_a",),
+                  "LokrModule": ("lokr_w1", "lokr_w1_a"), "FullModule": ("diff", "diff_b")}
+
+
+def _bake_multiplier(module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One module's tensors (suffix -> tensor) with its multiplier multiplied into the factor its update is linear in."""
+    multiplier = float(module.multiplier)
+    if multiplier == 1.0:
+        return tensors
+    kind = module.__class__.__name__
+    if kind not in _STRENGTH_KEYS or "dora_scale" in tensors:
+        raise UserError(f"lora.lycoris_config: multiplier {multiplier} cannot be baked into a {kind} file"
+                        + (" with dora_wd" if "dora_scale" in tensors else "") + ': use "multiplier": 1.0')
+    keys = [k for k in _STRENGTH_KEYS[kind] if k in tensors]
+    for key in keys if kind == "FullModule" else keys[:1]:
+        tensors = {**tensors, key: tensors[key].float() * multiplier}
+    return tensors
 
 
 def to_comfyui(transformer, dtype: torch.dtype, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The network's weights (or `state`, a copy of them) with ComfyUI's kohya-style names on the original Wan modules."""
+    """The network's weights (or `state`, a copy of them) with ComfyUI's kohya-style names on the original Wan modules,
+    each module's multiplier baked in."""
     network = network_of(transformer)
     originals = _original_names(transformer)
-    out = {}
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in (state if state is not None else network.state_dict()).items():
         name, _, suffix = key.partition(".")
-        original = originals[name].replace(".", "_")
-        value = value.detach().to("cpu")
-        out[f"lora_unet_{original}.{suffix}"] = value if suffix == "alpha" else value.to(dtype)
+        by_module.setdefault(name, {})[suffix] = value.detach().to("cpu")
+    out = {}
+    for lora in network.loras:
+        tensors = _bake_multiplier(lora, by_module.get(lora.lora_name, {}))
+        original = originals[lora.lora_name].replace(".", "_")
+        for suffix, value in tensors.items():
+            out[f"lora_unet_{original}.{suffix}"] = value if suffix == "alpha" else value.to(dtype)
     return out
-
-
-def save_lycoris(transformer, out_dir: Path, dtype: torch.dtype, info: dict[str, str],
-                 state: dict[str, torch.Tensor] | None = None) -> Path:
-    from trainer.export import INTERCHANGE_FILE, _save
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "wanforge": json.dumps({**info, "lora_type": "lycoris"}, sort_keys=True)}
-    return _save(to_comfyui(transformer, dtype, state), out_dir / INTERCHANGE_FILE, metadata)

@@ -36,6 +36,7 @@ def validation_image(cfg: WanforgeConfig, height: int, width: int):
 def _experts(cfg: WanforgeConfig, trained, device: torch.device, load_other: bool):
     """(transformer, transformer_2, boundary_ratio) for a Wan 2.2 A14B flavour."""
     from trainer.components import expert_subfolder, load_transformer
+    from trainer.experts import expert_boundary
 
     flavour = get_flavour(cfg.model.flavour)
     if not load_other:
@@ -44,7 +45,7 @@ def _experts(cfg: WanforgeConfig, trained, device: torch.device, load_other: boo
     other = load_transformer(cfg.model, dtype, subfolder=expert_subfolder(cfg.model, other=True)).to(device).eval()
     other.requires_grad_(False)
     pair = (trained, other) if flavour.stage == "high" else (other, trained)
-    return pair[0], pair[1], flavour.boundary
+    return pair[0], pair[1], expert_boundary(cfg.model)
 
 
 def flavour_pipeline(cfg: WanforgeConfig, transformer, vae, scheduler, device: torch.device, height: int, width: int,
@@ -53,7 +54,7 @@ def flavour_pipeline(cfg: WanforgeConfig, transformer, vae, scheduler, device: t
     `transformer_2`: a trained low-noise expert (train_both_experts), used instead of loading the base one."""
     from diffusers import WanImageToVideoPipeline, WanPipeline
 
-    from trainer.experts import ExpertPair
+    from trainer.experts import ExpertPair, expert_boundary
 
     flavour = get_flavour(cfg.model.flavour)
     call: dict = {}
@@ -63,7 +64,7 @@ def flavour_pipeline(cfg: WanforgeConfig, transformer, vae, scheduler, device: t
         transformer, transformer_2 = transformer.high.to(device), transformer.low.to(device)
     if flavour.is_expert:
         if transformer_2 is not None:
-            first, second, boundary = transformer, transformer_2, flavour.boundary
+            first, second, boundary = transformer, transformer_2, expert_boundary(cfg.model)
         else:
             first, second, boundary = _experts(cfg, transformer, device, cfg.model.wan_validation_load_other_stage)
         if boundary is not None and flavour.guidance_scale_low is not None:

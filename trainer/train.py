@@ -22,13 +22,13 @@ from trainer.dataset import Collate, TrainingData
 from trainer.ema import AdapterEMA, weights_for
 from trainer.errors import UserError
 from trainer.evaluation import eval_due, log_eval_loss, split_eval_samples
-from trainer.experts import active_stage, sample_training_sigmas, save_expert_loras, select_expert, setup_expert_pair
-from trainer.export import save_lora
+from trainer.experts import (active_stage, expert_boundary, sample_training_sigmas, save_expert_loras, select_expert,
+                             setup_expert_pair)
+from trainer.export import save_adapter
 from trainer.flow import flow_loss, flow_target, noisy_input, sample_sigmas, timesteps_from_sigmas
 from trainer.hub import HubPublisher, final_upload_remedy, publish_final, tracker_note
 from trainer.flavours import get_flavour
 from trainer.lora import adapter_state_dict, add_lora, trainable_parameters
-from trainer.lycoris_adapter import save_lycoris
 from trainer.distributed import noise_generator
 from trainer.memory import apply_memory_options, place_base_model
 from trainer.presets import host_memory_gib, resolve_memory
@@ -309,7 +309,7 @@ def _micro_step(transformer, batch, cfg: WanforgeConfig, generator: torch.Genera
     flavour = get_flavour(cfg.model.flavour)
     stage = active_stage(cfg, step)
     select_expert(transformer, stage, device)  # train_both_experts: the step's expert on the GPU
-    sigmas = sample_training_sigmas(latents.shape[0], cfg.flow, generator, flavour, stage)
+    sigmas = sample_training_sigmas(latents.shape[0], cfg.flow, generator, flavour, stage, expert_boundary(cfg.model))
     noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
     noisy = noisy_input(latents, noise, sigmas)
     target = flow_target(latents, noise)
@@ -332,11 +332,8 @@ def _save_final_lora(cfg: WanforgeConfig, run: RunDir, accelerator, transformer,
             "steps": str(cfg.train.max_train_steps)}
     if not accelerator.is_main_process:
         return run.lora
-    if cfg.lora.lora_type == "lycoris":  # kohya-style keys ComfyUI loads (trainer.lycoris_adapter)
-        return save_lycoris(accelerator.unwrap_model(transformer), run.lora / "ema" if ema is not None else run.lora,
-                            getattr(torch, cfg.lora.save_dtype), info, state)
-    return save_lora(state, run.lora / "ema" if ema is not None else run.lora, rank=cfg.lora.rank, alpha=cfg.lora.effective_alpha, fmt=cfg.lora.save_format,
-                     dtype=getattr(torch, cfg.lora.save_dtype), info=info)
+    return save_adapter(accelerator.unwrap_model(transformer), state, run.lora / "ema" if ema is not None else run.lora,
+                        cfg.lora, info)  # trainer.export: the one writer of LoRA files
 
 
 def _in_main_thread() -> bool:
