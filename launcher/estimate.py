@@ -167,7 +167,7 @@ def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None, card: Gpu 
     preset = preset_of(memory)
     attention = expected_attention(memory, card)
 
-    tokens = config_shape(cfg).tokens
+    tokens, model = config_shape(cfg).tokens, flavour_shape(cfg.model.flavour)
 
     def rank(row: dict[str, Any]) -> tuple:
         row_gc = row["gradient_checkpointing"]
@@ -180,6 +180,7 @@ def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None, card: Gpu 
         return (
             0 if _size_of(row["flavour"]) == size else 1,
             setting,
+            0 if row_shape(row) == model else 1,  # the same inputs (I2V condition channels, CLIP tokens)
             0 if row.get("base_quantization", "none") == memory.base_quantization else 1,
             0 if row.get("attention_backend", "_native_cudnn") == attention else 1,
             0 if row["trainer"] == "wanforge" else 1,
