@@ -161,3 +161,43 @@ def test_estimate_and_auto_agree_where_no_row_measured_the_preset():
     assert rtx.fits and not rtx.measured and rtx.fit_label == "not measured (extrapolated)"
     h100 = estimate(cfg, "H100")
     assert h100.memory_preset == "balanced" and h100.fits and h100.s_per_step > 0
+
+
+def test_every_preset_has_measured_rows_and_every_row_names_its_command():
+    """The one table `auto` and the estimate share: each preset `auto` can pick has a row at both model sizes; every
+    row says where it was measured; a row comes back exactly at its own shape."""
+    from trainer.presets import PRESETS
+    from trainer.sizing import measured_rows, predict_memory, row_shape, row_tokens
+
+    rows = measured_rows()
+    for row in rows:
+        assert "bench/RESULTS.md" in row["source"] or "FACTS.md" in row["source"]
+        assert row["gpu"] in known_gpus()
+    for preset in PRESETS:
+        for width in (1536, 5120):
+            assert any(r.get("preset") == preset and row_shape(r).dim == width for r in rows), (preset, width)
+    for row in (r for r in rows if r.get("preset") and r["trainer"] == "wanforge"):
+        p = predict_memory(row_shape(row), row["preset"], row_tokens(row))
+        if p.basis.endswith(f"({row['source']})") and p.gpu_measured:
+            assert p.gpu_gib == pytest.approx(row["peak_gib"], abs=0.01)
+            assert p.offload_gib == pytest.approx(row.get("offload_gib", 0.0), abs=0.01)
+            assert p.measured == ("host_peak_gib" in row)
+            if p.measured:
+                assert p.host_gib == pytest.approx(row["host_peak_gib"], abs=0.01)
+
+
+def test_wan22_a14b_at_720p_estimate_is_the_measured_row_on_a_128_gib_h100():
+    """Issue 24: at its default 1280x720x81 the A14B estimate on an H100 names the preset the node picks
+    (balanced-lean), the GPU and host memory measured there, and "fits" only because it was measured."""
+    for flavour, s_per_step in (("t2v-14b-2.2-high", 41.034), ("i2v-14b-2.2-high", 40.367)):
+        cfg = config_from_dict({"model": {"flavour": flavour}, "datasets": [{"path": "/x"}]})
+        e = estimate(cfg, "H100")
+        assert e.memory_preset == "balanced-lean" and e.fits and e.measured and e.speed_measured
+        assert e.vram_gib == pytest.approx(53.92, abs=0.01) and 59 < e.host_gib < 61 and e.host_ram_gib == 128
+        assert e.s_per_step == pytest.approx(s_per_step, rel=1e-3)
+        assert "(fits)" in e.line() and "host RAM 128 GiB assumed" in e.basis
+        a100 = estimate(cfg, "A100-80GB")  # same memory, speed from the datasheet: labelled
+        assert not a100.speed_measured and "(extrapolated)" in a100.line()
+    longer = config_from_dict({"model": {"flavour": "t2v-14b-2.2-high"},
+                               "datasets": [{"path": "/x", "num_frames": 49}]})
+    assert estimate(longer, "H100").fit_label == "not measured (extrapolated)"
