@@ -11,6 +11,7 @@ Every estimate says what was measured and what is extrapolated. No torch: the no
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -216,22 +217,14 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
     if preset is not None:  # the sizing model `auto` chose the preset with
         predicted = sizing.predict_memory(want.model, preset, want.tokens, batch, memory.base_quantization,
                                           cfg.model.base_dtype)
-        vram, offload, host, measured = predicted.gpu_gib, predicted.offload_gib, predicted.host_gib, predicted.measured
-        gpu_measured = predicted.gpu_measured
-        memory_basis = f"; memory: {predicted.label}, from {predicted.basis}"
-    else:  # a custom [memory] mix: the nearest row's activations, scaled (never counted as measured)
-        gib = 1024**3
-        quant = row.get("base_quantization", "none")
-        ref_act = max(row["peak_gib"] - ref.params * sizing.bytes_per_weight(quant) / gib
-                      - ref.lora_params * LORA_BYTES_PER_PARAM / gib, 0.0)
-        act = ref_act * (batch * want.tokens * want.model.dim * want.model.layers) / (
-            row["batch"] * ref.tokens * ref.model.dim * ref.model.layers)
-        vram = (want.params * sizing.bytes_per_weight(memory.base_quantization, cfg.model.base_dtype) / gib
-                + want.lora_params * LORA_BYTES_PER_PARAM / gib + act)
-        offload = row.get("offload_gib", 0.0) * (batch * want.tokens * want.model.dim * want.model.layers) / (
-            row["batch"] * ref.tokens * ref.model.dim * ref.model.layers) if memory.activation_offload else 0.0
-        host, measured, gpu_measured = sizing.HOST_BASE_GIB + offload, False, False
-        memory_basis = "; memory: not measured (extrapolated): a custom [memory] mix, scaled from that row"
+    else:  # a custom [memory] mix: the nearest row by the same rule, never counted as measured
+        lora_gib = (want.lora_params - ref.lora_params) * LORA_BYTES_PER_PARAM / 1024**3
+        predicted = sizing.scale_row(row, want.model, want.tokens, batch, memory.base_quantization,
+                                     cfg.model.base_dtype, offload=memory.activation_offload, lora_gib=lora_gib)
+        predicted = dataclasses.replace(predicted, measured=False, gpu_measured=False)
+    vram, offload, host = predicted.gpu_gib, predicted.offload_gib, predicted.host_gib
+    measured, gpu_measured = predicted.measured, predicted.gpu_measured
+    memory_basis = f"; memory: {'custom [memory] mix, ' if preset is None else ''}{predicted.label}, from {predicted.basis}"
 
     fp8_runs = memory.base_quantization != "fp8" or (card.vendor == "nvidia" and card.arch in FP8_ARCHS)
     hours = s_per_step * cfg.train.max_train_steps / 3600

@@ -217,29 +217,38 @@ def _preset_row(shape: ModelShape, preset: str, tokens: int) -> dict[str, Any]:
 
 def predict_memory(shape: ModelShape, preset: str, tokens: int, batch: int = 1,
                    base_quantization: str | None = None, base_dtype: str = "bfloat16") -> MemoryPrediction:
-    """GPU and host memory of `preset` for this model and clip (module docstring: the scaling rule).
+    """GPU and host memory of `preset` for this model and clip, from its nearest measured row.
     `base_quantization` is the user's own setting where it overrides the preset's."""
     from trainer.presets import PRESETS
 
-    row = _preset_row(shape, preset, tokens)
+    quant = base_quantization or PRESETS[preset].get("base_quantization", "none")
+    return scale_row(_preset_row(shape, preset, tokens), shape, tokens, batch, quant, base_dtype)
+
+
+def scale_row(row: dict[str, Any], shape: ModelShape, tokens: int, batch: int, quantization: str,
+              base_dtype: str = "bfloat16", offload: bool | None = None, lora_gib: float = 0.0) -> MemoryPrediction:
+    """The scaling rule (module docstring): `row`'s memory moved to this model, clip, batch and base weights.
+    `offload` False drops the row's activation offload (a custom mix without it); `lora_gib` adds the difference
+    between this run's LoRA state and the row's. Measured only at the row's own model, shape and weights."""
     ref = row_shape(row)
     ref_tokens = row_tokens(row)
     scale = (tokens * batch * shape.dim * shape.layers) / (ref_tokens * row["batch"] * ref.dim * ref.layers)
     row_quant = row.get("base_quantization", "none")
-    activations = row["peak_gib"] - ref.params * bytes_per_weight(row_quant) / 2**30
-    quant = base_quantization or PRESETS[preset].get("base_quantization", "none")
-    gpu = shape.params * bytes_per_weight(quant, base_dtype) / 2**30 + activations * scale
-    offload = row.get("offload_gib", 0.0) * scale
+    activations = max(row["peak_gib"] - ref.params * bytes_per_weight(row_quant) / 2**30, 0.0)
+    gpu = shape.params * bytes_per_weight(quantization, base_dtype) / 2**30 + activations * scale + lora_gib
+    row_offload = row.get("offload_gib", 0.0)
+    offloaded = row_offload * scale if offload is not False else 0.0
     if "host_peak_gib" in row:
-        base = row["host_peak_gib"] - row.get("offload_gib", 0.0)
+        base = row["host_peak_gib"] - row_offload
         host_basis = f"host {row['host_peak_gib']} GiB"
     else:
         base = HOST_BASE_GIB
         host_basis = f"host base {HOST_BASE_GIB} GiB (not measured with this row)"
-    gpu_measured = (ref == shape and quant == row_quant and same_shape(tokens * batch, ref_tokens * row["batch"]))
-    basis = (f"{preset} on {row['flavour']} {row['width']}x{row['height']}x{row['num_frames']} ({row['gpu']}): "
-             f"{row['peak_gib']} GiB GPU, {host_basis} ({row['source']})")
-    return MemoryPrediction(round(gpu, 2), round(offload, 2), round(base + offload, 2),
+    gpu_measured = (ref == shape and quantization == row_quant and offload is None and not lora_gib
+                    and same_shape(tokens * batch, ref_tokens * row["batch"]))
+    basis = (f"{row.get('preset', 'custom')} on {row['flavour']} {row['width']}x{row['height']}x{row['num_frames']} "
+             f"({row['gpu']}): {row['peak_gib']} GiB GPU, {host_basis} ({row['source']})")
+    return MemoryPrediction(round(gpu, 2), round(offloaded, 2), round(base + offloaded, 2),
                             gpu_measured and "host_peak_gib" in row, basis, gpu_measured)
 
 
