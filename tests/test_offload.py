@@ -189,3 +189,16 @@ def test_host_buffers_are_exact_size_and_reused_every_step():
     second, _ = _mlp_step(off, blocks, x)
     assert off.pool.bytes == held and off.bytes_offloaded == held
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_buffers_of_other_clip_shapes_are_dropped_to_stay_within_the_budget():
+    """Bucketed datasets change the saved shapes from step to step: the pool drops buffers of sizes the step no
+    longer uses instead of growing past the host budget."""
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU()) for _ in range(3)]
+    budget = 3 * 40 * 32 * 4 * 2  # a step of 40-token clips: 2 saved tensors per block
+    off = offload.ActivationOffloader(torch.device("cpu"), num_groups=3, keep_last=0, min_bytes=0,
+                                      max_host_bytes=budget)
+    for tokens in (40, 37, 40, 33):
+        _mlp_step(off, blocks, torch.randn(tokens, 32))
+        assert off.pool.bytes <= budget and off.bytes_kept_for_lack_of_host == 0

@@ -58,20 +58,36 @@ class _PinnedPool:
     power of two (up to 2x the host RAM). Falls back to torch's pinned allocator where registering fails.
     """
 
-    def __init__(self, cuda: bool) -> None:
+    def __init__(self, cuda: bool, limit: int | None = None) -> None:
         self.cuda = cuda
+        self.limit = limit  # free buffers of other sizes are dropped before the pool grows past this
         self._free: dict[int, list[torch.Tensor]] = {}
         self._taken: list[torch.Tensor] = []
         self._registered: list[torch.Tensor] = []
-        self.bytes = 0  # host bytes held (every buffer ever made; they are reused, never freed while training)
+        self.bytes = 0  # host bytes held (reused step to step; dropped only to stay under `limit`)
         weakref.finalize(self, _unregister, self._registered)
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A uint8 host buffer of exactly `nbytes`, free until `release_all`."""
         free = self._free.get(nbytes)
+        if not free and self.limit is not None:
+            self._trim(self.limit - nbytes)
         buf = free.pop() if free else self._new(nbytes)
         self._taken.append(buf)
         return buf
+
+    def _trim(self, target: int) -> None:
+        """Drop free buffers (largest first) until the pool holds at most `target` bytes: clips of other shapes
+        (buckets) leave buffers of sizes the next steps may never ask for again."""
+        free = sorted((buf for bufs in self._free.values() for buf in bufs), key=lambda b: -b.numel())
+        for buf in free:
+            if self.bytes <= target:
+                break
+            self._free[buf.numel()].remove(buf)
+            self.bytes -= buf.numel()
+            if any(buf is r for r in self._registered):
+                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+                self._registered[:] = [r for r in self._registered if r is not buf]
 
     def release_all(self) -> None:
         for buf in self._taken:
@@ -140,7 +156,7 @@ class ActivationOffloader:
         self._prefetched: set[int] = set()
         self._current = -1
         self.max_host_bytes = max_host_bytes
-        self.pool = _PinnedPool(self.cuda)
+        self.pool = _PinnedPool(self.cuda, max_host_bytes)
         self.bytes_offloaded = 0  # this step's host copies (a shared tensor counts once)
         self.bytes_kept_for_lack_of_host = 0  # this step's tensors over max_host_bytes, left on the GPU
 
