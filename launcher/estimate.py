@@ -223,7 +223,8 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
                                      cfg.model.base_dtype, offload=memory.activation_offload, lora_gib=lora_gib)
         predicted = dataclasses.replace(predicted, measured=False, gpu_measured=False)
     vram, offload, host = predicted.gpu_gib, predicted.offload_gib, predicted.host_gib
-    measured, gpu_measured = predicted.measured, predicted.gpu_measured
+    on_card = predicted.gpu == card.name  # measured on another GPU model: scaled, so not "measured" here
+    measured, gpu_measured = predicted.measured and on_card, predicted.gpu_measured and on_card
     memory_basis = f"; memory: {'custom [memory] mix, ' if preset is None else ''}{predicted.label}, from {predicted.basis}"
 
     fp8_runs = memory.base_quantization != "fp8" or (card.vendor == "nvidia" and card.arch in FP8_ARCHS)

@@ -196,8 +196,9 @@ def test_wan22_a14b_at_720p_estimate_is_the_measured_row_on_a_128_gib_h100():
         assert e.vram_gib == pytest.approx(53.92, abs=0.01) and 59 < e.host_gib < 61 and e.host_ram_gib == 128
         assert e.s_per_step == pytest.approx(s_per_step, rel=1e-3)
         assert "(fits)" in e.line() and "host RAM 128 GiB assumed" in e.basis
-        a100 = estimate(cfg, "A100-80GB")  # same memory, speed from the datasheet: labelled
-        assert not a100.speed_measured and "(extrapolated)" in a100.line()
+        a100 = estimate(cfg, "A100-80GB")  # never run on an A100: memory and speed both labelled as scaled
+        assert a100.fits and not a100.measured and not a100.speed_measured
+        assert "not measured (extrapolated)" in a100.line() and "s/step (extrapolated)" in a100.line()
     longer = config_from_dict({"model": {"flavour": "t2v-14b-2.2-high"},
                                "datasets": [{"path": "/x", "num_frames": 49}]})
     assert estimate(longer, "H100").fit_label == "not measured (extrapolated)"

@@ -189,6 +189,7 @@ class MemoryPrediction:
     measured: bool  # a row measured GPU and host memory of this preset, model and token count: not a scaled guess
     basis: str
     gpu_measured: bool = False  # the GPU peak alone was measured at this shape (older rows lack the host peak)
+    gpu: str = ""  # the GPU the row was measured on
 
     @property
     def label(self) -> str:
@@ -249,7 +250,7 @@ def scale_row(row: dict[str, Any], shape: ModelShape, tokens: int, batch: int, q
     basis = (f"{row.get('preset', 'custom')} on {row['flavour']} {row['width']}x{row['height']}x{row['num_frames']} "
              f"({row['gpu']}): {row['peak_gib']} GiB GPU, {host_basis} ({row['source']})")
     return MemoryPrediction(round(gpu, 2), round(offloaded, 2), round(base + offloaded, 2),
-                            gpu_measured and "host_peak_gib" in row, basis, gpu_measured)
+                            gpu_measured and "host_peak_gib" in row, basis, gpu_measured, row["gpu"])
 
 
 def fits_gpu(gpu_gib: float, card_gib: float) -> bool:
