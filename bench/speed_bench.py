@@ -7,6 +7,12 @@ through the trainer's own code: `place_base_model` -> `add_lora` -> `apply_memor
 as the ratio base: bf16 model, `add_adapter`, diffusers' default checkpointing and attention, torch AdamW, loss.item().
 
     python3 bench/speed_bench.py --model 1.3b --variants all --out $OUT/speed-1.3b.md
+    python3 bench/speed_bench.py --model 14b --shape 1280x720x81 --flavour t2v-14b-2.2-high --variants balanced-lean
+
+`--shape` sets the clip (width x height x frames; latents /8 spatially, (frames-1)/4+1 in time), `--flavour` the model
+the trainer's step is configured for (its input channels: I2V adds 20 condition channels, Wan 2.1 I2V 257 CLIP tokens).
+Each row also reports host memory: the process's peak resident set (VmHWM) and the activation offload's pinned pool;
+run one variant per process (the peak is the process's).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_
               freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 PROFILE = False
 FLAVOUR = {"1.3b": "t2v-480p-1.3b-2.1", "14b": "t2v-480p-14b-2.1"}
+SHAPE = (832, 480, 81)  # width, height, frames (--shape)
+CLIP_TOKENS, CLIP_DIM = 257, 1280
 
 # name -> [memory] settings (anything not named keeps the schema default)
 VARIANTS: dict[str, dict] = {
@@ -114,6 +122,15 @@ VARIANTS: dict[str, dict] = {
         gradient_checkpointing="selective", compile=True, activation_offload=True, checkpoint_sublayers=True,
         base_quantization="fp8"),
 }
+# the presets by name (trainer/presets.py), cuDNN attention unless the name ends in -fa4
+for _name, _values in __import__("trainer.presets", fromlist=["PRESETS"]).PRESETS.items():
+    VARIANTS.setdefault(_name, {**_values, "attention_backend": "_native_cudnn"})
+    VARIANTS.setdefault(f"{_name}-fa4", {**_values, "attention_backend": "flash_4_hub"})
+
+
+def latent_shape() -> tuple[int, int, int]:
+    width, height, frames = SHAPE
+    return (frames - 1) // 4 + 1, height // 8, width // 8
 
 
 def step_flops(model: str, frames: int = 81, height: int = 480, width: int = 832, text_len: int = 512) -> float:
@@ -128,12 +145,18 @@ def step_flops(model: str, frames: int = 81, height: int = 480, width: int = 832
     return forward + backward
 
 
-def build_transformer(model: str):
+def build_transformer(model: str, flavour: str):
     from diffusers import WanTransformer3DModel
 
+    from trainer.flavours import get_flavour
+
+    f = get_flavour(flavour)
+    extra = dict(in_channels=f.in_channels)
+    if f.image_encoder:
+        extra.update(image_dim=CLIP_DIM, added_kv_proj_dim=SHAPES[model]["num_attention_heads"] * 128)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = WanTransformer3DModel(**COMMON, **SHAPES[model]).to(torch.bfloat16)
+        model = WanTransformer3DModel(**{**COMMON, **extra}, **SHAPES[model]).to(torch.bfloat16)
     # as `from_pretrained(torch_dtype=bfloat16)` loads it in the trainer: diffusers keeps these modules in fp32
     for name, param in model.named_parameters():
         if any(part in model._keep_in_fp32_modules for part in name.split(".")):
@@ -141,10 +164,29 @@ def build_transformer(model: str):
     return model
 
 
-def make_batch(latent_frames: int = 21) -> dict:
+def make_batch(flavour: str) -> dict:
+    from trainer.flavours import get_flavour
+
+    f = get_flavour(flavour)
+    frames, h, w = latent_shape()
     g = torch.Generator().manual_seed(0)
-    return {"latents": torch.randn(1, 16, latent_frames, 60, 104, generator=g).pin_memory(),
-            "text": torch.randn(1, 512, 4096, generator=g).to(torch.bfloat16).pin_memory()}
+    batch = {"latents": torch.randn(1, 16, frames, h, w, generator=g).pin_memory(),
+             "text": torch.randn(1, 512, 4096, generator=g).to(torch.bfloat16).pin_memory()}
+    if f.task == "i2v":  # 4 mask + 16 first-frame latent channels, as the cache stores them
+        batch["condition"] = torch.randn(1, f.in_channels - 16, frames, h, w, generator=g).pin_memory()
+        if f.image_encoder:
+            batch["image_embeds"] = torch.randn(1, CLIP_TOKENS, CLIP_DIM, generator=g).to(torch.bfloat16).pin_memory()
+    return batch
+
+
+def host_status() -> dict:
+    """Peak and current resident set of this process (GiB) from /proc/self/status."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            fields[key] = int(value.split()[0]) * 1024 / 2**30
+    return fields
 
 
 def timed_steps(step, warmup: int, steps: int) -> list[float]:
@@ -164,7 +206,7 @@ def timed_steps(step, warmup: int, steps: int) -> list[float]:
     return times
 
 
-def run_trainer_variant(model: str, memory: dict, warmup: int, steps: int) -> dict:
+def run_trainer_variant(model: str, flavour: str, memory: dict, warmup: int, steps: int) -> dict:
     from accelerate import Accelerator
 
     from trainer.config import config_from_dict
@@ -173,11 +215,11 @@ def run_trainer_variant(model: str, memory: dict, warmup: int, steps: int) -> di
     from trainer.optim import make_optimizer
     from trainer.train import _micro_step
 
-    cfg = config_from_dict({"model": {"flavour": FLAVOUR[model]}, "memory": {"preset": "none", **memory},
+    cfg = config_from_dict({"model": {"flavour": flavour}, "memory": {"preset": "none", **memory},
                             "datasets": [{"path": "/tmp"}], "lora": {"rank": 16}}, source="bench")
     device = torch.device("cuda")
     accelerator = Accelerator(mixed_precision="bf16")
-    transformer = build_transformer(model)
+    transformer = build_transformer(model, flavour)
     place_base_model(transformer, cfg.memory, device)
     torch.manual_seed(0)
     add_lora(transformer, cfg.lora)
@@ -187,7 +229,7 @@ def run_trainer_variant(model: str, memory: dict, warmup: int, steps: int) -> di
     optimizer = make_optimizer(params, cfg.optim, device)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     generator = torch.Generator(device=device).manual_seed(0)
-    batch = make_batch()
+    batch = make_batch(flavour)
     torch.cuda.reset_peak_memory_stats()
     first: dict = {}
 
@@ -210,25 +252,28 @@ def run_trainer_variant(model: str, memory: dict, warmup: int, steps: int) -> di
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90))
     offloaded = offloader.bytes_offloaded / 2**30 if offloader else 0.0
+    host = {"pinned": offloader.pool.bytes / 2**30 if offloader else 0.0,
+            "kept": offloader.bytes_kept_for_lack_of_host / 2**30 if offloader else 0.0,
+            "budget": (offloader.max_host_bytes or 0) / 2**30 if offloader else 0.0}
     del transformer, optimizer, accelerator
-    return {"times": times, "peak": peak, "offloaded": offloaded, **first}
+    return {"times": times, "peak": peak, "offloaded": offloaded, **host, **first}
 
 
-def run_naive(model: str, warmup: int, steps: int) -> dict:
+def run_naive(model: str, flavour: str, warmup: int, steps: int) -> dict:
     """The loop a user writes from the diffusers + peft docs: the ratio base."""
     import torch.nn.functional as F
     from peft import LoraConfig
 
     from trainer.config import DEFAULT_TARGET_MODULES
 
-    transformer = build_transformer(model)
+    transformer = build_transformer(model, flavour)
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=DEFAULT_TARGET_MODULES))
     transformer.enable_gradient_checkpointing()
     transformer.train()
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    batch = {k: v.cuda() for k, v in make_batch().items()}
+    batch = {k: v.cuda() for k, v in make_batch(flavour).items()}
     torch.cuda.reset_peak_memory_stats()
 
     def step() -> None:
@@ -236,8 +281,11 @@ def run_naive(model: str, warmup: int, steps: int) -> dict:
         noise = torch.randn_like(x0)
         s = torch.rand(1, device="cuda")
         noisy = ((1 - s) * x0 + s * noise).to(torch.bfloat16)
+        extra = {"encoder_hidden_states_image": batch["image_embeds"]} if "image_embeds" in batch else {}
+        if "condition" in batch:
+            noisy = torch.cat([noisy, batch["condition"].to(torch.bfloat16)], dim=1)
         pred = transformer(hidden_states=noisy, timestep=s * 1000, encoder_hidden_states=batch["text"],
-                           return_dict=False)[0]
+                           return_dict=False, **extra)[0]
         loss = F.mse_loss(pred.float(), (noise - x0).float())
         loss.backward()
         optimizer.step()
@@ -247,7 +295,7 @@ def run_naive(model: str, warmup: int, steps: int) -> dict:
     times = timed_steps(step, warmup, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30
     del transformer, optimizer
-    return {"times": times, "peak": peak, "offloaded": 0.0}
+    return {"times": times, "peak": peak, "offloaded": 0.0, "pinned": 0.0, "kept": 0.0, "budget": 0.0}
 
 
 def main() -> None:
@@ -258,36 +306,48 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per variant")
+    parser.add_argument("--shape", default="832x480x81", help="clip width x height x frames")
+    parser.add_argument("--flavour", default=None, help="the flavour the step is configured for (default: 2.1 T2V)")
     args = parser.parse_args()
-    global PROFILE
+    global PROFILE, SHAPE
     PROFILE = args.profile
+    SHAPE = tuple(int(v) for v in args.shape.lower().split("x"))
+    flavour = args.flavour or FLAVOUR[args.model]
     import diffusers
 
+    from trainer.sizing import host_memory_gib
+
     names = ["naive", *VARIANTS] if args.variants == "all" else args.variants.split(",")
-    flops = step_flops(args.model)
+    width, height, frames = SHAPE
+    flops = step_flops(args.model, frames, height, width)
     device = torch.cuda.get_device_name()
     header = (f"device: {device}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
-              f"Wan {args.model} 832x480x81, batch 1, LoRA r16, bf16; useful FLOP/step {flops:.3e}; "
-              f"median of {args.steps} steps after {args.warmup} warm-up\n\n"
+              f"Wan {args.model} ({flavour}) {args.shape}, {(frames - 1) // 4 + 1}x{height // 16}x{width // 16} tokens, "
+              f"batch 1, LoRA r16, bf16; useful FLOP/step {flops:.3e}; median of {args.steps} steps after "
+              f"{args.warmup} warm-up; host RAM available at start {host_memory_gib():.1f} GiB\n\n"
               "| variant | median s/step | peak GiB | offloaded GiB/step | TFLOP/s (useful) | vs naive | "
-              "step-0 loss / grad norm |\n|---|---|---|---|---|---|---|\n")
+              "step-0 loss / grad norm | host peak GiB (VmHWM) | pinned pool GiB | kept on GPU for lack of host GiB |"
+              "\n|---|---|---|---|---|---|---|---|---|---|\n")
     rows, naive_time = [], None
     for name in names:
         print(f"== {name}", flush=True)
         try:
             if name == "naive":
-                r = run_naive(args.model, args.warmup, args.steps)
+                r = run_naive(args.model, flavour, args.warmup, args.steps)
             else:
-                r = run_trainer_variant(args.model, VARIANTS[name], args.warmup, args.steps)
+                r = run_trainer_variant(args.model, flavour, VARIANTS[name], args.warmup, args.steps)
             median = statistics.median(r["times"])
             naive_time = median if name == "naive" else naive_time
             ratio = f"{naive_time / median:.2f}x" if naive_time else "-"
             check = f"{r['loss']:.5f} / {r['grad_norm']:.4e}" if "loss" in r else "-"
             rows.append(f"| {name} | {median:.3f} | {r['peak']:.2f} | {r['offloaded']:.2f} | "
-                        f"{flops / median / 1e12:.0f} | {ratio} | {check} |")
+                        f"{flops / median / 1e12:.0f} | {ratio} | {check} | {host_status()['VmHWM']:.2f} | "
+                        f"{r['pinned']:.2f} | {r['kept']:.2f} |")
         except Exception as err:  # one failing variant must not lose the others' numbers
             traceback.print_exc()
-            rows.append(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | | | | | |")
+            rows.append(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | "
+                        f"{torch.cuda.max_memory_allocated() / 2**30:.2f} (at failure) | | | | | "
+                        f"{host_status()['VmHWM']:.2f} | | |")
         gc.collect()
         torch.cuda.empty_cache()
         torch._dynamo.reset()

@@ -132,10 +132,14 @@ class EstimatePanel:
         except UserError as err:
             self.output.value = f'<span style="color:#c62828">{html.escape(str(err))}</span>'
             return None
-        fit = ('<b style="color:#2e7d32">fits</b>' if est.fits else '<b style="color:#c62828">does not fit</b>')
+        colour = "#c62828" if not est.fits else "#2e7d32" if est.measured else "#b26a00"
+        fit = f'<b style="color:{colour}">{html.escape(est.fit_label)}</b>'
+        speed = "" if est.speed_measured else " (extrapolated)"
         self.output.value = (
-            "<table><tr><th>VRAM / GPU</th><th>s / step</th><th>total time</th><th>$ / hour</th><th>total $</th></tr>"
-            f"<tr><td>{est.vram_gib:.1f} GiB ({fit})</td><td>{est.s_per_step:.2f}</td><td>{est.total_hours:.2f} h</td>"
+            "<table><tr><th>VRAM / GPU</th><th>host RAM</th><th>s / step</th><th>total time</th><th>$ / hour</th>"
+            "<th>total $</th></tr>"
+            f"<tr><td>{est.vram_gib:.1f} GiB ({fit})</td><td>{est.host_gib:.0f} of {est.host_ram_gib:.0f} GiB</td>"
+            f"<td>{est.s_per_step:.2f}{speed}</td><td>{est.total_hours:.2f} h</td>"
             f"<td>{est.cost_usd_per_hour:.2f}</td><td>{est.cost_usd:,.2f}</td></tr></table>"
             f'<div style="color:#777;font-size:11px">scaled from {html.escape(est.basis)}; training steps only</div>')
         self.last = est

@@ -19,6 +19,7 @@ from typing import Any
 
 from launcher import lifecycle, render
 from launcher.estimate import Estimate, cheapest_fitting, estimate, estimate_all, parse_gpu
+from trainer import sizing
 from launcher.lifecycle import LaunchRecord
 from launcher.targets import TARGETS, Plan, check_output, check_request, check_run_name
 from trainer.config import WanforgeConfig, load_config, save_config
@@ -131,9 +132,10 @@ def plan_request(cfg: WanforgeConfig, args: argparse.Namespace) -> tuple[Plan, E
     plan = check_request(target, gpu, count, args.nodes, args.managed, args.spot, args.output, args.output_mode)
     est = estimate(cfg, f"{gpu}:{count * args.nodes}")
     if not est.fits and not args.ignore_estimate:
-        raise UserError(f"--gpu {gpu}: the estimate says this config needs {est.vram_gib:.1f} GiB per GPU, more than "
-                        f"{gpu} has; pick a larger GPU (--gpu auto), set memory.gradient_checkpointing = \"full\", or "
-                        "--ignore-estimate to try anyway")
+        raise UserError(f"--gpu {gpu}: the estimate says this config needs {est.vram_gib:.1f} GiB per GPU and "
+                        f"{est.host_gib:.0f} GiB of host RAM, more than {gpu} has (GPU memory x {sizing.HEADROOM}, "
+                        f"{est.host_ram_gib:.0f} GiB host on a typical node); pick a larger GPU "
+                        "(--gpu auto), set memory.gradient_checkpointing = \"full\", or --ignore-estimate to try anyway")
     return plan, est
 
 

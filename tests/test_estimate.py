@@ -59,11 +59,13 @@ def test_model_size_and_checkpointing_pick_their_own_rows():
 
 def test_new_measured_row_takes_over(monkeypatch):
     """Adding a newer wanforge row (what the lead does after a benchmark) changes the estimate at once."""
-    cal = dict(est_mod.load_calibration())
+    from trainer import sizing
+
+    cal = dict(sizing.load_calibration())
     row = next(r for r in cal["measured"] if r["flavour"] == "t2v-480p-1.3b-2.1" and r["trainer"] == "wanforge"
                and r["gradient_checkpointing"] == "full")
     newer = dict(row, s_per_step=2.0, peak_gib=8.0, date="2099-01-01", source="test")
-    monkeypatch.setattr(est_mod, "load_calibration", lambda: {**cal, "measured": [*cal["measured"], newer]})
+    monkeypatch.setattr(sizing, "load_calibration", lambda: {**cal, "measured": [*cal["measured"], newer]})
     e = estimate(cfg_for(), "H100")
     assert e.s_per_step == pytest.approx(2.0) and e.vram_gib == pytest.approx(8.0, abs=0.02)
 
@@ -82,18 +84,46 @@ def test_gpu_names_and_sources():
 
 def test_cheapest_fitting_and_ordering():
     cfg = cfg_for(gc=False)  # ~65 GiB: only the 80 GB+ cards fit
-    pick = cheapest_fitting(cfg, ["RTX4090", "L40S", "H100", "A100-80GB"])
+    pick = cheapest_fitting(cfg, ["RTX4090", "L40S", "H100", "A100-80GB"], measured_only=False)
     fitting = [e for e in estimate_all(cfg, ["H100", "A100-80GB"])]
     assert pick.gpu == min(fitting, key=lambda e: e.cost_usd).gpu
     with pytest.raises(UserError, match="no GPU in RTX4090, L4 fits"):
-        cheapest_fitting(cfg, ["RTX4090", "L4"])
+        cheapest_fitting(cfg, ["RTX4090", "L4"], measured_only=False)
+
+
+def test_gpu_auto_picks_among_measured_gpus_unless_asked_otherwise():
+    """MI300X is cheaper per step by its datasheet TFLOP/s, but nothing was ever measured on it: `--gpu auto` takes the
+    measured GPU, and refuses a list with no measured GPU instead of picking a datasheet guess."""
+    from trainer.sizing import measured_gpus
+
+    cfg = cfg_for("t2v-480p-14b-2.1", gc=False)
+    assert "MI300X" not in measured_gpus() and "H100" in measured_gpus()
+    datasheet = cheapest_fitting(cfg, ["MI300X", "H100"], measured_only=False)
+    assert datasheet.gpu == "MI300X" and not datasheet.speed_measured  # what the old `auto` did
+    assert cheapest_fitting(cfg, ["MI300X", "H100"]).gpu == "H100"
+    with pytest.raises(UserError, match="MI300X, L40S has a measured row.*--gpu"):
+        cheapest_fitting(cfg, ["MI300X", "L40S"])
+
+
+def test_every_line_labels_what_was_extrapolated():
+    """A card known only from its datasheet never reads "measured"; an unmeasured shape never reads "fits"."""
+    cfg = config_from_dict({"model": {"flavour": "t2v-480p-1.3b-2.1"}, "datasets": [{"path": "/x"}]})
+    for e in estimate_all(cfg):
+        if e.gpu != "H100":
+            assert not e.speed_measured and "s/step (extrapolated)" in e.line()
+            assert "datasheet bf16 TFLOP/s" in e.basis
+    big = config_from_dict({"model": {"flavour": "t2v-480p-14b-2.1"},
+                            "datasets": [{"path": "/x", "num_frames": 121, "width": 960, "height": 544}]})
+    e = estimate(big, "H100")
+    assert e.fits and not e.measured and "not measured (extrapolated)" in e.line() and "(fits" not in e.line()
 
 
 def test_estimate_cli(tmp_path, capsys):
     save_config(cfg_for(), tmp_path / "c.toml")
     assert main(["estimate", str(tmp_path / "c.toml"), "--gpu", "H100"]) == 0
     out = capsys.readouterr().out
-    assert "H100" in out and "2.37 s/step" in out and "fits" in out
+    assert "H100" in out and "2.37 s/step" in out
+    assert "not measured (extrapolated)" in out  # a custom [memory] mix (checkpointing set by hand) is scaled
     assert main(["estimate", str(tmp_path / "c.toml"), "--gpu", "H1000"]) == 2
 
 
@@ -110,8 +140,8 @@ def test_auto_memory_preset_is_resolved_per_gpu():
     assert "cuDNN" in a100.basis
     flash_everywhere = cfg.model_copy(update={"memory": cfg.memory.model_copy(update={"attention_backend": "flash_4_hub"})})
     assert "FlashAttention 4" in estimate(flash_everywhere, "A100-80GB").basis  # asked for explicitly
-    l40s = estimate(cfg, "L40S")  # 48 GB: activation offload
-    assert l40s.memory_preset == "balanced" and l40s.fits and l40s.vram_gib < 42
+    l40s = estimate(cfg, "L40S")  # 48 GB, 64 GiB host: balanced's 50 GiB offload is too much, half of it is not
+    assert l40s.memory_preset == "balanced-lean" and l40s.fits and l40s.vram_gib < 42
     rtx = estimate(cfg, "RTX4090")  # 24 GB: int8 + offload + 4096-token FF chunks, measured 21.91 GiB
     assert rtx.memory_preset == "low-int8" and rtx.fits and rtx.vram_gib == pytest.approx(21.91, abs=0.3)
     assert "[low-int8]" in rtx.line()
@@ -128,10 +158,47 @@ def test_estimate_and_auto_agree_where_no_row_measured_the_preset():
     shape = est_mod.config_shape(cfg)
     assert rtx.memory_preset == "balanced"
     assert rtx.vram_gib == pytest.approx(estimated_peak_gib(get_flavour("ti2v-5b-2.2"), "balanced", shape.tokens), abs=0.01)
-    assert rtx.fits and "preset's measured peaks" in rtx.basis
+    assert rtx.fits and not rtx.measured and rtx.fit_label == "not measured (extrapolated)"
     h100 = estimate(cfg, "H100")
     assert h100.memory_preset == "balanced" and h100.fits and h100.s_per_step > 0
-    measured_14b = estimate(config_from_dict({"model": {"flavour": "t2v-480p-14b-2.1"},
-                                              "datasets": [{"path": "/x", "num_frames": 81, "width": 832,
-                                                            "height": 480}]}), "L40S")
-    assert "preset's measured peaks" not in measured_14b.basis  # a row of that preset exists: it is used
+
+
+def test_every_preset_has_measured_rows_and_every_row_names_its_command():
+    """The one table `auto` and the estimate share: each preset `auto` can pick has a row at both model sizes; every
+    row says where it was measured; a row comes back exactly at its own shape."""
+    from trainer.presets import PRESETS
+    from trainer.sizing import measured_rows, predict_memory, row_shape, row_tokens
+
+    rows = measured_rows()
+    for row in rows:
+        assert "bench/RESULTS.md" in row["source"] or "FACTS.md" in row["source"]
+        assert row["gpu"] in known_gpus()
+    for preset in PRESETS:
+        for width in (1536, 5120):
+            assert any(r.get("preset") == preset and row_shape(r).dim == width for r in rows), (preset, width)
+    for row in (r for r in rows if r.get("preset") and r["trainer"] == "wanforge"):
+        p = predict_memory(row_shape(row), row["preset"], row_tokens(row))
+        if p.basis.endswith(f"({row['source']})") and p.gpu_measured:
+            assert p.gpu_gib == pytest.approx(row["peak_gib"], abs=0.01)
+            assert p.offload_gib == pytest.approx(row.get("offload_gib", 0.0), abs=0.01)
+            assert p.measured == ("host_peak_gib" in row)
+            if p.measured:
+                assert p.host_gib == pytest.approx(row["host_peak_gib"], abs=0.01)
+
+
+def test_wan22_a14b_at_720p_estimate_is_the_measured_row_on_a_128_gib_h100():
+    """Issue 24: at its default 1280x720x81 the A14B estimate on an H100 names the preset the node picks
+    (balanced-lean), the GPU and host memory measured there, and "fits" only because it was measured."""
+    for flavour, s_per_step in (("t2v-14b-2.2-high", 41.034), ("i2v-14b-2.2-high", 40.367)):
+        cfg = config_from_dict({"model": {"flavour": flavour}, "datasets": [{"path": "/x"}]})
+        e = estimate(cfg, "H100")
+        assert e.memory_preset == "balanced-lean" and e.fits and e.measured and e.speed_measured
+        assert e.vram_gib == pytest.approx(53.92, abs=0.01) and 59 < e.host_gib < 61 and e.host_ram_gib == 128
+        assert e.s_per_step == pytest.approx(s_per_step, rel=1e-3)
+        assert "(fits)" in e.line() and "host RAM 128 GiB assumed" in e.basis
+        a100 = estimate(cfg, "A100-80GB")  # never run on an A100: memory and speed both labelled as scaled
+        assert a100.fits and not a100.measured and not a100.speed_measured
+        assert "not measured (extrapolated)" in a100.line() and "s/step (extrapolated)" in a100.line()
+    longer = config_from_dict({"model": {"flavour": "t2v-14b-2.2-high"},
+                               "datasets": [{"path": "/x", "num_frames": 49}]})
+    assert estimate(longer, "H100").fit_label == "not measured (extrapolated)"

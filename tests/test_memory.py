@@ -184,3 +184,50 @@ def test_sublayer_block_forward_is_diffusers_block_forward(tiny_model, temb_dims
 def test_sublayers_without_checkpointing_are_refused():
     with pytest.raises(ValueError, match="checkpoint_sublayers needs gradient_checkpointing"):
         MemoryConfig(gradient_checkpointing="none", checkpoint_sublayers=True)
+
+
+def test_host_memory_is_capped_by_the_container_cgroup(tmp_path):
+    """A pod sees the whole machine in /proc/meminfo but is OOM-killed at its cgroup limit: the smaller one counts,
+    with the cgroup's reclaimable page cache given back (v2 and v1 layouts; no limit set: meminfo alone)."""
+    from trainer.sizing import _cgroup_free, host_memory_gib
+
+    gib = 2**30
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{64 * gib}\n")
+    (v2 / "memory.current").write_text(f"{40 * gib}\n")
+    (v2 / "memory.stat").write_text(f"anon 123\ninactive_file {4 * gib}\n")
+    assert _cgroup_free(v2) == 28 * gib
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{32 * gib}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{30 * gib}\n")
+    assert _cgroup_free(tmp_path / "v1") == 2 * gib
+    unlimited = tmp_path / "none"
+    unlimited.mkdir()
+    (unlimited / "memory.max").write_text("max\n")
+    (unlimited / "memory.current").write_text("5\n")
+    assert _cgroup_free(unlimited) is None
+    meminfo = {"MemTotal": 503 * gib, "MemAvailable": 480 * gib}
+    assert host_memory_gib(meminfo, cgroup_free=28 * gib) == 28.0
+    assert host_memory_gib(meminfo, cgroup_free=None) == 480.0
+
+
+def test_auto_at_720p_14b_fits_the_host_ram_of_a_128_gib_node():
+    """Wan 2.2 A14B at its default 1280x720x81 on an 80 GB GPU: `balanced` would offload ~115 GiB a step (what
+    OOM-killed it on a 128 GiB node), so `auto` takes balanced-lean there (measured: 60 GiB host, 54 GiB GPU), and
+    balanced only where the host has room for it."""
+    from trainer.flavours import get_flavour
+    from trainer.presets import choose_preset, flavour_tokens
+    from trainer.sizing import HOST_SHARE, flavour_shape, predict_memory
+
+    for name in ("t2v-14b-2.2-high", "i2v-14b-2.2-low"):
+        f = get_flavour(name)
+        assert flavour_tokens(f) == 75600
+        assert choose_preset(f, 79.2, host_gib=125.0) == "balanced-lean"
+        lean = predict_memory(flavour_shape(name), "balanced-lean", 75600)
+        assert lean.measured and lean.host_gib <= 0.5 * 128 and lean.offload_gib <= HOST_SHARE * 125
+        assert predict_memory(flavour_shape(name), "balanced", 75600).offload_gib > HOST_SHARE * 125
+        assert choose_preset(f, 79.2, host_gib=400.0) == "balanced"
+    # a custom clip between the measured ones: scaled, and said to be
+    assert not predict_memory(flavour_shape("t2v-14b-2.2-high"), "balanced-lean", 50000).measured

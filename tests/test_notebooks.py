@@ -47,7 +47,7 @@ def test_walkthrough_runs_end_to_end(kernel_env):
     text = _outputs(nb)
     run = kernel_env / "wanforge-walkthrough" / "run"
     assert "problems: none" in text
-    assert "fits" in text and "GiB" in text  # the estimate lines
+    assert ("fits" in text or "not measured (extrapolated)" in text) and "GiB" in text  # the estimate lines
     assert "completed: step 10/10" in text
     assert (run / "lora" / "wanforge_lora.safetensors").is_file()
     videos = sorted(run.glob("validation/step-*/*.mp4"))

@@ -137,3 +137,68 @@ def test_compiled_sublayer_checkpointing_keeps_and_offloads_the_sublayer_outputs
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     tokens = out.shape[2] * (out.shape[3] // 2) * (out.shape[4] // 2)
     assert split.bytes_offloaded >= whole.bytes_offloaded + 2 * tokens * 32 * 4
+
+
+def _mlp_step(offloader, blocks, x):
+    """Forward + backward of checkpointed blocks, each in its offload group: (output, input gradient)."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = x.clone().requires_grad_()
+    h = x
+    for i, block in enumerate(blocks):
+        if offloader is None:
+            h = checkpoint(block, h, use_reentrant=False)
+        else:
+            with offloader.group(i):
+                h = checkpoint(block, h, use_reentrant=False)
+    h.square().sum().backward()
+    return h.detach(), x.grad
+
+
+def test_host_budget_keeps_the_rest_on_the_device_and_the_step_unchanged():
+    """Past `max_host_bytes` the saved tensors stay where they are (a 128 GiB node is not OOM-killed): the host holds
+    no more than the budget, the rest is counted as kept, and output and gradients are exactly those of no offload."""
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()) for _ in range(4)]
+    x = torch.randn(32, 64)
+    out, grad = _mlp_step(None, blocks, x)
+    one_input = 32 * 64 * 4
+    free = offload.ActivationOffloader(torch.device("cpu"), num_groups=4, keep_last=0, min_bytes=0)
+    capped = offload.ActivationOffloader(torch.device("cpu"), num_groups=4, keep_last=0, min_bytes=0,
+                                         max_host_bytes=3 * one_input)
+    for off in (free, capped):
+        out_off, grad_off = _mlp_step(off, blocks, x)
+        torch.testing.assert_close(out_off, out, rtol=0, atol=0)
+        torch.testing.assert_close(grad_off, grad, rtol=0, atol=0)
+    assert free.bytes_kept_for_lack_of_host == 0 and free.bytes_offloaded > capped.max_host_bytes
+    assert 0 < capped.bytes_offloaded <= capped.max_host_bytes
+    assert capped.bytes_kept_for_lack_of_host == free.bytes_offloaded - capped.bytes_offloaded
+    assert capped.pool.bytes <= capped.max_host_bytes
+
+
+def test_host_buffers_are_exact_size_and_reused_every_step():
+    """The pool holds exactly the bytes one step offloads (no power-of-two rounding), and a second step with the same
+    shapes reuses them instead of allocating more."""
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(48, 48), torch.nn.GELU()) for _ in range(3)]
+    x = torch.randn(17, 48)  # 17 x 48 x 4 bytes: not a power of two
+    off = offload.ActivationOffloader(torch.device("cpu"), num_groups=3, keep_last=0, min_bytes=0)
+    first, _ = _mlp_step(off, blocks, x)
+    held = off.pool.bytes
+    assert held == off.bytes_offloaded and held % 1024 != 0
+    second, _ = _mlp_step(off, blocks, x)
+    assert off.pool.bytes == held and off.bytes_offloaded == held
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_buffers_of_other_clip_shapes_are_dropped_to_stay_within_the_budget():
+    """Bucketed datasets change the saved shapes from step to step: the pool drops buffers of sizes the step no
+    longer uses instead of growing past the host budget."""
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU()) for _ in range(3)]
+    budget = 3 * 40 * 32 * 4 * 2  # a step of 40-token clips: 2 saved tensors per block
+    off = offload.ActivationOffloader(torch.device("cpu"), num_groups=3, keep_last=0, min_bytes=0,
+                                      max_host_bytes=budget)
+    for tokens in (40, 37, 40, 33):
+        _mlp_step(off, blocks, torch.randn(tokens, 32))
+        assert off.pool.bytes <= budget and off.bytes_kept_for_lack_of_host == 0

@@ -411,11 +411,13 @@ class ValidationConfig(Section):
 
 
 class MemoryConfig(Section):
-    preset: Literal["none", "auto", "fast", "balanced", "low", "low-int8", "low-host-ram", "balanced-fp8"] = Field(
+    preset: Literal["none", "auto", "fast", "balanced", "balanced-lean", "low", "low-int8", "low-host-ram",
+                    "balanced-fp8"] = Field(
         "auto",
         description='"auto": on a GPU, the fastest measured preset that fits its memory and the free host RAM (fields '
         'you set yourself win; on CPU nothing changes). "balanced" = selective checkpointing per sub-layer + compile + '
-        'activation offload (fastest measured, needs host RAM); "fast" = selective checkpointing + compile, no offload; '
+        'activation offload (fastest measured, needs host RAM); "balanced-lean" = balanced without sub-layers (half the '
+        'host RAM); "fast" = selective checkpointing + compile, no offload; '
         '"low" = balanced + chunked feed-forward; "low-int8" = offload + int8 base weights + 4096-token FF chunks; '
         '"low-host-ram" = full checkpointing + compile + int8, no offload; "balanced-fp8" = balanced with fp8 base '
         'weights (fastest on Ada / Hopper, slightly different numbers: never picked by "auto"). "none": exactly the '

@@ -19,6 +19,7 @@ from trainer.attention import resolve_attention_backend, set_attention_backend
 from trainer.config import MemoryConfig
 from trainer.fp8 import check_float8_device, convert_blocks_to_float8
 from trainer.offload import ActivationOffloader
+from trainer.sizing import HOST_SHARE, host_memory_gib
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,13 @@ def place_base_model(transformer, cfg: MemoryConfig, device: torch.device) -> No
         log.info("fp8 base weights: %d linear layers", convert_blocks_to_float8(transformer))
 
 
+def offload_host_budget() -> int:
+    """Host bytes one process's activation offload may hold: HOST_SHARE of the free host RAM (cgroup limit included),
+    split between the processes of this node. Past it, saved tensors stay on the GPU instead of OOM-killing the run."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return int(HOST_SHARE * host_memory_gib() * 2**30 / processes)
+
+
 def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -> ActivationOffloader | None:
     """Attention backend, feed-forward chunking, checkpointing, activation offload and compile (after LoRA, before
     accelerate.prepare). Returns the activation offloader when `activation_offload` is on (its byte count is a metric)."""
@@ -223,7 +231,7 @@ def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -
     checkpointed = checkpointed_block_ids(len(blocks), cfg)
     offloader = None
     if cfg.activation_offload and checkpointed:
-        offloader = ActivationOffloader(device, num_groups=max(checkpointed) + 1)
+        offloader = ActivationOffloader(device, num_groups=max(checkpointed) + 1, max_host_bytes=offload_host_budget())
         offloader.exclude_parameters(transformer)
     if cfg.checkpoint_sublayers and checkpointed:
         enable_sublayer_checkpointing(blocks, checkpointed, keep_attention=cfg.gradient_checkpointing == "selective")

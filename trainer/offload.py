@@ -7,16 +7,23 @@ current block's backward runs, so the GPU holds about one block's worth instead 
 
 Written here because torch's `save_on_cpu` copies synchronously (the forward waits for every copy and nothing is
 prefetched) and torchtune's `OffloadActivations` would pull the whole torchtune stack in for one class.
+
+Host RAM: the copies live in exact-size page-locked buffers reused step to step (`_PinnedPool`), never more than
+`max_host_bytes` a step; what does not fit stays on the GPU. torch's own pinned allocator rounds every buffer up to a
+power of two (a 774 MB block input at 14B 1280x720x81 takes 1 GiB), which is what OOM-killed 720p runs on 128 GiB nodes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger(__name__)
 
 MIN_OFFLOAD_BYTES = 1 << 20  # smaller tensors (modulation vectors, text states of one block) stay where they are
 KEEP_LAST_BLOCKS = 1  # the last block's backward comes first: a round trip through the host would only add latency
@@ -44,6 +51,72 @@ def _storages(t: torch.Tensor) -> list[int]:
     return [ptr for name in names for ptr in _storages(getattr(t, name))]
 
 
+class _PinnedPool:
+    """Page-locked host buffers of exact sizes, handed out again each step (a step saves the same shapes every time).
+
+    Plain host allocations registered with `cudaHostRegister`: torch's pinned allocator would round each one up to a
+    power of two (up to 2x the host RAM). Falls back to torch's pinned allocator where registering fails.
+    """
+
+    def __init__(self, cuda: bool, limit: int | None = None) -> None:
+        self.cuda = cuda
+        self.limit = limit  # free buffers of other sizes are dropped before the pool grows past this
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._taken: list[torch.Tensor] = []
+        self._registered: list[torch.Tensor] = []
+        self.bytes = 0  # host bytes held (reused step to step; dropped only to stay under `limit`)
+        weakref.finalize(self, _unregister, self._registered)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 host buffer of exactly `nbytes`, free until `release_all`."""
+        free = self._free.get(nbytes)
+        if not free and self.limit is not None:
+            self._trim(self.limit - nbytes)
+        buf = free.pop() if free else self._new(nbytes)
+        self._taken.append(buf)
+        return buf
+
+    def _trim(self, target: int) -> None:
+        """Drop free buffers (largest first) until the pool holds at most `target` bytes: clips of other shapes
+        (buckets) leave buffers of sizes the next steps may never ask for again."""
+        free = sorted((buf for bufs in self._free.values() for buf in bufs), key=lambda b: -b.numel())
+        for buf in free:
+            if self.bytes <= target:
+                break
+            self._free[buf.numel()].remove(buf)
+            self.bytes -= buf.numel()
+            if any(buf is r for r in self._registered):
+                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+                self._registered[:] = [r for r in self._registered if r is not buf]
+
+    def release_all(self) -> None:
+        for buf in self._taken:
+            self._free.setdefault(buf.numel(), []).append(buf)
+        self._taken.clear()
+
+    def _new(self, nbytes: int) -> torch.Tensor:
+        self.bytes += nbytes
+        if not self.cuda:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0) == 0:
+            self._registered.append(buf)
+            return buf
+        log.warning("cudaHostRegister failed: activation offload falls back to torch's pinned allocator")
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def _unregister(buffers: list[torch.Tensor]) -> None:
+    for buf in buffers:
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    buffers.clear()
+
+
+def _host_view(buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`buf`'s bytes as a tensor with `like`'s dtype, shape and strides (dense: `_dense` checked it)."""
+    return buf.view(like.dtype).as_strided(like.shape, like.stride())
+
+
 @dataclass(eq=False)
 class _Offloaded:
     host: torch.Tensor
@@ -61,12 +134,13 @@ class ActivationOffloader:
     Forward: each saved tensor over MIN_OFFLOAD_BYTES (parameters excluded) is copied to pinned host memory on a side
     stream; its GPU memory is freed when the forward drops it and the copy is done. Backward walks the blocks in
     reverse: the first time a block's tensors are asked for, the previous block's are fetched on another side stream.
-    The last `keep_last` blocks stay on the GPU.
+    The last `keep_last` blocks stay on the GPU, and so does whatever would take a step's host copies over
+    `max_host_bytes` (None: no limit): a run short of host RAM keeps more on the GPU instead of being OOM-killed.
     On CPU it keeps separate copies (no streams): the same bookkeeping, for tests.
     """
 
     def __init__(self, device: torch.device, num_groups: int, keep_last: int | None = None,
-                 min_bytes: int | None = None) -> None:
+                 min_bytes: int | None = None, max_host_bytes: int | None = None) -> None:
         if device.type == "cuda" and device.index is None:  # tensors report cuda:N, never plain cuda
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
@@ -81,7 +155,10 @@ class ActivationOffloader:
         self._by_key: dict[tuple, _Offloaded] = {}
         self._prefetched: set[int] = set()
         self._current = -1
+        self.max_host_bytes = max_host_bytes
+        self.pool = _PinnedPool(self.cuda, max_host_bytes)
         self.bytes_offloaded = 0  # this step's host copies (a shared tensor counts once)
+        self.bytes_kept_for_lack_of_host = 0  # this step's tensors over max_host_bytes, left on the GPU
 
     def exclude_parameters(self, module: torch.nn.Module) -> None:
         """Never offload the model's own weights and buffers (backward saves frozen weights for input gradients),
@@ -104,7 +181,9 @@ class ActivationOffloader:
         self._groups.clear()
         self._by_key.clear()
         self._prefetched.clear()
+        self.pool.release_all()
         self.bytes_offloaded = 0
+        self.bytes_kept_for_lack_of_host = 0
 
     def _eligible(self, t: torch.Tensor) -> bool:
         return (type(t) is torch.Tensor and t.device == self.device and not t.is_sparse
@@ -117,6 +196,10 @@ class ActivationOffloader:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
         record = self._by_key.get(key)
         if record is None or record.source() is None:
+            nbytes = t.numel() * t.element_size()
+            if self.max_host_bytes is not None and self.bytes_offloaded + nbytes > self.max_host_bytes:
+                self.bytes_kept_for_lack_of_host += nbytes
+                return t
             record = self._copy_to_host(t)
             self._by_key[key] = record
         record.uses_left += 1
@@ -126,10 +209,12 @@ class ActivationOffloader:
         return record
 
     def _copy_to_host(self, t: torch.Tensor) -> _Offloaded:
-        self.bytes_offloaded += t.numel() * t.element_size()
+        nbytes = t.numel() * t.element_size()
+        self.bytes_offloaded += nbytes
+        host = _host_view(self.pool.take(nbytes), t)
         if not self.cuda:
-            return _Offloaded(host=t.detach().clone(), source=weakref.ref(t))
-        host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu", pin_memory=True)
+            host.copy_(t.detach())
+            return _Offloaded(host=host, source=weakref.ref(t))
         self._to_host.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._to_host):
             host.copy_(t, non_blocking=True)

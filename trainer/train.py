@@ -32,6 +32,7 @@ from trainer.lora import adapter_state_dict, add_lora, trainable_parameters
 from trainer.distributed import noise_generator
 from trainer.memory import apply_memory_options, place_base_model
 from trainer.presets import host_memory_gib, resolve_memory
+from trainer.sizing import config_tokens
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.rundir import RunDir
 from trainer.step_extras import StepExtras
@@ -104,7 +105,8 @@ def train(
     device = accelerator.device
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     host_gib = host_memory_gib() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # each local process offloads
-    memory = resolve_memory(cfg.memory, get_flavour(cfg.model.flavour), gpu_gib, host_gib=host_gib)
+    memory = resolve_memory(cfg.memory, get_flavour(cfg.model.flavour), gpu_gib, tokens=config_tokens(cfg),
+                            batch=cfg.train.train_batch_size, host_gib=host_gib)
     cfg = cfg.model_copy(update={"memory": memory})
     set_seed(cfg.train.seed)
     if accelerator.is_main_process:
