@@ -26,7 +26,7 @@ MOTIONS = {"left to right": (1, 0), "top to bottom": (0, 1)}
 # the concept the demo's LoRA teaches: a background colour the base model never saw, named by a trigger word
 TRIGGER = "wfz"
 CONCEPT_BACKGROUND = (150, 50, 200)  # purple
-DEMO_FRAMES, DEMO_SIZE = 9, 48  # the shipped model's clip shape: small enough to pre-train on a CPU
+DEMO_FRAMES, DEMO_SIZE = 9, 64  # the shipped model's clip shape (the tiny flavour's default)
 DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo_wan"
 DEMO_GUIDANCE = 4.0  # classifier-free guidance against the empty caption (the base saw 10 % empty captions)
 DEMO_CLIPS = 8  # of the 16 concept clips: the other 8 combinations stay unseen
