@@ -60,6 +60,14 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def optimizer_step(loss: torch.Tensor, module: torch.nn.Module, opt, sched) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+    sched.step()
+
+
 def train_vae(vae, world: np.ndarray, args, device: torch.device, rng: np.random.Generator) -> float:
     """Reconstruction (L1 + MSE) plus a small KL, on half world clips and half random ones."""
     gen = torch.Generator(device).manual_seed(args.seed)
@@ -75,11 +83,7 @@ def train_vae(vae, world: np.ndarray, args, device: torch.device, rng: np.random
         rec = vae.decode(posterior.sample(generator=gen)).sample
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.vae_kl * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, vae, opt, sched)
         if step % 100 == 0 or step == args.vae_steps - 1:
             print(f"vae step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
     vae.eval()
@@ -87,9 +91,14 @@ def train_vae(vae, world: np.ndarray, args, device: torch.device, rng: np.random
 
 
 @torch.no_grad()
+def posterior_modes(vae, clips: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.cat([vae.encode(to_pixels(clips[i:i + 16], device)).latent_dist.mode() for i in range(0, len(clips), 16)])
+
+
+@torch.no_grad()
 def set_latent_stats(vae, clips: np.ndarray, device: torch.device) -> None:
     """latents_mean / latents_std per channel over `clips`, into the VAE config (the pipeline normalises with them)."""
-    mus = torch.cat([vae.encode(to_pixels(clips[i:i + 16], device)).latent_dist.mode() for i in range(0, len(clips), 16)])
+    mus = posterior_modes(vae, clips, device)
     dims = [0, 2, 3, 4]
     vae.register_to_config(latents_mean=mus.mean(dims).tolist(), latents_std=mus.std(dims).tolist())
 
@@ -98,8 +107,7 @@ def set_latent_stats(vae, clips: np.ndarray, device: torch.device) -> None:
 def encode_latents(vae, clips: np.ndarray, device: torch.device) -> torch.Tensor:
     from trainer.cache import normalise_latents
 
-    mus = [vae.encode(to_pixels(clips[i:i + 16], device)).latent_dist.mode() for i in range(0, len(clips), 16)]
-    return normalise_latents(torch.cat(mus), vae)
+    return normalise_latents(posterior_modes(vae, clips, device), vae)
 
 
 def train_transformer(transformer, latents: torch.Tensor, text: torch.Tensor, empty: torch.Tensor, args,
@@ -121,11 +129,7 @@ def train_transformer(transformer, latents: torch.Tensor, text: torch.Tensor, em
         pred = transformer(hidden_states=noisy_input(x0, noise, sigmas), timestep=timesteps_from_sigmas(sigmas),
                            encoder_hidden_states=cond, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), flow_target(x0, noise))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, transformer, opt, sched)
         if step % 250 == 0 or step == args.dit_steps - 1:
             print(f"transformer step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
     transformer.eval()
