@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.config import WanforgeConfig, load_config, save_config
+from trainer.config import WanforgeConfig, load_config
 from trainer.errors import UserError
 
 
@@ -16,23 +16,12 @@ def _load(args: argparse.Namespace) -> WanforgeConfig:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from trainer.demo import demo_config, make_demo_dataset
-    from trainer.train import train
+    from trainer.demo import run_demo
 
-    out = Path(args.out).resolve()
     started = time.perf_counter()
-    data = make_demo_dataset(out / "data")
-    cfg = demo_config(data, out / "run", max_train_steps=args.steps)
-    save_config(cfg, out / "demo.toml")
-    result = train(cfg, show_progress=True)
-    seconds = time.perf_counter() - started
-    print(f"\nwanforge demo finished in {seconds:.0f} s")
-    print(f"  clips + captions : {data}")
-    print(f"  config           : {out / 'demo.toml'}  (train it again: wanforge train {out / 'demo.toml'} --resume latest)")
-    print(f"  LoRA             : {result.lora_file}")
-    for video in result.videos:
-        print(f"  validation video : {video}")
-    print(f"  metrics          : {result.run_dir / 'metrics.jsonl'}")
+    result = run_demo(Path(args.out).resolve(), args.steps)
+    print(f"\nwanforge demo finished in {time.perf_counter() - started:.0f} s")
+    print(result.summary())
     return 0
 
 
@@ -122,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="A.B=V", help="override a field (repeatable)")
         return p
 
-    p = sub.add_parser("demo", help="tiny random Wan + generated clips: train a LoRA on CPU and render a video")
+    p = sub.add_parser("demo", help="a tiny pre-trained Wan learns a new background from generated clips (LoRA on CPU, before/after)")
     p.add_argument("--out", default="wanforge-demo", help="folder for the clips, config and run (default: ./wanforge-demo)")
     p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
     p.set_defaults(func=cmd_demo)

@@ -74,6 +74,46 @@ def _tiny_vae(wan_2_2: bool):
     )
 
 
+def demo_transformer():
+    """The shipped demo model's transformer (trainer.demo_pretrain): big enough to draw the demo's world, still
+    trains a LoRA on a CPU in about a minute."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=24, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
+    )
+
+
+def demo_vae():
+    """The shipped demo model's VAE: the Wan 2.1 layout (16 channels, 8x spatial, 4x temporal), wider than the
+    random test VAE so that it reconstructs flat shapes sharply once trained."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=16, z_dim=16, dim_mult=[1, 1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+
+
+def text_encoder():
+    """The tiny UMT5 every tiny model uses (seed it first: the weights are random)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=384, d_model=TEXT_DIM, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        )
+    )
+
+
+def flow_scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
 def _tiny_clip():
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
@@ -88,19 +128,10 @@ def _tiny_clip():
 def build_tiny_model(target: Path, variant: str = "t2v-2.1") -> Path:
     """Build one tiny Wan and save it as a diffusers pipeline folder at `target` (atomically)."""
     import torch
-    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import WanImageToVideoPipeline, WanPipeline
 
     torch.manual_seed(0)
-    tokenizer = _build_tokenizer()
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=384, d_model=TEXT_DIM, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-        )
-    )
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    common = dict(tokenizer=tokenizer, text_encoder=text_encoder, scheduler=scheduler)
+    common = dict(tokenizer=_build_tokenizer(), text_encoder=text_encoder(), scheduler=flow_scheduler())
     if variant == "t2v-2.1":
         pipe = WanPipeline(vae=_tiny_vae(False), transformer=_tiny_transformer(16, 16), **common)
     elif variant == "t2v-2.2":
@@ -117,6 +148,11 @@ def build_tiny_model(target: Path, variant: str = "t2v-2.1") -> Path:
         pipe = WanPipeline(vae=_tiny_vae(True), transformer=_tiny_transformer(48, 48), expand_timesteps=True, **common)
     else:
         raise ValueError(f"unknown tiny model {variant!r}: one of {TINY_VARIANTS}")
+    return save_pipeline(pipe, target)
+
+
+def save_pipeline(pipe, target: Path) -> Path:
+    """save_pretrained into a temporary sibling folder, then one rename: a half-written model is never loaded."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
