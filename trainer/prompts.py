@@ -1,0 +1,41 @@
+"""Validation prompts as the config gives them: the prompt library file and the <token> trigger-word placeholder.
+
+Torch-free, so preflight reads and checks them exactly as validation will (trainer.validation renders them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from trainer.errors import UserError
+
+TOKEN = "<token>"
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:limit] or "prompt"
+
+
+def load_prompt_library(path: Path) -> dict[str, str]:
+    """{nickname: prompt} from a JSON file; nicknames become file names, so they are slugged."""
+    if path.is_dir():
+        raise UserError(f"validation.prompt_library: {path} is a folder: point it at a JSON file of nickname -> prompt")
+    if not path.is_file():
+        raise UserError(f"validation.prompt_library: {path} does not exist (a JSON file of nickname -> prompt)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"validation.prompt_library: {path} is not valid UTF-8 JSON ({err}): fix the file") from None
+    if not isinstance(data, dict) or not data or not all(isinstance(v, str) and v.strip() for v in data.values()):
+        raise UserError(f'validation.prompt_library: {path} must be a non-empty object like {{"nickname": "a prompt"}}')
+    return {str(k): v for k, v in data.items()}
+
+
+def fill_token(text: str, instance_prompt: str | None, where: str) -> str:
+    if TOKEN not in text:
+        return text
+    if not instance_prompt:
+        raise UserError(f"{where} uses {TOKEN}: set validation.instance_prompt to the trigger word it stands for")
+    return text.replace(TOKEN, instance_prompt)
