@@ -27,7 +27,7 @@ def load_prompt_library(path: Path) -> dict[str, str]:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"validation.prompt_library: {path} is not valid UTF-8 JSON ({err}): fix the file") from None
+        raise UserError(f"validation.prompt_library: {path} is not valid JSON ({err}): save it as UTF-8 JSON") from None
     if not isinstance(data, dict) or not data or not all(isinstance(v, str) and v.strip() for v in data.values()):
         raise UserError(f'validation.prompt_library: {path} must be a non-empty object like {{"nickname": "a prompt"}}')
     return {str(k): v for k, v in data.items()}
