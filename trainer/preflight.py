@@ -223,7 +223,7 @@ def _frames_and_sizes(run: _Run) -> None:
         needed = min(ds.min_frames or frames, frames)
         if ds.max_frames is not None and ds.max_frames < needed:
             run.error(f"{where}.max_frames = {ds.max_frames} is below the {needed} frames a clip needs "
-                      f"(min_frames / num_frames), so no video can train: try max_frames = {max(needed, frames)}")
+                      f"(min_frames / num_frames), so no video can train: try max_frames = none (no limit)")
         if ds.caption_strategy == "textfile" and not ds.caption_extension.startswith("."):
             run.error(f'{where}.caption_extension = "{ds.caption_extension}" must start with a dot: try '
                       f'".{ds.caption_extension.lstrip(".") or "txt"}"')
@@ -426,7 +426,9 @@ def _dataset_paths(run: _Run) -> None:
 def _target_modules(run: _Run) -> None:
     lora = run.cfg.lora
     layout = module_layout(run.flavour, min(run.blocks, 1))
-    linears = sorted({p.removeprefix("blocks.0.") for p, k in layout.items() if k in ADAPTABLE})
+    paths = [p.removeprefix("blocks.0.").split(".") for p, k in layout.items() if k in ADAPTABLE]
+    suffixes = {".".join(p[i:]) for p in paths for i in range(len(p))}  # "to_q", "attn1.to_q", ... (what peft matches)
+    linears = sorted(x for x in suffixes if not x.isdigit())
     for target in lora.target_modules:
         found = matching_modules(layout, target)
         if not found:
@@ -440,7 +442,7 @@ def _target_modules(run: _Run) -> None:
                             if k in ADAPTABLE and any(p.startswith(f + ".") for f in found))
             fix = f'name its linear layers instead, e.g. "{inside[0]}"' if inside else "remove it"
             run.error(f'lora.target_modules: "{target}" selects {", ".join(other)} modules, which take no LoRA '
-                      f"(only linear layers do): {fix}")
+                      f"(only linear and conv layers do): {fix}")
 
 
 def _block_indices(run: _Run) -> None:

@@ -42,7 +42,7 @@ IMAGE_TOP_MODULES = {
     "condition_embedder.image_embedder.ff.net.1": "Dropout", "condition_embedder.image_embedder.ff.net.2": "Linear",
     "condition_embedder.image_embedder.norm2": "FP32LayerNorm",
 }
-ADAPTABLE = ("Linear",)  # what peft puts a LoRA on in this model (the one Conv3d, the patch embedding, has no LoRA use)
+ADAPTABLE = ("Linear", "Conv3d")  # the module kinds of this model peft puts a LoRA on
 
 
 def module_layout(flavour: Flavour, blocks: int) -> dict[str, str]:
