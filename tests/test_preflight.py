@@ -126,6 +126,9 @@ CASES = [
     ("nf4", _set("memory", base_quantization="nf4"), "4-bit base weights ruin video quality"),
     ("section-as-value", lambda cfg, files: cfg.update(train="fast"), "train is a section (a table), not a value"),
     ("hub-id-shape", _set("hub", hub_model_id="just-a-name"), 'hub_model_id must look like "user/name"'),
+    ("hub-id-chars", _set("hub", hub_model_id="me/my lora"), "hub.hub_model_id: 'me/my lora' is not a valid Hub repo id"),
+    ("datasets-single-table", lambda cfg, files: cfg.update(datasets=cfg["datasets"][0]),
+     "write [[datasets]] with double brackets"),
     # ---- numbers the libraries reject
     ("lr-nan", _set("optim", learning_rate=float("nan")), "optim.learning_rate: must be a finite number"),
     ("lr-inf", _set("optim", learning_rate=float("inf")), "optim.learning_rate: must be a finite number"),
@@ -170,6 +173,8 @@ CASES = [
     ("webhook-bad-url", _file("tracking", "webhook_config", "hook.json", {"url": "ftp://x"}), "http:// or https://"),
     ("webhook-level", _file("tracking", "webhook_config", "hook.json", {"url": "https://x", "levels": ["debug"]}),
      "unknown levels"),
+    ("webhook-timeout-type", _file("tracking", "webhook_config", "hook.json", {"url": "https://x", "timeout_s": "ten"}),
+     "timeout_s is a number of seconds"),
     ("webhook-env-empty", _file("tracking", "webhook_config", "hook.json", {"url_env": "WANFORGE_TEST_NO_SUCH_VAR"}),
      "WANFORGE_TEST_NO_SUCH_VAR is empty"),
     ("lycoris-missing", lambda cfg, files: cfg["lora"].update(lora_type="lycoris", lycoris_config=str(files / "l.json"))
@@ -235,6 +240,8 @@ CASES = [
     # ---- the dataset scan
     ("batch-too-big", _set("train", train_batch_size=4), "raise datasets.repeats (datasets[0].repeats ="),
     ("all-disabled", _ds(disabled=True), "every dataset has disabled = true"),
+    ("holdout-leaves-too-few", lambda cfg, files: cfg["train"].update(train_batch_size=2) or cfg["validation"].update(
+        eval_holdout=True, eval_every_n_steps=1), "datasets[0].repeats ="),
     ("no-captions", _ds(caption_extension=".caption"), "datasets[0] (few_clips"),
 ]
 

@@ -740,6 +740,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 expected = [x.strip(" '\"") for x in str(e.get("ctx", {}).get("expected", "")).replace(" or ", ",").split(",")]
                 close = difflib.get_close_matches(str(e.get("input")), [x for x in expected if x], n=1)
                 fix = f': did you mean "{close[0]}"?' if close else ""
+            elif kind == "list_type" and isinstance(e.get("input"), dict):
+                fix = f": write [[{where}]] with double brackets (a list of tables), or {where} = [...]"
             elif kind in ("finite_number", "greater_than", "greater_than_equal", "less_than", "less_than_equal",
                           "int_parsing", "float_parsing", "int_from_float", "int_type", "float_type"):
                 fix = _default_hint(loc)

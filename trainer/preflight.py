@@ -119,7 +119,7 @@ def preflight(cfg: WanforgeConfig, *, resume: str | None = None, here: bool = Tr
     processes = num_processes or int(os.environ.get("WORLD_SIZE", "1"))
     run = _Run(cfg, PreflightReport(config=cfg), here, processes, resume)
     checks: list[Callable[[_Run], None]] = [
-        _numbers, _frames_and_sizes, _prompts, _webhook, _lycoris, _crepa, _model_paths, _dataset_paths,
+        _numbers, _frames_and_sizes, _prompts, _webhook, _hub_repo, _lycoris, _crepa, _model_paths, _dataset_paths,
         _target_modules, _block_indices, _attention_backend, _experts,
     ]
     if training and here:
@@ -281,10 +281,24 @@ def _prompts(run: _Run) -> None:
 
 
 def _webhook(run: _Run) -> None:
-    if run.cfg.tracking.webhook_config is not None:
-        from trainer.webhooks import load_webhook_config
+    path = run.cfg.tracking.webhook_config
+    if path is None:
+        return
+    from trainer.webhooks import load_webhook_config
 
-        load_webhook_config(run.cfg.tracking.webhook_config)
+    try:
+        load_webhook_config(path)
+    except (ValueError, TypeError) as err:  # a value of the wrong type, e.g. "timeout_s": "ten"
+        run.error(f"tracking.webhook_config ({path}): a value has the wrong type ({err}): timeout_s is a number of "
+                  "seconds, e.g. 10")
+
+
+def _hub_repo(run: _Run) -> None:
+    repo = run.cfg.hub.hub_model_id
+    problem = _hub_id_problem(repo) if repo else None
+    if problem:
+        run.error(f"hub.hub_model_id: {repo!r} is not a valid Hub repo id ({problem}): use letters, digits, "
+                  '"-", "_" and "." as in "your-user/your-lora"')
 
 
 def _lycoris(run: _Run) -> None:
