@@ -163,7 +163,7 @@ CASES = [
     ("library-missing", lambda cfg, files: cfg["validation"].update(prompt_library=str(files / "nope.json")),
      "validation.prompt_library:"),
     ("library-bad-json", _file("validation", "prompt_library", "lib.json", "{not json"), "validation.prompt_library:"),
-    ("library-a-list", _file("validation", "prompt_library", "lib.json", ["a prompt"]), "must be a non-empty object"),
+    ("library-a-list", _file("validation", "prompt_library", "lib.json", ["a prompt"]), "must hold a JSON object"),
     ("library-a-folder", lambda cfg, files: cfg["validation"].update(prompt_library=str(files)), "is a folder"),
     ("prompt-token", _set("validation", prompt="a <token> dog"), "validation.prompt uses <token>"),
     ("library-token", _file("validation", "prompt_library", "lib.json", {"dog": "a <token> dog"}),

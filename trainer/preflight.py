@@ -24,6 +24,7 @@ from typing import Any
 from trainer.config import WanforgeConfig, apply_override, config_from_dict, read_config_data
 from trainer.errors import UserError
 from trainer.flavours import FLAVOURS, Flavour
+from trainer.jsonfile import read_json_object
 from trainer.wan_layout import ADAPTABLE, block_count, matching_modules, module_layout, resolve_routes
 
 log = logging.getLogger(__name__)
@@ -305,17 +306,9 @@ def _lycoris(run: _Run) -> None:
     lora = run.cfg.lora
     if lora.lora_type != "lycoris" or lora.lycoris_config is None:
         return
-    import json
-
-    path = lora.lycoris_config
-    if not path.is_file():
-        raise UserError(f"lora.lycoris_config: {path} does not exist (a JSON file of lycoris.create_lycoris arguments)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"lora.lycoris_config: {path} is not valid JSON ({err}): save it as UTF-8 JSON") from None
-    if not isinstance(data, dict) or "algo" not in data:
-        raise UserError(f'lora.lycoris_config: {path} needs at least {{"algo": "lokr" | "loha" | "locon"}}')
+    data = read_json_object(lora.lycoris_config, "lora.lycoris_config", "lycoris.create_lycoris arguments")
+    if "algo" not in data:
+        raise UserError(f'lora.lycoris_config: {lora.lycoris_config} needs at least {{"algo": "lokr" | "loha" | "locon"}}')
     algo = str(data["algo"]).lower()
     if algo not in LYCORIS_ALGOS:
         close = difflib.get_close_matches(algo, LYCORIS_ALGOS, n=1)

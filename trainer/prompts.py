@@ -5,11 +5,11 @@ Torch-free, so preflight reads and checks them exactly as validation will (train
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.jsonfile import read_json_object
 
 TOKEN = "<token>"
 
@@ -20,14 +20,7 @@ def slug(text: str, limit: int = 40) -> str:
 
 def load_prompt_library(path: Path) -> dict[str, str]:
     """{nickname: prompt} from a JSON file; nicknames become file names, so they are slugged."""
-    if path.is_dir():
-        raise UserError(f"validation.prompt_library: {path} is a folder: point it at a JSON file of nickname -> prompt")
-    if not path.is_file():
-        raise UserError(f"validation.prompt_library: {path} does not exist (a JSON file of nickname -> prompt)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"validation.prompt_library: {path} is not valid JSON ({err}): save it as UTF-8 JSON") from None
+    data = read_json_object(path, "validation.prompt_library", "a JSON file of nickname -> prompt")
     if not isinstance(data, dict) or not data or not all(isinstance(v, str) and v.strip() for v in data.values()):
         raise UserError(f'validation.prompt_library: {path} must be a non-empty object like {{"nickname": "a prompt"}}')
     return {str(k): v for k, v in data.items()}
