@@ -89,6 +89,24 @@ def _file(section: str, key: str, name: str, content):
     return change
 
 
+def _tiny_t2v() -> Path:
+    from trainer.tiny import ensure_tiny_model
+
+    return ensure_tiny_model("t2v-2.1")
+
+
+def _metadata_dataset(files: Path) -> Path:
+    """A copy of two clips with a metadata.jsonl whose caption column is called "text"."""
+    from trainer.demo import make_demo_dataset
+
+    folder = make_demo_dataset(files / "meta", num_clips=2)
+    for caption in folder.glob("*.txt"):
+        caption.unlink()
+    rows = [json.dumps({"file_name": p.name, "text": "a clip"}) for p in sorted(folder.glob("*.mp4"))]
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
 def _hub_token_absent(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
@@ -209,6 +227,16 @@ CASES = [
      "model.pretrained_transformer_model_name_or_path"),
     ("vae-path-missing", _set("model", pretrained_vae_model_name_or_path="~/no/such/vae.safetensors"),
      "model.pretrained_vae_model_name_or_path"),
+    ("model-original-layout", _set("model", pretrained_model_name_or_path="Wan-AI/Wan2.1-T2V-1.3B"),
+     "try Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+    ("model-other-task", lambda cfg, files: cfg["model"].update(flavour="tiny-i2v-2.1", pretrained_model_name_or_path=str(
+        _tiny_t2v())), 'model.flavour = "tiny-i2v-2.1" expects a transformer with 36 input channels'),
+    ("dataset-path-empty", _ds(path=""), "datasets[0].path: is empty"),
+    ("output-dir-empty", _set("train", output_dir=""), "train.output_dir: is empty"),
+    ("targets-a-string", _set("lora", target_modules="attn1.to_q"), 'lora.target_modules = ["attn1.to_q"]'),
+    ("skip-layers-a-number", _set("validation", skip_layers=1), "validation.skip_layers = [1]"),
+    ("metadata-no-caption-column", lambda cfg, files: cfg["datasets"][0].update(
+        path=str(_metadata_dataset(files)), caption_strategy="metadata"), "set datasets[0].caption_column to one of"),
     ("model-hub-id-invalid", _set("model", pretrained_model_name_or_path="wan ai/model"), "is neither a folder here nor a Hub repo id"),
     ("output-dir-a-file", lambda cfg, files: cfg["train"].update(output_dir=_json(files / "run", "x")), "train.output_dir:"),
     ("resume-bogus", _sets(), None),  # replaced in the test: check --resume with a folder that is no checkpoint
@@ -255,6 +283,7 @@ def test_check_refuses_with_one_line_naming_the_field(case_id, change, expected,
     _hub_token_absent(monkeypatch, tmp_path)
     cfg = base_config(data, out)
     sets = change(cfg, files) or []
+    capsys.readouterr()  # what building a fixture printed is not check's output
     extra: list[str] = []
     if case_id == "resume-bogus":
         extra, expected = ["--resume", str(files)], "--resume"

@@ -73,6 +73,13 @@ def _allows_none(annotation: Any) -> bool:
     return type(None) in getattr(annotation, "__args__", ())
 
 
+def _not_empty(value: Any, what: str) -> Any:
+    """An empty path would silently mean the config's own folder."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"is empty: give {what}")
+    return value
+
+
 def _is_path(annotation: Any) -> bool:
     return annotation is Path or Path in getattr(annotation, "__args__", ())
 
@@ -235,6 +242,11 @@ class DatasetConfig(Section):
     def name(self) -> str:
         return self.id or self.path.name
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_given(cls, v: Any) -> Any:
+        return _not_empty(v, "the folder of clips and captions")
+
     @field_validator("num_frames")
     @classmethod
     def _four_k_plus_one(cls, v: int | None) -> int | None:
@@ -322,6 +334,11 @@ class TrainConfig(Section):
     dataloader_num_workers: int = Field(0, ge=0, description="Workers loading cached tensors.")
     text_max_length: int = Field(512, ge=1, description="Text embeddings are zero-padded to this length, as at inference.")
     log_every_n_steps: int = Field(1, ge=1, description="Steps between metrics.jsonl records.")
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_given(cls, v: Any) -> Any:
+        return _not_empty(v, 'the run folder, e.g. "runs/my-lora"')
 
     @model_validator(mode="after")
     def _one_clipping(self) -> TrainConfig:
@@ -742,6 +759,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 fix = f': did you mean "{close[0]}"?' if close else ""
             elif kind == "list_type" and isinstance(e.get("input"), dict):
                 fix = f": write [[{where}]] with double brackets (a list of tables), or {where} = [...]"
+            elif kind == "list_type" and isinstance(e.get("input"), (str, int, float)):
+                fix = f": write a list, {where} = [{e.get('input')!r}]".replace("'", '"')
             elif kind in ("finite_number", "greater_than", "greater_than_equal", "less_than", "less_than_equal",
                           "int_parsing", "float_parsing", "int_from_float", "int_type", "float_type"):
                 fix = _default_hint(loc)

@@ -160,6 +160,9 @@ def _numbers(run: _Run) -> None:
         if ds.caption_dropout_probability >= 0.5:
             run.warn(f"datasets[{i}].caption_dropout_probability = {ds.caption_dropout_probability:g}: most samples "
                      "train without their caption (0.05-0.1 is usual)")
+    if cfg.lora.rank > 512:
+        run.warn(f"lora.rank = {cfg.lora.rank}: far above the 16-128 LoRAs use (a rank near the layer width is a "
+                 "full fine-tune in slow motion)")
     if cfg.train.text_max_length > 512:
         run.error(f"train.text_max_length = {cfg.train.text_max_length}: the Wan pipelines use 512 text tokens, so "
                   "longer embeddings train a model validation and inference never see: try 512")
@@ -392,6 +395,29 @@ def _model_paths(run: _Run) -> None:
             problem = _hub_id_problem(value)
             if problem:
                 run.error(f"{where}: {value!r} is neither a folder here nor a Hub repo id ({problem}): fix it")
+            elif name == "pretrained_model_name_or_path" and value.startswith("Wan-AI/") \
+                    and not value.endswith("-Diffusers"):
+                run.error(f"{where}: {value} is the original Wan layout, which diffusers does not load as a pipeline: "
+                          f"try {value}-Diffusers")
+    _transformer_matches_flavour(run)
+
+
+def _transformer_matches_flavour(run: _Run) -> None:
+    """A local transformer (config.json on disk) must have the flavour's input channels, or step 1 fails."""
+    import json
+
+    from trainer.wan_layout import transformer_config_file
+
+    file = transformer_config_file(run.cfg.model, run.flavour)
+    try:
+        channels = json.loads(file.read_text(encoding="utf-8")).get("in_channels") if file is not None else None
+    except (OSError, ValueError):
+        return
+    if isinstance(channels, int) and channels != run.flavour.in_channels:
+        fits = [f.name for f in FLAVOURS.values() if f.in_channels == channels and f.hub_id is not None]
+        run.error(f"model.flavour = \"{run.flavour.name}\" expects a transformer with {run.flavour.in_channels} input "
+                  f"channels; {file.parent} has {channels}: "
+                  + (f'pick the flavour of that model, e.g. "{fits[0]}"' if fits else "point the model paths at a Wan model"))
 
 
 def _dataset_paths(run: _Run) -> None:
