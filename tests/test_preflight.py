@@ -494,7 +494,7 @@ def test_wan_layout_matches_diffusers(flavour):
 def test_attention_backend_names_are_diffusers_own():
     from diffusers.models.attention_dispatch import AttentionBackendName
 
-    from trainer.preflight import attention_backend_names
+    from trainer.preflight_model import attention_backend_names
 
     assert attention_backend_names() == [b.value for b in AttentionBackendName]
 
@@ -502,7 +502,7 @@ def test_attention_backend_names_are_diffusers_own():
 def test_lycoris_algorithms_are_lycoris_own():
     from lycoris.wrapper import network_module_dict
 
-    from trainer.preflight import LYCORIS_ALGOS
+    from trainer.preflight_files import LYCORIS_ALGOS
 
     assert set(LYCORIS_ALGOS) == set(network_module_dict)
 
