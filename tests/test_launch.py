@@ -121,7 +121,8 @@ def test_vm_cloud_mounts_the_bucket_and_amd_gets_rocm(config_file, state, capsys
     assert task["file_mounts"]["/outputs"] == {"source": "s3://bucket/runs", "mode": "MOUNT_CACHED"}
     assert task["resources"]["image_id"].endswith("-cu128")
     capsys.readouterr()
-    assert launch(config_file, "--target", "kubernetes", "--gpu", "MI300X:8", "--dryrun", "--name", "k1") == 0
+    assert launch(config_file, "--set", "datasets.0.repeats=2", "--target", "kubernetes", "--gpu", "MI300X:8", "--dryrun",
+                  "--name", "k1") == 0
     task = yaml.safe_load((state / "k1" / "task.yaml").read_text())
     assert task["resources"]["accelerators"] == "MI300:8" and task["resources"]["image_id"].endswith("-rocm")
     plan = check_request("runpod", "MI300X", 1, output="hf://u/r")

@@ -366,7 +366,10 @@ def test_existing_checkpoints_need_resume(env, capsys, tmp_path):
     (_ds(caption_dropout_probability=0.6), "most samples train without their caption"),
     (_set("model", wan_force_2_1_time_embedding=True), "is for TI2V-5B only"),
     (_ds(resolution=64), "resolution = 64 is ignored"),
-], ids=["lr-high", "warmup", "frames-rounded", "min-frames", "dropout", "ti2v-only", "resolution-ignored"])
+    (_set("model", flavour="tiny-t2v-2.2-high", train_both_experts=True), "the other expert never trains"),
+    (_set("lora", rank=1024), "lora.rank = 1024"),
+], ids=["lr-high", "warmup", "frames-rounded", "min-frames", "dropout", "ti2v-only", "resolution-ignored", "experts",
+        "rank"])
 def test_suspicious_values_warn_but_pass(change, expected, env, capsys, tmp_path):
     data, out, files = env
     cfg = base_config(data, out)

@@ -79,7 +79,11 @@ def check_attention_backend(run: PreflightRun) -> None:
 
 
 def check_experts(run: PreflightRun) -> None:
-    if run.cfg.model.train_both_experts and run.num_processes > 1:
+    m, steps = run.cfg.model, run.cfg.train.max_train_steps
+    if m.train_both_experts and m.expert_switch_every_n_steps >= steps:
+        run.warn(f"model.expert_switch_every_n_steps = {m.expert_switch_every_n_steps} is not below "
+                 f"train.max_train_steps = {steps}: the other expert never trains (its LoRA is saved untrained)")
+    if m.train_both_experts and run.num_processes > 1:
         run.error(f"model.train_both_experts runs on one GPU, not {run.num_processes}: train each expert as its own "
                   "multi-GPU run, or use one GPU")
 
