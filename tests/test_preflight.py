@@ -147,6 +147,10 @@ CASES = [
     ("hub-id-chars", _set("hub", hub_model_id="me/my lora"), "hub.hub_model_id: 'me/my lora' is not a valid Hub repo id"),
     ("datasets-single-table", lambda cfg, files: cfg.update(datasets=cfg["datasets"][0]),
      "write [[datasets]] with double brackets"),
+    ("dataset-path-empty", _ds(path=""), "datasets[0].path: is empty"),
+    ("output-dir-empty", _set("train", output_dir=""), "train.output_dir: is empty"),
+    ("targets-a-string", _set("lora", target_modules="attn1.to_q"), 'lora.target_modules = ["attn1.to_q"]'),
+    ("skip-layers-a-number", _set("validation", skip_layers=1), "validation.skip_layers = [1]"),
     # ---- numbers the libraries reject
     ("lr-nan", _set("optim", learning_rate=float("nan")), "optim.learning_rate: must be a finite number"),
     ("lr-inf", _set("optim", learning_rate=float("inf")), "optim.learning_rate: must be a finite number"),
@@ -231,10 +235,6 @@ CASES = [
      "try Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
     ("model-other-task", lambda cfg, files: cfg["model"].update(flavour="tiny-i2v-2.1", pretrained_model_name_or_path=str(
         _tiny_t2v())), 'model.flavour = "tiny-i2v-2.1" expects a transformer with 36 input channels'),
-    ("dataset-path-empty", _ds(path=""), "datasets[0].path: is empty"),
-    ("output-dir-empty", _set("train", output_dir=""), "train.output_dir: is empty"),
-    ("targets-a-string", _set("lora", target_modules="attn1.to_q"), 'lora.target_modules = ["attn1.to_q"]'),
-    ("skip-layers-a-number", _set("validation", skip_layers=1), "validation.skip_layers = [1]"),
     ("metadata-no-caption-column", lambda cfg, files: cfg["datasets"][0].update(
         path=str(_metadata_dataset(files)), caption_strategy="metadata"), "set datasets[0].caption_column to one of"),
     ("model-hub-id-invalid", _set("model", pretrained_model_name_or_path="wan ai/model"), "is neither a folder here nor a Hub repo id"),
