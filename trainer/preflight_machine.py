@@ -73,8 +73,9 @@ def check_environment(run: PreflightRun) -> None:
         from trainer.wan_layout import transformer_config_file
 
         if transformer_config_file(cfg.model, run.flavour) is None:
-            run.error(f"model: {run.flavour.hub_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
-                      "download it once online, or set model.pretrained_model_name_or_path to a local copy")
+            run.warn(f"model: {run.flavour.hub_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                     "training here would stop at loading it; download it once online, or set "
+                     "model.pretrained_model_name_or_path to a local copy")
     _attention_requirements(run)
 
 
