@@ -883,7 +883,10 @@ def read_config_data(path: str | Path) -> dict[str, Any]:
             if path.parent.is_dir() else []
         hint = f"did you mean {path.parent / near[0]}?" if near else "write one, or start from `wanforge demo --out DIR`"
         raise UserError(f"{path}: no such config file ({hint})")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror}): check its permissions") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
