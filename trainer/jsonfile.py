@@ -23,3 +23,11 @@ def read_json_object(path: Path, field: str, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{field}: {path} must hold a JSON object, not a {type(data).__name__} ({what})")
     return data
+
+
+def read_lycoris_config(path: Path) -> dict[str, Any]:
+    """lora.lycoris_config: lycoris.create_lycoris arguments, at least the algorithm."""
+    data = read_json_object(path, "lora.lycoris_config", "a JSON file of lycoris.create_lycoris arguments")
+    if "algo" not in data:
+        raise UserError(f'lora.lycoris_config: {path} needs at least {{"algo": "lokr" | "loha" | "locon"}}')
+    return data

@@ -20,17 +20,10 @@ from pathlib import Path
 import torch
 
 from trainer.errors import UserError
-from trainer.jsonfile import read_json_object
+from trainer.jsonfile import read_lycoris_config
 
 ATTRIBUTE = "lycoris"
 PREFIX = "lycoris"  # lycoris' own module prefix: lycoris_<module path with dots as underscores>
-
-
-def read_lycoris_config(path: Path) -> dict:
-    data = read_json_object(path, "lora.lycoris_config", "a JSON file of lycoris.create_lycoris arguments")
-    if "algo" not in data:
-        raise UserError(f'lora.lycoris_config: {path} needs at least {{"algo": "lokr" | "loha" | "locon"}}')
-    return data
 
 
 def add_lycoris(transformer, config_path: Path, target_modules: list[str]):

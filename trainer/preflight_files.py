@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from trainer.errors import UserError
 from trainer.flavours import FLAVOURS
-from trainer.jsonfile import read_json_object
+from trainer.jsonfile import read_lycoris_config
 
 if TYPE_CHECKING:
     from trainer.preflight import PreflightRun
@@ -60,9 +60,7 @@ def check_lycoris(run: PreflightRun) -> None:
     lora = run.cfg.lora
     if lora.lora_type != "lycoris" or lora.lycoris_config is None:
         return
-    data = read_json_object(lora.lycoris_config, "lora.lycoris_config", "lycoris.create_lycoris arguments")
-    if "algo" not in data:
-        raise UserError(f'lora.lycoris_config: {lora.lycoris_config} needs at least {{"algo": "lokr" | "loha" | "locon"}}')
+    data = read_lycoris_config(lora.lycoris_config)
     algo = str(data["algo"]).lower()
     if algo not in LYCORIS_ALGOS:
         close = difflib.get_close_matches(algo, LYCORIS_ALGOS, n=1)
