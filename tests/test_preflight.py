@@ -368,8 +368,9 @@ def test_existing_checkpoints_need_resume(env, capsys, tmp_path):
     (_ds(resolution=64), "resolution = 64 is ignored"),
     (_set("model", flavour="tiny-t2v-2.2-high", train_both_experts=True), "the other expert never trains"),
     (_set("lora", rank=1024), "lora.rank = 1024"),
+    (_set("ema", use_ema=True, update_interval=50), "the EMA never updates"),
 ], ids=["lr-high", "warmup", "frames-rounded", "min-frames", "dropout", "ti2v-only", "resolution-ignored", "experts",
-        "rank"])
+        "rank", "ema"])
 def test_suspicious_values_warn_but_pass(change, expected, env, capsys, tmp_path):
     data, out, files = env
     cfg = base_config(data, out)

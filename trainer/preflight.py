@@ -155,6 +155,12 @@ def _numbers(run: PreflightRun) -> None:
         if ds.caption_dropout_probability >= 0.5:
             run.warn(f"datasets[{i}].caption_dropout_probability = {ds.caption_dropout_probability:g}: most samples "
                      "train without their caption (0.05-0.1 is usual)")
+    if cfg.ema.use_ema and cfg.ema.update_interval > cfg.train.max_train_steps:
+        run.warn(f"ema.update_interval = {cfg.ema.update_interval} is above train.max_train_steps: the EMA never "
+                 "updates and lora/ema/ would equal the initial LoRA")
+    if cfg.train.dataloader_num_workers > (os.cpu_count() or 1):
+        run.warn(f"train.dataloader_num_workers = {cfg.train.dataloader_num_workers} is more than this machine's "
+                 f"{os.cpu_count()} CPUs")
     if cfg.lora.rank > 512:
         run.warn(f"lora.rank = {cfg.lora.rank}: far above the 16-128 LoRAs use (a rank near the layer width is a "
                  "full fine-tune in slow motion)")
