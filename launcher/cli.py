@@ -37,14 +37,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from trainer.discovery import check_datasets
+    from trainer.preflight import check_config_file
 
-    cfg = _load(args)
-    report, problems = check_datasets(cfg)
-    print("\n".join(["buckets (samples per bucket, skipped files and why):", *report]))
-    if problems:
-        print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
+    report = check_config_file(args.config, args.set, resume=args.resume)
+    if report.buckets:
+        print("\n".join(["buckets (samples per bucket, skipped files and why):", *report.buckets]))
+    for line in report.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if report.errors:
+        print("\n".join(f"error: {p}" for p in report.errors), file=sys.stderr)
         return 2
+    cfg = report.config
     print(f"config OK: {cfg.model.flavour}, LoRA rank {cfg.lora.rank}, {cfg.train.max_train_steps} steps -> {cfg.train.output_dir}")
     return 0
 
@@ -53,9 +56,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from trainer.cache import build_caches
+    from trainer.preflight import preflight
 
     cfg = _load(args)
     state = PartialState()  # under `accelerate launch` every process builds its own share of the entries
+    preflight(cfg, num_processes=state.num_processes, training=False).raise_if_invalid()
     report = build_caches(cfg, state.device, rank=state.process_index, world_size=state.num_processes,
                           barrier=state.wait_for_everyone, show_progress=state.is_main_process)
     if not state.is_main_process:
@@ -120,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint or a checkpoint folder")
     p.set_defaults(func=cmd_train)
 
-    with_config(sub.add_parser("check", help="preflight: config and dataset scan")).set_defaults(func=cmd_check)
+    p = with_config(sub.add_parser("check", help="preflight: every problem train would meet, before any GPU time"))
+    p.add_argument("--resume", metavar="latest|PATH", help="check as `train --resume` would run")
+    p.set_defaults(func=cmd_check)
     with_config(sub.add_parser("cache", help="build the latent and text caches only")).set_defaults(func=cmd_cache)
 
     p = with_config(sub.add_parser("validate", help="render validation videos with a LoRA"))

@@ -252,11 +252,15 @@ class ConfigForm:
         self._listeners.append(listener)
 
     def check(self) -> list[str]:
-        """The preflight a user runs before launching: config, dataset scan, estimate. Returns every problem found."""
+        """The preflight a user runs before launching: config, referenced files and model names (trainer.preflight),
+        dataset scan, estimate. Returns every problem found."""
         cfg = self.validate()
         if cfg is None:
             return [f"{k or 'config'}: {v}" for k, v in self.errors.items()]
-        problems = list(self.scan_panel.scan().errors)
+        from trainer.preflight import preflight  # torch-free: the files and names the config refers to
+
+        problems = list(preflight(cfg, here=False, scan=False, torch_free=True).errors)
+        problems += self.scan_panel.scan().errors
         est = self.estimate_panel.update(cfg)
         if est is not None and not est.fits:
             problems.append(f"estimate: {est.vram_gib:.1f} GiB per GPU does not fit {est.gpu}")

@@ -24,6 +24,7 @@ from launcher.lifecycle import LaunchRecord
 from launcher.targets import TARGETS, Plan, check_output, check_request, check_run_name
 from trainer.config import WanforgeConfig, load_config, save_config
 from trainer.errors import UserError
+from trainer.preflight import preflight
 
 
 # ---------------------------------------------------------------- secrets
@@ -200,6 +201,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     config = Path(args.config)
     cfg = load_config(config, args.set)
     plan, est = plan_request(cfg, args)
+    here = plan.target.kind == "local"  # the node runs `train --resume latest`
+    preflight(cfg, here=here, resume="latest", num_processes=max(plan.gpus_per_node, 1) * plan.nodes).raise_if_invalid()
     if plan.target.kind != "local":
         check_model_travels(cfg)
     name = run_name(config, args.name)

@@ -114,14 +114,16 @@ def test_missing_needed_secret_stops_before_launch(config_file, state, capsys):
 
 
 def test_vm_cloud_mounts_the_bucket_and_amd_gets_rocm(config_file, state, capsys):
-    assert launch(config_file, "--target", "aws", "--gpu", "H100:8", "--nodes", "2", "--managed", "--spot",
-                  "--output", "s3://bucket/runs", "--dryrun", "--name", "m1") == 0
+    # 16 GPUs need 16 batches of 2 per optimizer step: the 8 clips 4 times (preflight refuses fewer)
+    assert launch(config_file, "--set", "datasets.0.repeats=4", "--target", "aws", "--gpu", "H100:8", "--nodes", "2",
+                  "--managed", "--spot", "--output", "s3://bucket/runs", "--dryrun", "--name", "m1") == 0
     task = yaml.safe_load((state / "m1" / "task.yaml").read_text())
     assert task["num_nodes"] == 2 and task["resources"]["use_spot"] and "job_recovery" in task["resources"]
     assert task["file_mounts"]["/outputs"] == {"source": "s3://bucket/runs", "mode": "MOUNT_CACHED"}
     assert task["resources"]["image_id"].endswith("-cu128")
     capsys.readouterr()
-    assert launch(config_file, "--target", "kubernetes", "--gpu", "MI300X:8", "--dryrun", "--name", "k1") == 0
+    assert launch(config_file, "--set", "datasets.0.repeats=2", "--target", "kubernetes", "--gpu", "MI300X:8", "--dryrun",
+                  "--name", "k1") == 0
     task = yaml.safe_load((state / "k1" / "task.yaml").read_text())
     assert task["resources"]["accelerators"] == "MI300:8" and task["resources"]["image_id"].endswith("-rocm")
     plan = check_request("runpod", "MI300X", 1, output="hf://u/r")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -46,27 +47,48 @@ def four_k_plus_one(frames: int) -> int:
 
 
 HUB_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
+# str fields that name a file or folder when they are not a Hub id (a Hub id never starts with "~")
+PATH_STRINGS = ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+                "pretrained_vae_model_name_or_path", "encoder_path")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan / inf are refused everywhere: no library underneath trains on them
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
     def _none_word_is_null(cls, data: Any) -> Any:
-        """TOML has no null: `key = "none"` turns an optional setting off (fields that allow None only)."""
+        """TOML has no null: `key = "none"` turns an optional setting off (fields that allow None only). A path
+        starting with `~` is the user's home, as in a shell."""
         if not isinstance(data, dict):
             return data
         out = dict(data)
         for name, value in data.items():
             field = cls.model_fields.get(name)
-            if field is not None and isinstance(value, str) and value.lower() == "none" and _allows_none(field.annotation):
+            if field is None or not isinstance(value, str):
+                continue
+            if value.lower() == "none" and _allows_none(field.annotation):
                 out[name] = None
+            elif value.startswith("~") and (name in PATH_STRINGS or _is_path(field.annotation)):
+                out[name] = os.path.expanduser(value)
         return out
 
 
 def _allows_none(annotation: Any) -> bool:
     return type(None) in getattr(annotation, "__args__", ())
+
+
+def _not_empty(value: Any, what: str) -> Any:
+    """An empty path would silently mean the config's own folder."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"is empty: give {what}")
+    return value
+
+
+def _is_path(annotation: Any) -> bool:
+    return annotation is Path or Path in getattr(annotation, "__args__", ())
 
 
 class ModelConfig(Section):
@@ -227,6 +249,11 @@ class DatasetConfig(Section):
     def name(self) -> str:
         return self.id or self.path.name
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_given(cls, v: Any) -> Any:
+        return _not_empty(v, "the folder of clips and captions")
+
     @field_validator("num_frames")
     @classmethod
     def _four_k_plus_one(cls, v: int | None) -> int | None:
@@ -311,10 +338,15 @@ class TrainConfig(Section):
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm (none to disable).")
     max_grad_value: float | None = Field(None, gt=0, description="Clip each gradient to +-this value instead of by norm.")
-    seed: int = Field(42, description="Seed for LoRA init, data order, noise and timesteps.")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed for LoRA init, data order, noise and timesteps.")
     dataloader_num_workers: int = Field(0, ge=0, description="Workers loading cached tensors.")
     text_max_length: int = Field(512, ge=1, description="Text embeddings are zero-padded to this length, as at inference.")
     log_every_n_steps: int = Field(1, ge=1, description="Steps between metrics.jsonl records.")
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_given(cls, v: Any) -> Any:
+        return _not_empty(v, 'the run folder, e.g. "runs/my-lora"')
 
     @model_validator(mode="after")
     def _one_clipping(self) -> TrainConfig:
@@ -369,7 +401,7 @@ class ValidationConfig(Section):
     num_frames: int | None = Field(None, description="Frames to render, 4k+1 (default: the first dataset's).")
     width: int | None = Field(None, description="Width to render, a multiple of 16 (default: the first dataset's).")
     height: int | None = Field(None, description="Height to render, a multiple of 16 (default: the first dataset's).")
-    seed: int = Field(42, description="Seed of the validation noise (the same every validation, so videos compare).")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed of the validation noise (the same every validation, so videos compare).")
     skip_layers: list[int] = Field(
         default_factory=list,
         description="Skip-layer guidance: transformer blocks skipped in an extra guidance pass (empty: off; 9 is a common pick for Wan 1.3B).",
@@ -389,7 +421,7 @@ class ValidationConfig(Section):
         False, description="Keep the eval samples out of training, so the eval loss is a held-out loss."
     )
     eval_buckets: int = Field(5, ge=1, le=50, description="Noise-level buckets the eval loss is reported for (one fixed level each).")
-    eval_seed: int = Field(1234, description="Seed of the eval noise.")
+    eval_seed: int = Field(1234, ge=0, le=SEED_MAX, description="Seed of the eval noise.")
 
     @field_validator("num_frames")
     @classmethod
@@ -587,7 +619,8 @@ class CrepaConfig(Section):
     @classmethod
     def _multiple_of_14(cls, v: int) -> int:
         if v % 14:
-            raise ValueError(f"must be a multiple of 14 (the DINOv2 patch): try {v // 14 * 14} or {v // 14 * 14 + 14}")
+            lower = max(14, v // 14 * 14)
+            raise ValueError(f"must be a multiple of 14 (the DINOv2 patch): try {lower} or {lower + 14}")
         return v
 
 
@@ -630,7 +663,7 @@ class WanforgeConfig(Section):
             if height % step or width % step:
                 raise ValueError(
                     f"datasets[{i}]: {width}x{height} does not fit {self.model.flavour} (its VAE and patching need "
-                    f"multiples of {step}): try {width // step * step}x{height // step * step}"
+                    f"multiples of {step}): try {max(step, width // step * step)}x{max(step, height // step * step)}"
                 )
         return self
 
@@ -653,22 +686,38 @@ class WanforgeConfig(Section):
 # ---------------------------------------------------------------- loading, overrides, messages
 
 
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The section class a field holds (itself, or the items of a list of them)."""
+    for a in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+        inner = next((x for x in getattr(a, "__args__", ()) if isinstance(x, type) and issubclass(x, BaseModel)), None)
+        if inner is not None:
+            return inner
+    return None
+
+
+def _is_list(annotation: Any) -> bool:
+    return getattr(annotation, "__origin__", None) is list
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section class a location points into (list indices skipped), or None past a plain value."""
+    model: type[BaseModel] | None = WanforgeConfig
+    for part in loc:
+        if isinstance(part, int) or (isinstance(part, str) and part.isdigit()):
+            continue
+        field = model.model_fields.get(str(part)) if model is not None else None
+        if field is None:
+            return None
+        model = _submodel(field.annotation)
+    return model
+
+
 def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     """Field names of the section a validation error points into (for did-you-mean)."""
-    model: type[BaseModel] = WanforgeConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return []
-        ann = field.annotation
-        inner = getattr(ann, "__args__", (ann,))
-        nxt = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if nxt is None:
-            return []
-        model = nxt
-    return list(model.model_fields)
+    model = _model_at(loc[:-1])
+    return list(model.model_fields) if model is not None else []
 
 
 def _section_holding(key: str) -> tuple[str, str] | None:
@@ -682,12 +731,23 @@ def _section_holding(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _default_hint(loc: tuple[Any, ...]) -> str:
+    """' (default: X)' for a field whose default is a plain number: a value the schema itself accepts."""
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(str(loc[-1])) if model is not None else None
+    default = getattr(field, "default", None)
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return f": try the default, {default!r}"
+    return ""
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         where = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[") or "config"
-        if e["type"] == "extra_forbidden":
+        kind = e["type"]
+        if kind == "extra_forbidden":
             close = difflib.get_close_matches(str(loc[-1]), _section_fields(loc), n=1)
             elsewhere = _section_holding(str(loc[-1])) if len(loc) == 2 else None
             if close:
@@ -697,9 +757,28 @@ def _format_errors(err: ValidationError, source: str) -> str:
             else:
                 fix = "remove it (the fields of each section are listed in trainer/config.py)"
             lines.append(f"{source}: unknown key {where}: {fix}")
+        elif kind == "missing":
+            lines.append(f"{source}: {where}: required field is missing")
+        elif kind == "model_type" or kind == "model_attributes_type":
+            lines.append(f"{source}: {where} is a section (a table), not a value (got {e.get('input')!r}): set the "
+                         f"fields inside it, e.g. [{where}] in the file or --set {where}.FIELD=VALUE")
         else:
             msg = str(e["msg"]).removeprefix("Value error, ")
-            lines.append(f"{source}: {where}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"{source}: {where}: required field is missing")
+            if kind == "finite_number":
+                msg = "must be a finite number, not nan or inf"
+            fix = ""
+            if kind == "literal_error":
+                expected = [x.strip(" '\"") for x in str(e.get("ctx", {}).get("expected", "")).replace(" or ", ",").split(",")]
+                close = difflib.get_close_matches(str(e.get("input")), [x for x in expected if x], n=1)
+                fix = f': did you mean "{close[0]}"?' if close else ""
+            elif kind == "list_type" and isinstance(e.get("input"), dict):
+                fix = f": write [[{where}]] with double brackets (a list of tables), or {where} = [...]"
+            elif kind == "list_type" and isinstance(e.get("input"), (str, int, float)):
+                fix = f": write a list, {where} = [{e.get('input')!r}]".replace("'", '"')
+            elif kind in ("finite_number", "greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                          "int_parsing", "float_parsing", "int_from_float", "int_type", "float_type"):
+                fix = _default_hint(loc)
+            lines.append(f"{source}: {where}: {msg} (got {e.get('input')!r}){fix}")
     return "\n".join(lines)
 
 
@@ -713,24 +792,63 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def _override_problem(parts: list[str], value: Any) -> str | None:
+    """Why `--set a.b.c=value` names no field of the schema (None: it does)."""
+    model: type[BaseModel] = WanforgeConfig
+    i = 0
+    while i < len(parts):
+        part, where = parts[i], ".".join(parts[:i])
+        field = model.model_fields.get(part)
+        if field is None:
+            close = difflib.get_close_matches(part, list(model.model_fields), n=1)
+            hint = f"did you mean {'.'.join([*parts[:i], close[0]])}?" if close else "its fields: " + ", ".join(model.model_fields)
+            return f'{where or "the config"} has no field "{part}": {hint}'
+        name, sub, last = ".".join(parts[: i + 1]), _submodel(field.annotation), i == len(parts) - 1
+        if sub is None:
+            return None if last else f"{name} is a value, not a section: set it directly, e.g. --set {name}=VALUE"
+        if _is_list(field.annotation):
+            if last:
+                return None if isinstance(value, list) else \
+                    f"{name} is a list of tables: set a field of one item, e.g. --set {name}.0.FIELD=VALUE"
+            if not parts[i + 1].isdigit():
+                return f"{name} is a list: name an item by its index, e.g. --set {name}.0.{parts[i + 1]}=VALUE"
+            i += 1
+            if i == len(parts) - 1:
+                return None if isinstance(value, dict) else \
+                    f"{name}.{parts[i]} is a table: set a field inside it, e.g. --set {name}.{parts[i]}.FIELD=VALUE"
+        elif last:
+            return None if isinstance(value, dict) else \
+                f"{name} is a section, not a value: set a field inside it, e.g. --set {name}.FIELD=VALUE"
+        model = sub
+        i += 1
+    return None
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b=v` (or `datasets.0.path=v`) to raw config data, in place."""
+    """Apply one `a.b=v` (or `datasets.0.path=v`) to raw config data, in place. A key the schema does not have, a
+    value set into a section or a field set inside a value is a UserError naming the fix."""
     key, sep, value = assignment.partition("=")
     if not sep or not key.strip():
         raise UserError(f'--set "{assignment}": expected section.key=value, for example --set train.max_train_steps=500')
-    parts = key.strip().split(".")
+    parts = [p.strip() for p in key.strip().split(".")]
+    parsed = parse_value(value.strip())
+    problem = _override_problem(parts, parsed)
+    if problem:
+        raise UserError(f'--set "{assignment}": {problem}')
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise UserError(f'--set "{assignment}": "{part}" is not an index of {".".join(parts[:i])} (0..{len(node) - 1})')
+                have = f"indices 0..{len(node) - 1}" if node else "no items: add one in the file first"
+                raise UserError(f'--set "{assignment}": "{part}" is not an index of {".".join(parts[:i])} ({have})')
             node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, [] if parts[i + 1].isdigit() else {})
         else:
-            node = node.setdefault(part, {})
-    last = parts[-1]
-    if isinstance(node, list):
-        raise UserError(f'--set "{assignment}": name a field inside the list item, for example datasets.0.path=...')
-    node[last] = parse_value(value.strip())
+            raise UserError(f'--set "{assignment}": {".".join(parts[:i])} holds {node!r} in the file, not a table')
+    if not isinstance(node, dict):
+        raise UserError(f'--set "{assignment}": {".".join(parts[:-1])} holds {node!r} in the file, not a table')
+    node[parts[-1]] = parsed
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config", base_dir: Path | None = None) -> WanforgeConfig:
@@ -760,22 +878,47 @@ def _resolve_paths(cfg: WanforgeConfig, base_dir: Path) -> None:
         cfg.train.output_dir = (base_dir / cfg.train.output_dir).resolve()
     if cfg.lora.lycoris_config is not None and not cfg.lora.lycoris_config.is_absolute():
         cfg.lora.lycoris_config = (base_dir / cfg.lora.lycoris_config).resolve()
-    for name in ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
-                 "pretrained_vae_model_name_or_path"):
-        value = getattr(cfg.model, name)
+    for section, name in (("model", "pretrained_model_name_or_path"), ("model", "pretrained_transformer_model_name_or_path"),
+                          ("model", "pretrained_vae_model_name_or_path"), ("crepa", "encoder_path")):
+        value = getattr(getattr(cfg, section), name)
         if value and (value.startswith(".") or (base_dir / value).exists()):
-            setattr(cfg.model, name, str((base_dir / value).resolve()))
+            setattr(getattr(cfg, section), name, str((base_dir / value).resolve()))
+
+
+def read_config_data(path: str | Path) -> dict[str, Any]:
+    """The raw tables of a TOML config file. A missing file, a folder, bytes that are not UTF-8 and bad TOML are each
+    a one-line UserError with the fix; a UTF-8 byte-order mark (Windows editors write one) is accepted."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(path.glob("*.toml"))
+        hint = f"e.g. {inside[0]}" if inside else "a .toml file, not the folder it is in"
+        raise UserError(f"{path}: is a folder, not a config file: give the config file itself ({hint})")
+    if not path.is_file():
+        near = difflib.get_close_matches(path.name, [p.name for p in path.parent.glob("*.toml")], n=1) \
+            if path.parent.is_dir() else []
+        hint = f"did you mean {path.parent / near[0]}?" if near else "write one, or start from `wanforge demo --out DIR`"
+        raise UserError(f"{path}: no such config file ({hint})")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror}): check its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}: byte 0x{raw[err.start]:02x} on line {line} is not UTF-8: save the file as UTF-8 "
+                        "(TOML files are UTF-8)") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        hint = ": for a SimpleTuner config.json use `wanforge import-simpletuner`" if path.suffix.lower() == ".json" else ""
+        raise UserError(f"{path}: not valid TOML: {err}{hint}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> WanforgeConfig:
     """Read a TOML config, apply `--set` overrides, validate. Every problem is a UserError naming the field."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such config file (write one, or start from `wanforge demo --out DIR`)")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"{path}: not valid TOML: {err}") from None
+    data = read_config_data(path)
     for assignment in overrides or []:
         apply_override(data, assignment)
     return config_from_dict(data, source=str(path), base_dir=path.parent.resolve())

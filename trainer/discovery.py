@@ -50,7 +50,7 @@ def scan_dataset(ds: DatasetConfig, index: int = 0, flavour: str | None = None) 
         m = size_multiple(FLAVOURS[flavour])
         if ds.width % m or ds.height % m:
             raise UserError(f"datasets[{index}].width/height: {ds.width}x{ds.height} must be multiples of {m} for "
-                            f"{flavour} (its VAE and patch size): try {ds.width // m * m}x{ds.height // m * m}")
+                            f"{flavour} (its VAE and patch size): try {max(m, ds.width // m * m)}x{max(m, ds.height // m * m)}")
     folder = dataset_folder(ds, index)
     scan = Scan(folder=folder)
     captions = Captions(ds, folder, index)
@@ -133,6 +133,10 @@ def check_datasets(cfg, num_processes: int = 1) -> tuple[list[str], list[str]]:
             problems.append(f"datasets[{i}] ({ds.name}): no usable file in {scan.folder} (see the skipped list)")
     if not keys:
         problems.append("every dataset has disabled = true: enable at least one [[datasets]] table")
+    v = cfg.validation
+    if v.eval_every_n_steps and v.eval_holdout and keys.get(0):  # trainer.evaluation holds these clips out
+        held = min(v.eval_samples, len(keys[0]) - 1)
+        keys[0] = keys[0][:-held] if held > 0 else keys[0]
     batch = cfg.train.train_batch_size
     repeats = {d: cfg.datasets[d].repeats for d in keys}
     plan = plan_batches({d: k for d, k in keys.items() if k}, repeats, batch)

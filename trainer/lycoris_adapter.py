@@ -24,21 +24,10 @@ from pathlib import Path
 import torch
 
 from trainer.errors import UserError
+from trainer.jsonfile import read_lycoris_config
 
 ATTRIBUTE = "lycoris"
 PREFIX = "lycoris"  # lycoris' own module prefix: lycoris_<module path with dots as underscores>
-
-
-def read_lycoris_config(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"lora.lycoris_config: {path} does not exist (a JSON file of lycoris.create_lycoris arguments)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"lora.lycoris_config: {path} is not valid JSON ({err})") from None
-    if not isinstance(data, dict) or "algo" not in data:
-        raise UserError(f'lora.lycoris_config: {path} needs at least {{"algo": "lokr" | "loha" | "locon"}}')
-    return data
 
 
 def add_lycoris(transformer, config_path: Path, target_modules: list[str]):

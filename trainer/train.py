@@ -86,6 +86,9 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from trainer.preflight import preflight
+
+    preflight(cfg, resume=resume).raise_if_invalid()  # every mistake a config can hold, before any cache or model
     run = RunDir(cfg.train.output_dir)
     resume_from = run.resolve_resume(resume) if resume else None
     if resume_from is None and run.complete_checkpoints():

@@ -18,36 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.config import TreadConfig
-from trainer.errors import UserError
+from trainer.wan_layout import Route, resolve_routes  # noqa: F401 - block ranges, checked torch-free by preflight
 
 _ARG_NAMES = ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")
-
-
-@dataclass(frozen=True)
-class Route:
-    start: int  # first routed block, resolved to 0..L-1
-    end: int  # last routed block, inclusive
-    ratio: float  # fraction of video tokens routed around start..end
-
-
-def resolve_routes(cfg: TreadConfig, num_layers: int) -> list[Route]:
-    """Routes with negative indices resolved; they must lie inside the model and must not overlap."""
-    routes = []
-    for i, r in enumerate(cfg.routes):
-        start = r.start_layer_idx + num_layers if r.start_layer_idx < 0 else r.start_layer_idx
-        end = r.end_layer_idx + num_layers if r.end_layer_idx < 0 else r.end_layer_idx
-        where = f"tread.routes[{i}]"
-        if not (0 <= start < num_layers and 0 <= end < num_layers):
-            raise UserError(f"{where}: layers {r.start_layer_idx}..{r.end_layer_idx} are outside the model's "
-                            f"{num_layers} blocks (use 0..{num_layers - 1}, or negative indices from the end)")
-        if start > end:
-            raise UserError(f"{where}: start_layer_idx {r.start_layer_idx} resolves after end_layer_idx {r.end_layer_idx}")
-        routes.append(Route(start, end, r.selection_ratio))
-    routes.sort(key=lambda r: r.start)
-    for a, b in zip(routes, routes[1:]):
-        if b.start <= a.end:
-            raise UserError(f"tread.routes: blocks {a.start}..{a.end} and {b.start}..{b.end} overlap: routes must be disjoint")
-    return [r for r in routes if r.ratio > 0]
 
 
 def kept_count(num_tokens: int, ratio: float) -> int:

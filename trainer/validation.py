@@ -7,9 +7,7 @@ skip-layer guidance, written as mp4 at the model's fps plus one contact sheet pe
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +17,14 @@ import torch
 
 from trainer.config import WanforgeConfig
 from trainer.dataset import pad_text
-from trainer.errors import UserError
 from trainer.flavours import FLAVOURS
+from trainer.prompts import TOKEN, fill_token, load_prompt_library, slug  # noqa: F401 - torch-free, checked by preflight
 from trainer.skip_layers import SkipLayerGuidance, skip_layer_guidance
 from trainer.video import write_mp4
 
 log = logging.getLogger(__name__)
 
 PIPELINE_TEXT_LENGTH = 512  # WanPipeline pads prompt embeddings to max_sequence_length=512
-TOKEN = "<token>"
 
 
 @dataclass(frozen=True)
@@ -64,41 +61,16 @@ class Rendered:
     frames: np.ndarray = field(repr=False, compare=False)
 
 
-def slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:limit] or "prompt"
-
-
-def load_prompt_library(path: Path) -> dict[str, str]:
-    """{nickname: prompt} from a JSON file; nicknames become file names, so they are slugged."""
-    if not path.is_file():
-        raise UserError(f"validation.prompt_library: {path} does not exist (a JSON file of nickname -> prompt)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"validation.prompt_library: {path} is not valid JSON ({err})") from None
-    if not isinstance(data, dict) or not data or not all(isinstance(v, str) and v.strip() for v in data.values()):
-        raise UserError(f'validation.prompt_library: {path} must be a non-empty object like {{"nickname": "a prompt"}}')
-    return {str(k): v for k, v in data.items()}
-
-
-def _fill_token(text: str, instance_prompt: str | None, where: str) -> str:
-    if TOKEN not in text:
-        return text
-    if not instance_prompt:
-        raise UserError(f"{where} uses {TOKEN}: set validation.instance_prompt to the trigger word it stands for")
-    return text.replace(TOKEN, instance_prompt)
-
-
 def validation_prompts(cfg: WanforgeConfig, first_caption: str | None) -> tuple[ValidationPrompt, ...]:
     """The configured prompt, then the library's; the first training caption when neither is set."""
     v = cfg.validation
     prompts: list[ValidationPrompt] = []
     if v.prompt:
-        text = _fill_token(v.prompt, v.instance_prompt, "validation.prompt")
+        text = fill_token(v.prompt, v.instance_prompt, "validation.prompt")
         prompts.append(ValidationPrompt(slug(text), text))
     if v.prompt_library is not None:
         for nickname, text in load_prompt_library(v.prompt_library).items():
-            text = _fill_token(text, v.instance_prompt, f"validation.prompt_library {nickname!r}")
+            text = fill_token(text, v.instance_prompt, f"validation.prompt_library {nickname!r}")
             prompts.append(ValidationPrompt(slug(nickname), text))
     if not prompts:
         text = first_caption or "a video"
