@@ -88,29 +88,11 @@ def check_experts(run: PreflightRun) -> None:
                   "multi-GPU run, or use one GPU")
 
 
-def adapter_save_problems(cfg: WanforgeConfig, modules: list[str]) -> list[str]:
-    """HOOK: can an adapter on these modules (full diffusers paths) be saved as lora.save_format says?
-
-    One call from preflight; the lead wires it to the LoRA-file helper's check in trainer.export. Until then it asks
-    trainer.export's own name mapping, which is what saving the interchange file uses."""
-    if cfg.lora.save_format != "comfyui" and cfg.lora.lora_type != "lycoris":
-        return []
-    from trainer.export import _to_original
-
-    problems = []
-    for module in modules:
-        try:
-            _to_original(module)
-        except UserError as err:
-            problems.append(f"lora.target_modules: {err}")
-    return problems
-
-
 def check_adapter_saveable(run: PreflightRun) -> None:
-    if importlib.util.find_spec("torch") is None:
-        return  # trainer.export needs torch; the launcher's own environment may not have it
-    layout = module_layout(run.flavour, min(run.blocks, 1))
-    adapted = sorted({p for t in run.cfg.lora.target_modules for p, k in matching_modules(layout, t).items()
-                      if k in ADAPTABLE})
-    for line in adapter_save_problems(run.cfg, adapted):
-        run.error(line)
+    """Can the adapter be written as a LoRA file native ComfyUI and diffusers both load (trainer.lora_names, no torch)?
+    Targets that match nothing are reported once, by the target check above, with its did-you-mean."""
+    from trainer.lora_names import interchange_problems
+
+    for line in interchange_problems(run.cfg):
+        if "matches no module" not in line:
+            run.error(line)
