@@ -29,35 +29,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _config(work: Path, name: str, steps: int) -> Path:
+    import gpu_smoke
+
     path = work / f"{name}.toml"
-    path.write_text(f"""
-[model]
-flavour = "t2v-480p-1.3b-2.1"
-pretrained_model_name_or_path = "{work / 'model'}"
-
-[[datasets]]
-path = "{work / 'clips'}"
-num_frames = 81
-width = 832
-height = 480
-
-[lora]
-rank = 16
-
-[train]
-output_dir = "{work / ('run-' + name)}"
-max_train_steps = {steps}
-log_every_n_steps = 1
-
-[validation]
-at_end = false
-
-[memory]
-preset = "auto"
-
-[checkpoint]
-every_n_steps = {steps}
-""")
+    gpu_smoke.write_config(path, work, work / f"run-{name}", steps, "auto", steps, "at_end = false")
     return path
 
 
