@@ -301,7 +301,7 @@ def train_command(config: Path) -> list[str]:
     """`wanforge train` for one GPU; torchrun over all GPUs of all nodes from SkyPilot's variables.
 
     torchrun (static rendezvous at the first IP of SKYPILOT_NODE_IPS, port MASTER_PORT or 29500) and not
-    `accelerate launch --multi_gpu`: the same command then runs on CPU (gloo, the rehearsal in tests/test_multinode.py)
+    `accelerate launch --multi_gpu`: the same command then runs on CPU (gloo, the rehearsal in tests/test_multiprocess.py)
     and on GPUs (NCCL), and it is the path the 2-GPU runs were measured with (bench/gpu_smoke.py --torchrun)."""
     nodes = _whole("SKYPILOT_NUM_NODES", "1", 1)
     gpus = _whole("SKYPILOT_NUM_GPUS_PER_NODE", "1", 1)
