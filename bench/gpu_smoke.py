@@ -62,6 +62,39 @@ def make_clips(folder: Path, count: int = 4) -> None:
         (folder / f"clip{c}.txt").write_text(f"a bright square number {c} glides over a coloured gradient")
 
 
+def write_config(path: Path, work: Path, run_dir: Path, steps: int, preset: str, checkpoint_every: int,
+                 validation: str) -> None:
+    """The run's config: the smoke model and clips at 832x480x81, LoRA rank 16, `validation` as [validation] lines."""
+    path.write_text(f"""
+[model]
+flavour = "t2v-480p-1.3b-2.1"
+pretrained_model_name_or_path = "{work / 'model'}"
+
+[[datasets]]
+path = "{work / 'clips'}"
+num_frames = 81
+width = 832
+height = 480
+
+[lora]
+rank = 16
+
+[train]
+output_dir = "{run_dir}"
+max_train_steps = {steps}
+log_every_n_steps = 1
+
+[validation]
+{validation}
+
+[memory]
+preset = "{preset}"
+
+[checkpoint]
+every_n_steps = {checkpoint_every}
+""")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/wanforge-smoke"))
@@ -78,33 +111,7 @@ def main() -> None:
     print(f"setup {time.time() - t0:.0f}s", flush=True)
     config = work / f"smoke-{args.preset}.toml"
     run_dir = work / f"run-{args.preset}"
-    config.write_text(f"""
-[model]
-flavour = "t2v-480p-1.3b-2.1"
-pretrained_model_name_or_path = "{work / 'model'}"
-
-[[datasets]]
-path = "{work / 'clips'}"
-num_frames = 81
-width = 832
-height = 480
-
-[lora]
-rank = 16
-
-[train]
-output_dir = "{run_dir}"
-max_train_steps = {args.steps}
-
-[validation]
-num_inference_steps = 4
-
-[memory]
-preset = "{args.preset}"
-
-[checkpoint]
-every_n_steps = {args.steps // 2}
-""")
+    write_config(config, work, run_dir, args.steps, args.preset, args.steps // 2, "num_inference_steps = 4")
     cli = [sys.executable, "-m", "launcher.cli"]
     first = cli if not args.torchrun else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                            f"--nproc_per_node={args.torchrun}", "-m", "launcher.cli"]

@@ -57,6 +57,7 @@ class Estimate:
     measured: bool = False  # GPU and host memory measured at this model, clip shape and preset (else scaled)
     gpu_measured: bool = False  # the GPU peak alone measured there (rows older than the host-memory column)
     speed_measured: bool = False  # s/step measured on this GPU at this shape and preset (else extrapolated)
+    contention_s: float = 0.0  # of s_per_step: the count processes offloading at once (derived, trainer/sizing.py)
 
     @property
     def fit_label(self) -> str:
@@ -71,7 +72,8 @@ class Estimate:
         gpus = f"{self.count}x {self.gpu}" if self.count > 1 else self.gpu
         speed = "measured" if self.speed_measured else "extrapolated"
         return (f"{gpus:>14}: {self.vram_gib:6.1f} GiB/GPU, {self.host_gib:5.1f} of {self.host_ram_gib:.0f} GiB host "
-                f"({self.fit_label}), {self.s_per_step:6.2f} s/step ({speed}), "
+                f"({self.fit_label}), {self.s_per_step:6.2f} s/step ({speed}"
+                f"{f', incl. +{self.contention_s:.2f} s offload contention' if self.contention_s else ''}), "
                 f"{self.total_hours:6.2f} h, ${self.cost_usd_per_hour:.2f}/h -> ${self.cost_usd:,.2f}"
                 + (f"  [{self.memory_preset}]" if self.memory_preset else ""))
 
@@ -140,12 +142,13 @@ def _size_of(flavour: str) -> tuple[int, int, int]:
     return m.dim, m.ffn, m.layers
 
 
-def memory_on(cfg: WanforgeConfig, card: Gpu) -> MemoryConfig:
-    """The [memory] settings the trainer will use on this GPU: `preset = "auto"` resolves by its memory and the host
-    RAM of the card's typical cloud node (`host_ram_gib`), as the node does with its own."""
+def memory_on(cfg: WanforgeConfig, card: Gpu, count: int = 1) -> MemoryConfig:
+    """The [memory] settings the trainer will use on this GPU: `preset = "auto"` resolves by its memory, the host
+    RAM of the card's typical cloud node (`host_ram_gib`) and the `count` processes offloading at once, as the node
+    does with its own."""
     return resolve_memory(cfg.memory, FLAVOURS[cfg.model.flavour], card.memory_gib, tokens=config_shape(cfg).tokens,
                           batch=cfg.train.train_batch_size, host_gib=card.host_ram_gib,
-                          warn=False)  # "does not fit" is in the table
+                          warn=False, processes=count)  # "does not fit" is in the table
 
 
 def expected_attention(memory: MemoryConfig, card: Gpu | None) -> str:
@@ -200,7 +203,7 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
     """GPU and host memory per GPU, s/step, hours and dollars for training `cfg` on `gpu` ("H100" or "H100:2")."""
     card, count = parse_gpu(gpu)
     gpus = known_gpus()
-    memory = memory_on(cfg, card)
+    memory = memory_on(cfg, card, count)
     row = pick_row(cfg, memory, card)
     row_gpu = gpus[row["gpu"]]
     want, ref = config_shape(cfg), _row_shape(row)
@@ -227,6 +230,15 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
     measured, gpu_measured = predicted.measured and on_card, predicted.gpu_measured and on_card
     memory_basis = f"; memory: {'custom [memory] mix, ' if preset is None else ''}{predicted.label}, from {predicted.basis}"
 
+    contention = sizing.offload_contention()
+    extra = contention.seconds(offload, count)  # the count GPUs are taken as one machine's (H100:2, one node)
+    s_per_step += extra
+    parallel_measured = count == 1 or _parallel_measured(row, want, preset, count)
+    speed_measured = speed_measured and parallel_measured and not extra
+    contention_note = (f"; {count} processes offloading {offload:.1f} GiB/step each: +{extra:.2f} s/step host-memory "
+                       f"contention ({contention.basis}"
+                       f"{'' if parallel_measured else '; extrapolated to this model, shape, GPU or count'})"
+                       if extra else "")
     fp8_runs = memory.base_quantization != "fp8" or (card.vendor == "nvidia" and card.arch in FP8_ARCHS)
     hours = s_per_step * cfg.train.max_train_steps / 3600
     per_hour = card.usd_per_hour * count
@@ -239,10 +251,18 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
         cost_usd=round(hours * per_hour, 2),
         fits=sizing.fits_gpu(vram, card.memory_gib) and sizing.fits_host(offload, card.host_ram_gib) and fp8_runs,
         memory_preset=preset or "custom", measured=measured, gpu_measured=gpu_measured, speed_measured=speed_measured,
+        contention_s=round(extra, 3),
         basis=(f"memory preset {preset or 'custom'}; {row['trainer']} {row['flavour']} on {row['gpu']}: "
-               f"{row['s_per_step']} s/step, {row['peak_gib']} GiB ({row['source']}){memory_basis}{speed_note}{host_note}"
+               f"{row['s_per_step']} s/step, {row['peak_gib']} GiB ({row['source']}){memory_basis}{speed_note}{contention_note}{host_note}"
                + ("" if fp8_runs else f"; fp8 base weights need an Ada, Hopper or Blackwell GPU, not {card.name}")),
     )
+
+
+def _parallel_measured(row: dict[str, Any], want: Shape, preset: str | None, count: int) -> bool:
+    """A `[[parallel]]` row measured this preset, model, clip shape, GPU and process count."""
+    return any(p["preset"] == preset and p["gpu"] == row["gpu"] and p["processes"] == count
+               and row_shape(p) == want.model and same_shape(row_tokens(p), want.tokens)
+               for p in sizing.load_calibration().get("parallel", []))
 
 
 def estimate_all(cfg: WanforgeConfig, names: list[str] | None = None, count: int = 1) -> list[Estimate]:

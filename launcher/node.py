@@ -13,6 +13,7 @@ Everything is read from the environment the task sets:
     KEEP_ALIVE_MIN    minutes the node stays up after a final upload that failed (pod targets: 60), so
                       `wanforge sync RUN --from-node` can still fetch the run folder
     SKYPILOT_NODE_RANK, SKYPILOT_NODE_IPS, SKYPILOT_NUM_NODES, SKYPILOT_NUM_GPUS_PER_NODE: multi-node start
+    MASTER_PORT       the rendezvous port on the first node (default 29500)
 
 RUN_NAME and OUTPUT are checked here as `wanforge launch` checks them. The final upload is retried and verified;
 if it fails, run.json says `upload_failed` (with the remedy), the node waits KEEP_ALIVE_MIN and exits 3.
@@ -289,19 +290,34 @@ def keep_alive(minutes: float) -> None:
 # ---------------------------------------------------------------- training: one process, or accelerate on many
 
 
+def _whole(name: str, default: str, low: int) -> int:
+    text = env(name, default).strip()
+    if not text.isdigit() or int(text) < low:
+        raise UserError(f"{name}={text!r}: must be a whole number >= {low} (SkyPilot sets it on every node)")
+    return int(text)
+
+
 def train_command(config: Path) -> list[str]:
-    """`wanforge train` for one GPU; `accelerate launch` over all GPUs of all nodes from SkyPilot's variables."""
-    nodes = int(env("SKYPILOT_NUM_NODES", "1"))
-    gpus = int(env("SKYPILOT_NUM_GPUS_PER_NODE", "1") or 1)
+    """`wanforge train` for one GPU; torchrun over all GPUs of all nodes from SkyPilot's variables.
+
+    torchrun (static rendezvous at the first IP of SKYPILOT_NODE_IPS, port MASTER_PORT or 29500) and not
+    `accelerate launch --multi_gpu`: the same command then runs on CPU (gloo, the rehearsal in tests/test_multiprocess.py)
+    and on GPUs (NCCL), and it is the path the 2-GPU runs were measured with (bench/gpu_smoke.py --torchrun)."""
+    nodes = _whole("SKYPILOT_NUM_NODES", "1", 1)
+    gpus = _whole("SKYPILOT_NUM_GPUS_PER_NODE", "1", 1)
     train = ["-m", "launcher.cli", "train", str(config), "--resume", "latest"]
     if nodes * gpus <= 1:
         return [sys.executable, *train]
-    ips = [ip for ip in env("SKYPILOT_NODE_IPS", "127.0.0.1").splitlines() if ip.strip()]
+    rank = _whole("SKYPILOT_NODE_RANK", "0", 0)
+    ips = [ip.strip() for ip in env("SKYPILOT_NODE_IPS", "127.0.0.1").splitlines() if ip.strip()]
+    if rank >= nodes or len(ips) < nodes:
+        raise UserError(f"SKYPILOT_NODE_RANK={rank} with SKYPILOT_NUM_NODES={nodes} and {len(ips)} line(s) in "
+                        "SKYPILOT_NODE_IPS: the rank must be below the node count and every node needs its IP line")
+    port = _whole("MASTER_PORT", str(MASTER_PORT), 1)
     return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_machines", str(nodes), "--machine_rank", env("SKYPILOT_NODE_RANK", "0"),
-        "--main_process_ip", ips[0], "--main_process_port", str(MASTER_PORT),
-        "--num_processes", str(nodes * gpus), *train,
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={nodes}", f"--node_rank={rank}", f"--nproc_per_node={gpus}",
+        f"--master_addr={ips[0]}", f"--master_port={port}", *train,
     ]
 
 

@@ -147,10 +147,10 @@ def test_multinode_command_from_skypilot_variables(monkeypatch):
     monkeypatch.setenv("SKYPILOT_NODE_RANK", "1")
     monkeypatch.setenv("SKYPILOT_NODE_IPS", "10.0.0.5\n10.0.0.6\n")
     cmd = train_command(Path("/wanforge/config.toml"))
-    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
-    flags = dict(zip(cmd[3::1], cmd[4::1]))
-    assert flags["--num_machines"] == "2" and flags["--machine_rank"] == "1" and flags["--num_processes"] == "16"
-    assert flags["--main_process_ip"] == "10.0.0.5"
+    assert cmd[1:3] == ["-m", "torch.distributed.run"]
+    flags = dict(arg.split("=", 1) for arg in cmd[3:8])
+    assert flags["--nnodes"] == "2" and flags["--node_rank"] == "1" and flags["--nproc_per_node"] == "8"
+    assert flags["--master_addr"] == "10.0.0.5" and flags["--master_port"] == "29500"
     assert cmd[-6:] == ["-m", "launcher.cli", "train", "/wanforge/config.toml", "--resume", "latest"]
     monkeypatch.setenv("SKYPILOT_NUM_NODES", "1")
     monkeypatch.setenv("SKYPILOT_NUM_GPUS_PER_NODE", "1")

@@ -1,6 +1,10 @@
 """Memory presets: named `[memory]` settings, and "auto", which picks the fastest one predicted to fit both the GPU's
 memory and the free host RAM. The predictions come from trainer/sizing.py (measured rows in launcher/calibration.toml),
 the same model `wanforge estimate` uses. Fields the user set in `[memory]` always win.
+
+With several training processes on one machine (DDP), every process offloads at once and they contend for host
+memory bandwidth (measured: 1.68x instead of 2x on two H100s with `balanced`), so `auto` then ranks the fitting presets
+by predicted s/step with that contention added (trainer/sizing.py offload_contention) instead of the one-GPU order.
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ import logging
 
 from trainer.config import MemoryConfig
 from trainer.flavours import Flavour
-from trainer.sizing import fits_gpu, fits_host, flavour_shape, host_memory_gib, predict_memory  # noqa: F401 (re-export)
+from trainer.sizing import (fits_gpu, fits_host, flavour_shape, host_memory_gib,  # noqa: F401 (re-export)
+                            local_processes, predict_memory, relative_step_seconds)
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +62,22 @@ def estimated_offload_gib(f: Flavour, preset: str, tokens: int, batch: int = 1) 
 
 
 def choose_preset(f: Flavour, gpu_gib: float, tokens: int | None = None, batch: int = 1,
-                  host_gib: float | None = None, warn: bool = True, base_quantization: str | None = None) -> str:
+                  host_gib: float | None = None, warn: bool = True, base_quantization: str | None = None,
+                  processes: int = 1) -> str:
     """The first (fastest) preset whose predicted GPU peak fits the GPU and whose offload fits the free host RAM
-    (with the user's own `base_quantization` in place of the preset's, where set)."""
+    (with the user's own `base_quantization` in place of the preset's, where set). With `processes` > 1 training
+    processes on the machine: the fitting preset with the least predicted s/step including offload contention."""
     tokens = tokens or flavour_tokens(f)
     shape = flavour_shape(f.name)
     predicted = {name: predict_memory(shape, name, tokens, batch, base_quantization)
                  for name in PRESETS if name not in OPT_IN}
     usable = [name for name, p in predicted.items() if fits_host(p.offload_gib, host_gib)]
-    for name in usable:
-        if fits_gpu(predicted[name].gpu_gib, gpu_gib):
-            return name
+    fitting = [name for name in usable if fits_gpu(predicted[name].gpu_gib, gpu_gib)]
+    if fitting and processes > 1:
+        return min(fitting, key=lambda name: relative_step_seconds(shape, name, tokens, batch, processes,
+                                                                   base_quantization))
+    if fitting:
+        return fitting[0]
     smallest = min(usable or predicted, key=lambda name: predicted[name].gpu_gib)
     (log.warning if warn else log.debug)(
         "no memory preset is expected to fit %.0f GiB GPU memory (with %s host RAM) for %s; using \"%s\"",
@@ -76,15 +86,19 @@ def choose_preset(f: Flavour, gpu_gib: float, tokens: int | None = None, batch: 
 
 
 def resolve_memory(cfg: MemoryConfig, f: Flavour, gpu_gib: float | None, tokens: int | None = None,
-                   batch: int = 1, host_gib: float | None = None, warn: bool = True) -> MemoryConfig:
-    """The [memory] settings to train with: the preset's values under the fields the user set explicitly."""
+                   batch: int = 1, host_gib: float | None = None, warn: bool = True,
+                   processes: int | None = None) -> MemoryConfig:
+    """The [memory] settings to train with: the preset's values under the fields the user set explicitly.
+    `processes`: training processes on the machine (default: this process's LOCAL_WORLD_SIZE)."""
     if cfg.preset == "none" or (cfg.preset == "auto" and not gpu_gib):
         return cfg
     name = cfg.preset
     if name == "auto":
         quantization = cfg.base_quantization if "base_quantization" in cfg.model_fields_set else None
-        name = choose_preset(f, gpu_gib, tokens, batch, host_gib, warn, quantization)
-        (log.info if warn else log.debug)("memory preset auto -> %s (%.0f GiB GPU)", name, gpu_gib)
+        processes = local_processes() if processes is None else processes
+        name = choose_preset(f, gpu_gib, tokens, batch, host_gib, warn, quantization, processes)
+        (log.info if warn else log.debug)("memory preset auto -> %s (%.0f GiB GPU, %d process(es) on this machine)",
+                                          name, gpu_gib, processes)
     explicit = {k: getattr(cfg, k) for k in cfg.model_fields_set if k != "preset"}
     values = dict(PRESETS[name])
     if explicit.get("gradient_checkpointing") == "none":  # offload and sub-layers act on checkpointed blocks only

@@ -260,3 +260,63 @@ def fits_gpu(gpu_gib: float, card_gib: float) -> bool:
 def fits_host(offload_gib: float, host_free_gib: float | None) -> bool:
     """The offload within HOST_SHARE of the free host RAM (unknown host RAM: assumed to fit)."""
     return host_free_gib is None or offload_gib <= HOST_SHARE * host_free_gib
+
+
+# ---------------------------------------------------------------- several processes on one machine
+
+
+def local_processes() -> int:
+    """Training processes on this machine (torchrun / accelerate set LOCAL_WORLD_SIZE; 1 when started alone)."""
+    import os
+
+    text = os.environ.get("LOCAL_WORLD_SIZE", "1").strip()
+    return max(int(text), 1) if text.isdigit() else 1
+
+
+@dataclass(frozen=True)
+class Contention:
+    """What activation offload costs when several processes of one machine offload at once (host memory bandwidth)."""
+    s_per_gib: float  # seconds each further offloading process adds to every process's step, per GiB it offloads
+    basis: str
+
+    def seconds(self, offload_gib: float, processes: int) -> float:
+        return self.s_per_gib * offload_gib * max(processes - 1, 0)
+
+
+@lru_cache(maxsize=1)
+def offload_contention() -> Contention:
+    """DERIVED from the measured `[[parallel]]` rows with offload: (s/step with N processes - s/step alone) /
+    ((N - 1) x GiB offloaded per step), averaged. Linear in the offloaded bytes and in the number of further
+    processes: an assumption, checked only at the rows' own model, shape, GPU and process count."""
+    rows = [r for r in load_calibration().get("parallel", []) if r["offload_gib"] > 0 and r["processes"] > 1]
+    if not rows:
+        return Contention(0.0, "no measured multi-process row with offload: contention not modelled")
+    rates = [(r["s_per_step"] - r["s_per_step_one"]) / ((r["processes"] - 1) * r["offload_gib"]) for r in rows]
+    rate = max(sum(rates) / len(rates), 0.0)
+    measured = "; ".join(f"{r['preset']} {r['flavour']} {r['width']}x{r['height']}x{r['num_frames']} on "
+                         f"{r['processes']}x {r['gpu']}: {r['s_per_step']} vs {r['s_per_step_one']} s/step, "
+                         f"{r['offload_gib']} GiB offloaded" for r in rows)
+    return Contention(rate, f"derived {rate:.4f} s per GiB offloaded per further process from {measured} (FACTS.md)")
+
+
+def _speed_row(shape: ModelShape, preset: str, tokens: int) -> dict[str, Any]:
+    """The wanforge row of `preset` to compare presets' speed by: same model width and depth, then the kernel and GPU
+    the multi-process rows were measured with (cuDNN, H100), so that every preset is timed on the same footing."""
+    import math
+
+    rows = [r for r in measured_rows() if r.get("preset") == preset and r["trainer"] == "wanforge"]
+    return min(rows, key=lambda r: ((row_shape(r).dim, row_shape(r).layers) != (shape.dim, shape.layers),
+                                    abs(row_shape(r).dim - shape.dim),
+                                    r.get("attention_backend", "_native_cudnn") != "_native_cudnn",
+                                    r["gpu"] != "H100", abs(math.log(row_tokens(r) / max(tokens, 1)))))
+
+
+def relative_step_seconds(shape: ModelShape, preset: str, tokens: int, batch: int = 1, processes: int = 1,
+                          base_quantization: str | None = None) -> float:
+    """s/step of `preset` on an H100 with cuDNN attention (FLOPs-scaled from its row), plus the offload contention of
+    `processes` processes offloading at once: for ranking presets against each other, not for the estimate's hours."""
+    row = _speed_row(shape, preset, tokens)
+    seconds = row["s_per_step"] * shape.forward_flops(tokens) * batch / (
+        row_shape(row).forward_flops(row_tokens(row)) * row["batch"])
+    offload = predict_memory(shape, preset, tokens, batch, base_quantization).offload_gib
+    return seconds + offload_contention().seconds(offload, processes)
