@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from trainer.errors import UserError
 from trainer.fileio import temp_path_beside
+from trainer.guard import require_finite
 
 INTERCHANGE_FILE = "wanforge_lora.safetensors"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -122,7 +123,7 @@ def _save_diffusers(state: dict[str, torch.Tensor], out_dir: Path, *, rank: int,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     modules = sorted({_LORA_KEY.match(k)["module"] for k in state})
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.") as tmp:
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-export.") as tmp:
         WanPipeline.save_lora_weights(
             save_directory=tmp,
             transformer_lora_layers=state,
@@ -146,6 +147,7 @@ def save_lora(
 ) -> Path:
     """Write the adapter to out_dir in the chosen format; returns the file."""
     state = {k: v.detach().to("cpu", dtype) for k, v in peft_state.items()}
+    require_finite(state, f"LoRA for {out_dir}")  # a NaN LoRA is never written
     metadata = {"format": "pt", "wanforge": json.dumps(info or {}, sort_keys=True)}
     if fmt == "comfyui":
         return _save(to_interchange(state, alpha), out_dir / INTERCHANGE_FILE, metadata)

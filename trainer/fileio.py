@@ -1,17 +1,36 @@
-"""Atomic writes: a crash never leaves a half-written file under its final name."""
+"""Atomic writes: a crash never leaves a half-written file under its final name.
+
+Temporary files are created beside their target as `.tmp-<name>.<random><suffix>` with mode 0666 filtered by the
+user's umask (tempfile.mkstemp would force 0600 on every output), then renamed into place. Everything of that name
+in a run folder is a leftover of a killed process: `remove_stale_temp` clears them when the next run starts.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
+TEMP_PREFIX = ".tmp-"
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, empty, uniquely named file beside `path`, opened for writing (O_EXCL: never someone else's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        tmp = path.parent / f"{TEMP_PREFIX}{path.stem}.{secrets.token_hex(4)}{path.suffix}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp  # the umask applies
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -19,7 +38,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -32,8 +51,39 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def temp_path_beside(path: Path) -> Path:
-    """A unique hidden name in the same folder, for writers that need a path (safetensors, PyAV): rename it after."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    """A unique hidden name in the same folder, for writers that need a path (safetensors, PyAV): rename it after.
+    The file exists (empty, umask mode) so the writer's truncating open keeps that mode."""
+    fd, tmp = _create_temp(path)
     os.close(fd)
-    return Path(tmp)
+    return tmp
+
+
+def remove_stale_temp(root: Path) -> list[Path]:
+    """Delete every `.tmp-*` file or folder under `root` (a killed writer's leftovers); returns what went.
+    Call only while holding the folder's lock, so no live writer's temp file is touched."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.rglob(f"{TEMP_PREFIX}*"), key=lambda p: len(p.parts)):
+        if not path.exists() and not path.is_symlink():  # inside a folder removed a moment ago
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors.torch.save_file into a temp name beside `path`, then renamed into place."""
+    from safetensors.torch import save_file
+
+    tmp = temp_path_beside(path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
