@@ -8,15 +8,15 @@ WanLoraLoaderMixin conversion, which is what reads these files back.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from trainer.errors import UserError
-from trainer.fileio import temp_path_beside
+from trainer.fileio import atomic_save_safetensors, umask_mode
 from trainer.guard import require_finite
 
 INTERCHANGE_FILE = "wanforge_lora.safetensors"
@@ -105,14 +105,7 @@ def from_interchange(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    tmp = temp_path_beside(path)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save_safetensors(tensors, path, metadata)
 
 
 def _save_diffusers(state: dict[str, torch.Tensor], out_dir: Path, *, rank: int, alpha: float) -> Path:
@@ -131,6 +124,7 @@ def _save_diffusers(state: dict[str, torch.Tensor], out_dir: Path, *, rank: int,
             safe_serialization=True,
         )
         target = out_dir / DIFFUSERS_FILE
+        os.chmod(Path(tmp) / DIFFUSERS_FILE, umask_mode())  # safetensors writes 0600
         (Path(tmp) / DIFFUSERS_FILE).replace(target)
     return target
 

@@ -17,6 +17,21 @@ from typing import Any
 TEMP_PREFIX = ".tmp-"
 
 
+def umask_mode(base: int = 0o666) -> int:
+    """`base` as the user's umask filters it: what open() would give a new file. For files a library writes with
+    its own mode (safetensors writes 0600). Read from /proc where it exists, since setting the umask to read it
+    races other threads."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return base & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return base & ~mask
+
+
 def _create_temp(path: Path) -> tuple[int, Path]:
     """A new, empty, uniquely named file beside `path`, opened for writing (O_EXCL: never someone else's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +97,7 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] 
     tmp = temp_path_beside(path)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
