@@ -359,3 +359,67 @@ def test_atomic_writes_follow_any_umask(tmp_path):
             os.umask(old)
         assert stat.S_IMODE((tmp_path / f"{mask}.txt").stat().st_mode) == expected
         assert stat.S_IMODE(tmp.stat().st_mode) == expected and tmp.name.startswith(".tmp-")
+
+
+# ---------------------------------------------------------------- checkpoints under DDP (two gloo processes)
+_KILLER = '''
+import os, signal, sys
+import trainer.checkpointing as ck
+import trainer.train as tt
+
+def arm(kill_rank, step, where):
+    """SIGKILL this rank at checkpoint `step`: before it contributes its part, or (rank 0) after writing every part
+    but before the marker and the rename."""
+    if int(os.environ["RANK"]) != kill_rank:
+        return
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    if where == "before_contributing":
+        real = tt.save_checkpoint
+        def save(accelerator, run, s, *args, **kwargs):
+            if s == step:
+                die()
+            return real(accelerator, run, s, *args, **kwargs)
+        tt.save_checkpoint = save
+    else:
+        real_json = ck.atomic_write_json
+        def write(path, data):
+            if path.name == ck.CHECKPOINT_MARKER and data["step"] == step:
+                die()
+            return real_json(path, data)
+        ck.atomic_write_json = write
+
+if os.environ.get("KILL"):
+    rank, step, where = os.environ["KILL"].split(":")
+    arm(int(rank), int(step), where)
+from launcher.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_kill_on_either_rank_mid_checkpoint_resumes_identically(few_clips, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(_KILLER)
+    settings = dict(train={"max_train_steps": 4, "train_batch_size": 1, "log_every_n_steps": 1},
+                    checkpoint={"every_n_steps": 2, "total_limit": None})
+
+    def torchrun(config: Path, *args: str, kill: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(driver), "train", str(config), *args], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "KILL": kill,
+                                   "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])})
+
+    for name in ("straight", "killed"):
+        save_config(_cfg(few_clips, tmp_path / name, **settings), tmp_path / f"{name}.toml")
+    done = torchrun(tmp_path / "straight.toml")
+    assert done.returncode == 0, done.stderr[-5000:]
+    killed = tmp_path / "killed"
+    assert torchrun(tmp_path / "killed.toml", kill="1:4:before_contributing").returncode != 0
+    assert _checkpoints(killed) == ["step-2"]  # rank 0 wrote nothing for step 4 without rank 1's part
+    assert torchrun(tmp_path / "killed.toml", "--resume", "latest", kill="0:4:before_marker").returncode != 0
+    assert set(_checkpoints(killed)) == {".tmp-step-4", "step-2"}  # complete parts, never renamed
+    done = torchrun(tmp_path / "killed.toml", "--resume", "latest")
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert _checkpoints(killed) == ["step-2", "step-4"] and _metric_steps(killed) == [1, 2, 3, 4]
+    a = load_file(str(tmp_path / "straight" / "lora" / "wanforge_lora.safetensors"))
+    b = load_file(str(killed / "lora" / "wanforge_lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

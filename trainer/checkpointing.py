@@ -246,7 +246,7 @@ def load_checkpoint(accelerator, path: Path, transformer, objects: dict[str, Any
     rng = _load_tensors(path / RNG_FILE)
     rank = accelerator.process_index
     if rank < next(iter(rng.values())).shape[0]:  # more ranks than were saved: the new ones keep their seeded RNG
-        _set_rng_state({k: v[rank] for k, v in rng.items()}, accelerator.device)
+        _set_rng_state({k: v[rank].clone() for k, v in rng.items()}, accelerator.device)  # own storage: set_rng_state ignores offsets
     return checkpoint_step(path)
 
 
