@@ -224,12 +224,25 @@ def checkpoint_config(path: Path) -> str | None:
     return file.read_text(encoding="utf-8") if file.is_file() else None
 
 
-def load_checkpoint(accelerator, path: Path, transformer, objects: dict[str, Any], optional: set[str] = frozenset()) -> int:
-    """Restore the adapter, every object's state and this rank's RNG; returns the step. Reads safetensors/JSON only.
-    `optional`: objects a checkpoint may lack (they keep their fresh state)."""
+def verify_checkpoint(path: Path) -> int:
+    """Cheap checks before a resume changes anything: the current format and readable file headers; returns the step."""
     if int(_marker(path).get("format", 1)) < FORMAT:
         raise UserError(f"{path}: written by an older wanforge as pickles, which this version never loads (a "
                         "pickle can run code): start a new run (train.output_dir), or use the LoRA in it as it is")
+    for name in (ADAPTER_FILE, STATE_FILE, RNG_FILE):
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                if name == STATE_FILE:
+                    json.loads((f.metadata() or {})[_META_KEY])
+        except Exception as err:
+            raise _unreadable(path / name, err) from None
+    return checkpoint_step(path)
+
+
+def load_checkpoint(accelerator, path: Path, transformer, objects: dict[str, Any], optional: set[str] = frozenset()) -> int:
+    """Restore the adapter, every object's state and this rank's RNG; returns the step. Reads safetensors/JSON only.
+    `optional`: objects a checkpoint may lack (they keep their fresh state)."""
+    verify_checkpoint(path)
     adapter = _load_tensors(path / ADAPTER_FILE)
     unexpected = load_adapter_state_dict(accelerator.unwrap_model(transformer), adapter)
     if unexpected:

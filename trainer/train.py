@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.cache import build_caches
-from trainer.checkpointing import (OptimizerState, SchedulePosition, TrainState, checkpoint_config, checkpoint_step,
-                                   load_checkpoint, save_checkpoint)
+from trainer.checkpointing import (OptimizerState, SchedulePosition, TrainState, checkpoint_config, load_checkpoint,
+                                   save_checkpoint, verify_checkpoint)
 from trainer.components import base_model_path, load_transformer
 from trainer.conditioning import build_conditioning, loss_region, transformer_inputs, with_conditioning
 from trainer.config import WanforgeConfig, save_config
@@ -165,7 +165,7 @@ def _check_resume(cfg: WanforgeConfig, resume_from: Path | None) -> tuple[int, l
     """(the step a resume starts from, the changed settings that take effect); refuses what can't change."""
     if resume_from is None:
         return 0, []
-    step = checkpoint_step(resume_from)
+    step = verify_checkpoint(resume_from)
     if step > cfg.train.max_train_steps:
         raise UserError(f"--resume {resume_from}: the checkpoint is at step {step}, past train.max_train_steps = "
                         f"{cfg.train.max_train_steps}: set train.max_train_steps = {step} or more")
