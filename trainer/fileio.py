@@ -73,13 +73,14 @@ def temp_path_beside(path: Path) -> Path:
     return tmp
 
 
-def remove_stale_temp(root: Path) -> list[Path]:
-    """Delete every `.tmp-*` file or folder under `root` (a killed writer's leftovers); returns what went.
+def remove_stale_temp(folder: Path, recursive: bool = True) -> list[Path]:
+    """Delete every `.tmp-*` file or folder in `folder` (a killed writer's leftovers); returns what went.
     Call only while holding the folder's lock, so no live writer's temp file is touched."""
     removed = []
-    if not root.is_dir():
+    if not folder.is_dir():
         return removed
-    for path in sorted(root.rglob(f"{TEMP_PREFIX}*"), key=lambda p: len(p.parts)):
+    found = folder.rglob(f"{TEMP_PREFIX}*") if recursive else folder.glob(f"{TEMP_PREFIX}*")
+    for path in sorted(found, key=lambda p: len(p.parts)):
         if not path.exists() and not path.is_symlink():  # inside a folder removed a moment ago
             continue
         if path.is_dir() and not path.is_symlink():

@@ -89,8 +89,12 @@ class RunDir:
             self._lock_fd = None
 
     def remove_stale_temp(self) -> None:
-        """Temp files and folders of killed writers (`.tmp-*`). Call while holding the lock."""
-        for path in remove_stale_temp(self.root):
+        """Temp files and folders of killed writers (`.tmp-*`) in the folders a run writes (not elsewhere: the run
+        folder may sit inside someone else's). Call while holding the lock."""
+        removed = remove_stale_temp(self.root, recursive=False)
+        for folder in (self.checkpoints, self.lora, self.validation):
+            removed += remove_stale_temp(folder)
+        for path in removed:
             log.info("removed %s (left by a killed run)", path)
 
     # ---------------------------------------------------------------- status
