@@ -42,7 +42,7 @@ class AdapterEMA:
     def shadow(self) -> list[torch.Tensor]:
         return self.model.shadow_params
 
-    # accelerate's register_for_checkpointing protocol
+    # the state_dict / load_state_dict protocol trainer.checkpointing saves and restores
     def state_dict(self) -> dict:
         return self.model.state_dict()
 
