@@ -64,7 +64,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from trainer.cache import build_caches
-
     from trainer.rundir import RunDir
 
     cfg = _load(args)
