@@ -36,13 +36,17 @@ class NonFiniteTraining(NonFiniteError):
 
 
 def require_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raise NonFiniteError naming `what` and a bad tensor unless every value is finite (one host sync)."""
-    names = [k for k, v in tensors.items() if v.is_floating_point() or v.is_complex()]
-    if not names:
-        return
-    flags = torch.stack([torch.isfinite(tensors[k]).all().cpu() for k in names]).tolist()
-    bad = [k for k, ok in zip(names, flags) if not ok]
+    """Raise NonFiniteError naming `what` and a bad tensor unless every value is finite (one host sync per device)."""
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in tensors.items():
+        if v.is_floating_point() or v.is_complex():
+            by_device.setdefault(v.device, []).append(k)
+    bad = []
+    for names in by_device.values():  # one host sync per device
+        flags = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).tolist()
+        bad += [k for k, ok in zip(names, flags) if not ok]
     if bad:
+        names = [k for group in by_device.values() for k in group]
         raise NonFiniteError(f"{what}: {len(bad)} of {len(names)} tensors hold NaN or inf (first: {bad[0]}); "
                              "refusing to write or upload it")
 
