@@ -57,12 +57,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     from trainer.cache import build_caches
     from trainer.preflight import preflight
+    from trainer.rundir import RunDir
 
     cfg = _load(args)
     state = PartialState()  # under `accelerate launch` every process builds its own share of the entries
     preflight(cfg, num_processes=state.num_processes, training=False).raise_if_invalid()
-    report = build_caches(cfg, state.device, rank=state.process_index, world_size=state.num_processes,
-                          barrier=state.wait_for_everyone, show_progress=state.is_main_process)
+    run = RunDir(cfg.train.output_dir)
+    if state.is_main_process:
+        run.lock("cache")  # one writer per run: not beside a `train` of the same run
+    try:
+        report = build_caches(cfg, state.device, rank=state.process_index, world_size=state.num_processes,
+                              barrier=state.wait_for_everyone, show_progress=state.is_main_process)
+    finally:
+        run.unlock()
     if not state.is_main_process:
         return 0
     ready = sum(len(s) for s in report.samples)
@@ -161,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:
+    except KeyboardInterrupt as err:  # trainer.errors.RunStopped carries 128 + the signal (143 SIGTERM, 130 Ctrl-C)
         print(f"stopped: {err}" if str(err) else "stopped", file=sys.stderr)
-        return 130
+        return getattr(err, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FINAL = ("completed", "failed", "stopped", "interrupted")
+from trainer.rundir import FINAL_STATUSES as FINAL
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

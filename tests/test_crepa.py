@@ -123,7 +123,9 @@ def test_training_with_crepa_tread_and_rollout(clips, tmp_path, tiny_dino):
     assert all(0 < r["crepa_loss"] < 2 and r["rollout_fraction"] >= 0 for r in steps)
     assert any(r["rollout_fraction"] > 0 for r in steps)
     checkpoint = result.run_dir / "checkpoints" / "step-2"
-    assert any(p.name.startswith("custom_checkpoint") for p in checkpoint.iterdir())
+    from trainer.checkpointing import STATE_FILE, load_state_file
+
+    assert load_state_file(checkpoint / STATE_FILE)["crepa_head"]  # the trained head, beside the optimizer
     cfg.train.max_train_steps = 4
     resumed = train(cfg, resume="latest", show_progress=False)
     assert resumed.final_step == 4

@@ -40,12 +40,10 @@ def test_training_publishes_checkpoints_lora_card_and_preview(online_hub, clips,
     repo = online_hub.write_repo("me/tiny-lora", tmp_path / "repo")
     files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
     assert files == [
-        "README.md", "checkpoints/step-1/adapter.safetensors", "checkpoints/step-1/custom_checkpoint_0.pkl",
-        "checkpoints/step-1/custom_checkpoint_1.pkl", "checkpoints/step-1/optimizer.bin",
-        "checkpoints/step-1/random_states_0.pkl", "checkpoints/step-1/wanforge_state.json",
-        "checkpoints/step-2/adapter.safetensors", "checkpoints/step-2/custom_checkpoint_0.pkl",
-        "checkpoints/step-2/custom_checkpoint_1.pkl", "checkpoints/step-2/optimizer.bin",
-        "checkpoints/step-2/random_states_0.pkl", "checkpoints/step-2/wanforge_state.json",
+        "README.md",
+        *(f"checkpoints/step-{n}/{f}" for n in (1, 2) for f in ("adapter.safetensors", "config.toml",
+                                                              "rng.safetensors", "state.safetensors",
+                                                              "wanforge_state.json")),
         "config.toml", "media/a-sks-square.mp4", "media/contact_sheet.png", "wanforge_lora.safetensors",
     ]
     # step-1 was pruned locally (total_limit 1) while queued: the staged copy still went up whole

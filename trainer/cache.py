@@ -234,8 +234,8 @@ def build_caches(
     if rank == 0:
         _write_manifests(cfg, report)
         report.quarantined = _quarantine(cfg, report.skipped, broken)
-    for path, why in report.skipped:
-        log.warning("skipped %s: %s", path, why)
+    for path, why in report.skipped:  # the callers print the list once (train's bucket report, `wanforge cache`)
+        log.info("skipped %s: %s", path, why)
     if not any(report.samples):
         raise UserError(
             "no usable clips in " + ", ".join(str(d.path) for d in cfg.datasets if not d.disabled)

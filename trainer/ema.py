@@ -1,6 +1,6 @@
 """An exponential moving average of the adapter (the LoRA weights only), through diffusers' EMAModel.
 
-It is registered with accelerate's checkpointing, so a checkpoint holds it and a resume continues it exactly.
+Every checkpoint holds it (trainer.checkpointing) and a resume continues it exactly.
 Validation swaps the EMA weights in and back out (`swapped_in`), as `ema.validation` asks.
 """
 
@@ -19,7 +19,7 @@ class AdapterEMA:
         from diffusers.training_utils import EMAModel
 
         self.params = params
-        self.interval = cfg.update_interval
+        self.interval, self.decay = cfg.update_interval, cfg.decay
         # EMAModel warms the decay up as (1+n)/(10+n) over the first updates, then holds `decay`.
         self.model = EMAModel(params, decay=cfg.decay)
 
@@ -42,13 +42,14 @@ class AdapterEMA:
     def shadow(self) -> list[torch.Tensor]:
         return self.model.shadow_params
 
-    # accelerate's register_for_checkpointing protocol
+    # the state_dict / load_state_dict protocol trainer.checkpointing saves and restores
     def state_dict(self) -> dict:
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state)
-        self.model.to(device=self.params[0].device)  # accelerate loads custom states onto the CPU
+        self.model.decay = self.decay  # the current ema.decay takes effect on a resume
+        self.model.to(device=self.params[0].device)  # checkpoints load onto the CPU
 
 
 def validation_variants(ema: AdapterEMA | None, setting: str) -> list[str]:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.fileio import temp_path_beside
+from trainer.fileio import atomic_save_safetensors, umask_mode
 from trainer.lora_names import alpha_read_by_diffusers, interchange_problems, to_diffusers, to_original
 
 __all__ = ["interchange_problems", "save_adapter", "save_lora", "read_lora", "convert_lora", "check_lora_file"]
@@ -192,19 +193,10 @@ def check_lora_file(tensors: dict) -> None:
 
 
 def _save(tensors: dict, path: Path, metadata: dict[str, str]) -> Path:
-    """Check, then write atomically (a temp name beside the target, renamed into place)."""
-    from safetensors.torch import save_file
-
+    """Check, then write atomically (a temp name beside the target, renamed into place, with the user's umask)."""
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     check_lora_file(tensors)
-    tmp = temp_path_beside(path)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save_safetensors(tensors, path, metadata)
 
 
 def _save_diffusers(state: dict, out_dir: Path, *, rank: int, alpha: float) -> Path:
@@ -216,7 +208,7 @@ def _save_diffusers(state: dict, out_dir: Path, *, rank: int, alpha: float) -> P
 
     out_dir.mkdir(parents=True, exist_ok=True)
     modules = sorted({_LORA_KEY.match(k)["module"] for k in state})
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.") as tmp:
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tmp-export.") as tmp:
         WanPipeline.save_lora_weights(
             save_directory=tmp,
             transformer_lora_layers=state,
@@ -225,6 +217,7 @@ def _save_diffusers(state: dict, out_dir: Path, *, rank: int, alpha: float) -> P
         )
         check_lora_file(load_file(str(Path(tmp) / DIFFUSERS_FILE)))
         target = out_dir / DIFFUSERS_FILE
+        os.chmod(Path(tmp) / DIFFUSERS_FILE, umask_mode())  # safetensors writes 0600
         (Path(tmp) / DIFFUSERS_FILE).replace(target)
     return target
 
@@ -238,7 +231,10 @@ def save_lora(peft_state: dict, out_dir: Path, *, rank: int, alpha: float, fmt: 
     """Write a peft adapter to out_dir in the chosen format (dtype: default float32); returns the file."""
     import torch
 
+    from trainer.guard import require_finite
+
     state = {k: v.detach().to("cpu", dtype or torch.float32) for k, v in peft_state.items()}
+    require_finite(state, f"LoRA for {out_dir}")  # a NaN LoRA is never written (a user error: exit 2)
     if fmt == "comfyui":
         out_dir.mkdir(parents=True, exist_ok=True)
         return _save(to_interchange(state, alpha), out_dir / INTERCHANGE_FILE, _metadata(info))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from trainer.config import WanforgeConfig
 from trainer.errors import UserError
+from trainer.guard import require_finite_files
 from trainer.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ class HubPublisher:
     def push_checkpoint(self, checkpoint: Path, step: int) -> Future | None:
         if not self.cfg.hub.push_checkpoints_to_hub:
             return None
+        require_finite_files(sorted(checkpoint.iterdir()), f"checkpoint step {step} for the Hub")
         staged = self.staging / f"checkpoint-{step}"
         shutil.rmtree(staged, ignore_errors=True)
         _link_tree(checkpoint, staged)
@@ -193,6 +195,7 @@ class HubPublisher:
         """files: path in the repo -> local file (LoRA files, preview media); card: the README.md text."""
         if not self.cfg.hub.push_to_hub:
             return None
+        require_finite_files(list(files.values()), "the final upload to the Hub")
         staged = self.staging / "final"
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)

@@ -34,10 +34,9 @@ class StepExtras:
     def rollout_on(self) -> bool:
         return self.cfg.rollout.probability > 0 or self.cfg.rollout.probability_start > 0
 
-    def register_checkpointing(self, accelerator) -> None:
+    def checkpoint_objects(self) -> dict:
         """The CREPA head is trained state: resumes need it (the LoRA file doesn't hold it)."""
-        if self.crepa is not None:
-            accelerator.register_for_checkpointing(self.crepa.head)
+        return {"crepa_head": self.crepa.head} if self.crepa is not None else {}
 
     def before_forward(self, transformer, step: int, batch: dict, latents, noise, sigmas, noisy, target, text,
                        generator, dtype):

@@ -14,26 +14,29 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.cache import build_caches
-from trainer.checkpointing import TrainState, install_adapter_hooks, load_checkpoint, save_checkpoint
+from trainer.checkpointing import (OptimizerState, SchedulePosition, TrainState, checkpoint_config, load_checkpoint,
+                                   save_checkpoint, verify_checkpoint)
 from trainer.components import base_model_path, load_transformer
 from trainer.conditioning import build_conditioning, loss_region, transformer_inputs, with_conditioning
 from trainer.config import WanforgeConfig, save_config
 from trainer.dataset import Collate, TrainingData
 from trainer.ema import AdapterEMA, weights_for
-from trainer.errors import UserError
+from trainer.errors import RunStopped, UserError
 from trainer.evaluation import eval_due, log_eval_loss, split_eval_samples
 from trainer.experts import (active_stage, expert_boundary, sample_training_sigmas, save_expert_loras, select_expert,
                              setup_expert_pair)
 from trainer.export import save_adapter
-from trainer.flow import flow_loss, flow_target, noisy_input, sample_sigmas, timesteps_from_sigmas
+from trainer.flow import flow_loss, flow_target, noisy_input, timesteps_from_sigmas
 from trainer.hub import HubPublisher, final_upload_remedy, publish_final, tracker_note
 from trainer.flavours import get_flavour
+from trainer.guard import NonFiniteError, StopSignals, TrainingGuard, likely_causes, require_finite
 from trainer.lora import adapter_state_dict, add_lora, trainable_parameters
 from trainer.distributed import noise_generator
 from trainer.memory import apply_memory_options, place_base_model
 from trainer.presets import host_memory_gib, resolve_memory
 from trainer.sizing import config_tokens
 from trainer.optim import make_lr_scheduler, make_optimizer
+from trainer.resume import check_resume_settings
 from trainer.rundir import RunDir
 from trainer.step_extras import StepExtras
 from trainer.tracking import init_trackers, run_id_for
@@ -66,36 +69,23 @@ def _precision(cfg: WanforgeConfig, cuda: bool) -> tuple[str, torch.dtype]:
     return mp, base
 
 
-class _StopFlag:
-    """SIGTERM (preemption, `sky down`, Ctrl-C in a container) finishes the step, saves a checkpoint, and stops."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, signum, frame) -> None:
-        self.requested = True
-
-
 def train(
     cfg: WanforgeConfig,
     resume: str | None = None,
     show_progress: bool = True,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train a LoRA as the config says. `on_step(step)` runs after each optimizer step (tests, notebooks)."""
+    """Train a LoRA as the config says. `on_step(step)` runs after each optimizer step (tests, notebooks).
+
+    One process writes a run folder at a time (a lock, rank 0's under several processes); SIGTERM / Ctrl-C save a
+    checkpoint and raise RunStopped (run.json `stopped`); a NaN/inf loss or gradient raises NonFiniteTraining
+    (`failed`, naming the last good checkpoint) before anything non-finite is saved."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     from trainer.preflight import preflight
 
     preflight(cfg, resume=resume).raise_if_invalid()  # every mistake a config can hold, before any cache or model
     run = RunDir(cfg.train.output_dir)
-    resume_from = run.resolve_resume(resume) if resume else None
-    if resume_from is None and run.complete_checkpoints():
-        raise UserError(
-            f"{run.root} already has checkpoints: pass --resume latest to continue that run, "
-            "or set train.output_dir to a new folder"
-        )
     cuda = torch.cuda.is_available()
     mixed_precision, base_dtype = _precision(cfg, cuda)
     accelerator = Accelerator(
@@ -105,36 +95,122 @@ def train(
         log_with=None if cfg.tracking.report_to == "none" else cfg.tracking.report_to,
         project_dir=str(run.root),
     )
+    try:
+        _lock_run(run, accelerator)
+        return _train_locked(cfg, run, accelerator, resume, base_dtype, show_progress, on_step)
+    finally:
+        run.unlock()
+
+
+def _lock_run(run: RunDir, accelerator) -> None:
+    """Rank 0 takes the run folder's lock; every rank learns whether it got it (so none trains on alone)."""
+    refused: UserError | None = None
+    if accelerator.is_main_process:
+        try:
+            run.lock("train")
+        except UserError as err:
+            refused = err
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([0 if refused is None else 1], device=accelerator.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if refused is None and flag.item():
+            refused = UserError(f"{run.root} is in use by another wanforge process (see rank 0's message)")
+    if refused is not None:
+        raise refused
+
+
+def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | None, base_dtype, show_progress: bool,
+                  on_step) -> TrainResult:
+    from accelerate.utils import set_seed
+
+    main = accelerator.is_main_process
+    resume_from = run.resolve_resume(resume) if resume else None
+    if resume_from is None and run.complete_checkpoints():
+        raise UserError(
+            f"{run.root} already has checkpoints: pass --resume latest to continue that run, "
+            "or set train.output_dir to a new folder"
+        )
     device = accelerator.device
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     host_gib = host_memory_gib() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # each local process offloads
     memory = resolve_memory(cfg.memory, get_flavour(cfg.model.flavour), gpu_gib, tokens=config_tokens(cfg),
                             batch=cfg.train.train_batch_size, host_gib=host_gib)
     cfg = cfg.model_copy(update={"memory": memory})
+    start_step, changes = _check_resume(cfg, resume_from)
     set_seed(cfg.train.seed)
-    if accelerator.is_main_process:
+    if main:
         run.create()
-        save_config(cfg, run.config)
-        run.write_status(status="caching", run_id=run_id_for(run), max_train_steps=cfg.train.max_train_steps)
-    webhooks = Webhooks.from_config(cfg.tracking.webhook_config if accelerator.is_main_process else None,
+        run.remove_stale_temp()
+        if resume_from is not None and (aside := run.abandon_after(start_step)) is not None:
+            _say(f"resuming at step {start_step} abandons the later checkpoints: moved them to {aside}", show_progress)
+        run.truncate_metrics_after(start_step, drop_after_checkpoint=start_step >= cfg.train.max_train_steps)
+        save_config(cfg, run.config)  # after the resume check: config.toml is what trains
+        run.write_status(status="caching", fresh=True, run_id=run_id_for(run),
+                         max_train_steps=cfg.train.max_train_steps,
+                         resumed_from=str(resume_from) if resume_from is not None else None)
+        if resume_from is not None:
+            _say(f"resumed from step {start_step} ({resume_from})"
+                 + ("; taking effect: " + "; ".join(changes) if changes else ""), show_progress)
+    accelerator.wait_for_everyone()
+    webhooks = Webhooks.from_config(cfg.tracking.webhook_config if main else None,
                                     cfg.tracking.run_name or run.root.name)
     try:
-        return _train(cfg, run, accelerator, device, base_dtype, resume_from, show_progress, on_step, webhooks)
+        with StopSignals() as signals:
+            return _train(cfg, run, accelerator, device, base_dtype, resume_from, show_progress, on_step, webhooks,
+                          signals)
     except BaseException as err:
-        if accelerator.is_main_process:
-            stopped = isinstance(err, KeyboardInterrupt)
-            run.write_status(status="interrupted" if stopped else "failed", error=f"{err.__class__.__name__}: {err}"[:2000])
-            if stopped:
-                webhooks.send("info", f"stopped: {err}")
-            else:
-                webhooks.error(err)
+        if main:
+            _record_failure(run, cfg, err, webhooks)
         raise
     finally:
         webhooks.close()
 
 
+def _check_resume(cfg: WanforgeConfig, resume_from: Path | None) -> tuple[int, list[str]]:
+    """(the step a resume starts from, the changed settings that take effect); refuses what can't change."""
+    if resume_from is None:
+        return 0, []
+    step = verify_checkpoint(resume_from)
+    if step > cfg.train.max_train_steps:
+        raise UserError(f"--resume {resume_from}: the checkpoint is at step {step}, past train.max_train_steps = "
+                        f"{cfg.train.max_train_steps}: set train.max_train_steps = {step} or more")
+    saved = checkpoint_config(resume_from)
+    return step, (check_resume_settings(saved, cfg, str(resume_from)) if saved is not None else [])
+
+
+def _record_failure(run: RunDir, cfg: WanforgeConfig, err: BaseException, webhooks: Webhooks) -> None:
+    """run.json after an exception: `stopped` (kept if the loop already wrote it) or `failed` with the error."""
+    if isinstance(err, KeyboardInterrupt):
+        if run.read_status().get("status") != "stopped":
+            run.write_status(status="stopped", error=None, stop_reason=str(err))
+        webhooks.send("info", f"stopped: {err}")
+        return
+    fields = {}
+    if isinstance(err, NonFiniteError):
+        done = run.complete_checkpoints()
+        good = done[-1][1] if done else None
+        lr = min(cfg.optim.learning_rate / 10, 1e-4)
+        err.args = (f"{err}. " + (
+            f"Last good checkpoint: {good}; go on from it with a lower learning rate: wanforge train CONFIG "
+            f"--resume {good} --set optim.learning_rate={lr:g} (or from an earlier one, if its weights had already "
+            "grown too large)" if good is not None else
+            f"No checkpoint was saved before it: start again with a lower learning rate (optim.learning_rate = {lr:g})"),)
+        fields = {"failed_at_step": getattr(err, "step", None),
+                  "last_good_checkpoint": str(good.relative_to(run.root)) if good is not None else None}
+    run.write_status(status="failed", error=f"{err.__class__.__name__}: {err}"[:2000], **fields)
+    webhooks.error(err)
+
+
+def _say(line: str, show_progress: bool) -> None:
+    """A line the user should see once: printed by the CLI / notebook, logged when progress output is off."""
+    if show_progress:
+        print(line, flush=True)
+    else:
+        log.info(line)
+
+
 def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_progress, on_step,
-           webhooks: Webhooks) -> TrainResult:
+           webhooks: Webhooks, signals: StopSignals) -> TrainResult:
     main = accelerator.is_main_process
     def upload_failed(line: str) -> None:  # log (hub.py), webhook and tracker hear of every failed Hub upload
         webhooks.send("error", line)
@@ -151,8 +227,8 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
     # buckets, repeats, weights; a dataset too small for one optimizer step is a UserError suggesting repeats
     data = TrainingData.build(cfg, train_samples, report.skipped, accelerator.num_processes, report.empty_text_path)
     samples = data.samples
-    if main and show_progress:
-        print("\n".join(["buckets:", *data.report]))
+    if main:
+        _say("\n".join(["buckets:", *data.report]), show_progress)  # the skipped files and why, once
     first_caption = report.samples[0][0].caption if report.samples and report.samples[0] else None
     val = settings_for(cfg, first_caption)
 
@@ -172,25 +248,25 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
     if both:
         transformer.attach_optimizer(optimizer)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.train.max_train_steps)
-    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    state = TrainState(generator)
+    state = TrainState()
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[not both, True])
-    accelerator.register_for_checkpointing(lr_scheduler, state)
     ema = AdapterEMA(params, cfg.ema) if cfg.ema.use_ema else None
+    resumable = {"train": state, "optimizer": OptimizerState(optimizer), "lr_scheduler": SchedulePosition(lr_scheduler)}
     if ema is not None:
-        accelerator.register_for_checkpointing(ema)  # saved in every checkpoint: a resume continues the same average
+        resumable["ema"] = ema  # a resume continues the same average
     if extras is not None:
-        extras.register_checkpointing(accelerator)
-    install_adapter_hooks(accelerator)
+        resumable.update(extras.checkpoint_objects())
+    if accelerator.scaler is not None:
+        resumable["scaler"] = accelerator.scaler  # fp16 loss scale
     if resume_from is not None:
-        load_checkpoint(accelerator, resume_from)
-        if main:
-            run.truncate_metrics_after(state.step)
-            log.info("resumed from %s at step %d", resume_from, state.step)
+        load_checkpoint(accelerator, resume_from, transformer, resumable, optional={"scaler"})
     init_trackers(cfg, run, accelerator)
     validator = TrainingValidator(cfg, run, val, device, base_dtype, ema, webhooks)
     webhooks.send("info", (f"resumed at step {state.step}" if resume_from else "started")
                   + f": {cfg.train.max_train_steps} steps of {cfg.model.flavour}")
+    guard = TrainingGuard(device, check_gradients=accelerator.scaler is None,
+                          causes=likely_causes(cfg, accelerator.mixed_precision))
+    config_text = run.config.read_text(encoding="utf-8") if main else ""
 
     dataset, collate = with_conditioning(  # I2V: the cached image conditioning joins each sample
         data.dataset(), Collate(cfg.train.text_max_length),
@@ -207,8 +283,6 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.train.seed),  # keeps the global RNG (LoRA dropout) resumable
     )
-    stop = _StopFlag()
-    previous_handler = signal.signal(signal.SIGTERM, stop) if _in_main_thread() else None
     if main:
         run.write_status(status="training", step=state.step)
     progress = tqdm(total=cfg.train.max_train_steps, initial=state.step, disable=not (show_progress and main),
@@ -221,6 +295,8 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
     step_started, timed_from_step = time.perf_counter(), state.step
     videos: list[Path] = []
     micro = state.step * cfg.train.gradient_accumulation_steps  # this rank's micro-batches so far
+    resumed_at_end = state.step >= cfg.train.max_train_steps  # killed after the last checkpoint: finish the end
+    signals.deferred = True  # from here a signal finishes the step and saves a checkpoint
     try:
         while state.step < cfg.train.max_train_steps:
             batch = next(batches)
@@ -230,12 +306,16 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
             with accelerator.accumulate(transformer):
                 loss = _micro_step(transformer, batch, cfg, generator, device, base_dtype, extras, state.step)
                 accelerator.backward(loss)
+                guard.watch_loss(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
                     if cfg.train.max_grad_norm is not None:
                         grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                    elif cfg.train.max_grad_value is not None:
-                        accelerator.clip_grad_value_(params, cfg.train.max_grad_value)
+                    else:
+                        grad_norm = guard.gradient_norm(params)  # before value clipping hides an inf
+                        if cfg.train.max_grad_value is not None:
+                            accelerator.clip_grad_value_(params, cfg.train.max_grad_value)
+                    guard.after_step(state.step + 1, grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
@@ -247,7 +327,15 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
             if ema is not None:
                 ema.after_step(state.step)
             progress.update(1)
-            if state.step % cfg.train.log_every_n_steps == 0 or state.step == cfg.train.max_train_steps:
+            last = state.step == cfg.train.max_train_steps
+            due_log = state.step % cfg.train.log_every_n_steps == 0 or last
+            due_checkpoint = state.step % cfg.checkpoint.every_n_steps == 0 or last  # last: a run can be extended
+            due_eval = bool(eval_samples) and eval_due(cfg, state.step, last)
+            due_validation = validator.due(state.step, last)
+            stop = signals.signum if accelerator.num_processes == 1 else 0  # ranks agree on it where they sync
+            if due_log or due_checkpoint or due_eval or due_validation or stop:
+                stop = guard.check(accelerator, signals.signum)  # raises NonFiniteTraining before anything is saved
+            if due_log:
                 mean_loss = accelerator.reduce(loss_sum, "mean").item() / loss_count  # waits for the GPU's queue
                 seconds = (time.perf_counter() - step_started) / max(state.step - timed_from_step, 1)
                 record = {"step": state.step, "loss": mean_loss,
@@ -266,28 +354,32 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
                 loss_sum.zero_()
                 loss_count = 0
                 step_started, timed_from_step = time.perf_counter(), state.step
-            last = state.step == cfg.train.max_train_steps
-            if state.step % cfg.checkpoint.every_n_steps == 0 or stop.requested or last:  # last: a run can be extended
-                checkpoint = save_checkpoint(accelerator, run, state.step, cfg.checkpoint.total_limit)
+            if due_checkpoint or stop:
+                checkpoint = save_checkpoint(accelerator, run, state.step, cfg.checkpoint.total_limit, transformer,
+                                             resumable, config_text, ema.shadow if ema is not None else [])
                 if publisher is not None:
                     publisher.push_checkpoint(checkpoint, state.step)
-            if stop.requested:
+            if stop:
                 if main:
-                    run.write_status(status="stopped", step=state.step)
-                raise KeyboardInterrupt(f"stopped by SIGTERM after step {state.step} (checkpoint saved)")
-            if eval_samples and eval_due(cfg, state.step, last):
+                    run.write_status(status="stopped", step=state.step, error=None)
+                raise RunStopped(stop, f"{signal.Signals(stop).name}: stopped after step {state.step}, checkpoint "
+                                       "saved (go on with --resume latest)")
+            if due_eval:
                 log_eval_loss(accelerator, transformer, eval_samples, cfg, run, device, state.step)
                 step_started, timed_from_step = time.perf_counter(), state.step
-            if validator.due(state.step, last):
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # resumable RNG
-                    videos += validator(accelerator, transformer, state.step)
+            if due_validation:
+                videos += _validate(validator, accelerator, transformer, state.step, device)
                 step_started, timed_from_step = time.perf_counter(), state.step
             if on_step is not None:
                 on_step(state.step)
     finally:
+        signals.deferred = False
         progress.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+    if resumed_at_end:  # the final eval / validation of a run killed after its last checkpoint
+        if eval_samples and eval_due(cfg, state.step, True):
+            log_eval_loss(accelerator, transformer, eval_samples, cfg, run, device, state.step)
+        if validator.due(state.step, True):
+            videos += _validate(validator, accelerator, transformer, state.step, device)
 
     if both:
         lora_file = save_expert_loras(cfg, run, accelerator, transformer)
@@ -305,6 +397,11 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
                          remedy=final_upload_remedy(cfg.hub.hub_model_id, run.root) if final_error else None)
         webhooks.send("info", f"finished after {state.step} steps" + (f"; {hub_errors[0]}" if hub_errors else ""))
     return TrainResult(run.root, lora_file, videos, report.built, state.step)
+
+
+def _validate(validator: TrainingValidator, accelerator, transformer, step: int, device) -> list[Path]:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # resumable RNG
+        return validator(accelerator, transformer, step)
 
 
 def _micro_step(transformer, batch, cfg: WanforgeConfig, generator: torch.Generator, device, dtype,
@@ -333,6 +430,7 @@ def _save_final_lora(cfg: WanforgeConfig, run: RunDir, accelerator, transformer,
     accelerator.wait_for_everyone()
     with weights_for("ema" if ema is not None else "", ema):  # clone: the state shares storage with the parameters
         state = {k: v.detach().clone() for k, v in adapter_state_dict(accelerator.unwrap_model(transformer)).items()}
+    require_finite(state, "the final EMA LoRA" if ema is not None else "the final LoRA")
     info = {"flavour": cfg.model.flavour, "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.effective_alpha),
             "steps": str(cfg.train.max_train_steps)}
     if not accelerator.is_main_process:
