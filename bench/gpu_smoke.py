@@ -112,9 +112,9 @@ def main() -> None:
     config = work / f"smoke-{args.preset}.toml"
     run_dir = work / f"run-{args.preset}"
     write_config(config, work, run_dir, args.steps, args.preset, args.steps // 2, "num_inference_steps = 4")
-    cli = [sys.executable, "-m", "launcher.cli"]
+    cli = [sys.executable, "-m", "trainer.cli"]
     first = cli if not args.torchrun else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                           f"--nproc_per_node={args.torchrun}", "-m", "launcher.cli"]
+                                           f"--nproc_per_node={args.torchrun}", "-m", "trainer.cli"]
     t1 = time.time()
     subprocess.run(first + ["train", str(config)], check=True, cwd=ROOT)
     print(f"train {time.time() - t1:.0f}s", flush=True)

@@ -165,7 +165,7 @@ fi
 if command -v wanforge > /dev/null 2>&1; then
     cmd=(wanforge train "$config")
 else
-    cmd=("${WANFORGE_PYTHON:-python3}" -m launcher.cli train "$config")
+    cmd=("${WANFORGE_PYTHON:-python3}" -m trainer.cli train "$config")
 fi
 
 output_dir="${WANFORGE_OUTPUT_DIR:-}"

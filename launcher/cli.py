@@ -1,103 +1,12 @@
-"""The `wanforge` command. Each subcommand imports the trainer only when it runs, so `check` needs no GPU stack."""
+"""The `wanforge` command, the one entry point: the engine's commands (trainer/cli.py) and the launcher's own
+(estimate, launch, status, logs, sync, down, import-simpletuner). Each subcommand imports what it needs when it runs."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
-from trainer.config import WanforgeConfig, load_config
-from trainer.errors import UserError
-
-
-def _load(args: argparse.Namespace) -> WanforgeConfig:
-    return load_config(args.config, args.set)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from trainer.demo import run_demo
-
-    started = time.perf_counter()
-    result = run_demo(Path(args.out).resolve(), args.steps)
-    print(f"\nwanforge demo finished in {time.perf_counter() - started:.0f} s")
-    print(result.summary())
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.train import train
-
-    cfg = _load(args)
-    result = train(cfg, resume=args.resume)
-    print(f"LoRA: {result.lora_file}")
-    for video in result.videos:
-        print(f"validation video: {video}")
-    return 0
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    from trainer.preflight import check_config_file
-
-    report = check_config_file(args.config, args.set, resume=args.resume)
-    if report.buckets:
-        print("\n".join(["buckets (samples per bucket, skipped files and why):", *report.buckets]))
-    for line in report.warnings:
-        print(f"warning: {line}", file=sys.stderr)
-    if report.errors:
-        print("\n".join(f"error: {p}" for p in report.errors), file=sys.stderr)
-        return 2
-    cfg = report.config
-    print(f"config OK: {cfg.model.flavour}, LoRA rank {cfg.lora.rank}, {cfg.train.max_train_steps} steps -> {cfg.train.output_dir}")
-    return 0
-
-
-def cmd_cache(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
-    from trainer.cache import build_caches
-    from trainer.preflight import preflight
-    from trainer.rundir import RunDir
-
-    cfg = _load(args)
-    state = PartialState()  # under `accelerate launch` every process builds its own share of the entries
-    preflight(cfg, num_processes=state.num_processes, training=False).raise_if_invalid()
-    run = RunDir(cfg.train.output_dir)
-    if state.is_main_process:
-        run.lock("cache")  # one writer per run: not beside a `train` of the same run
-    try:
-        report = build_caches(cfg, state.device, rank=state.process_index, world_size=state.num_processes,
-                              barrier=state.wait_for_everyone, show_progress=state.is_main_process)
-    finally:
-        run.unlock()
-    if not state.is_main_process:
-        return 0
-    ready = sum(len(s) for s in report.samples)
-    for path, why in report.skipped:
-        print(f"  skipped {path}: {why}")
-    for path in report.quarantined:
-        print(f"  moved to quarantine: {path}")
-    print(f"{ready} samples cached ({report.built_latents} latents and {report.built_texts} text embeddings built now, "
-          f"{len(report.skipped)} files skipped)")
-    return 0
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    from trainer.validate import validate_lora
-
-    cfg = _load(args)
-    for path in validate_lora(cfg, Path(args.lora), Path(args.out) if args.out else None):
-        print(f"{'contact sheet' if path.suffix == '.png' else 'validation video'}: {path}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from trainer.export import convert_lora
-
-    src = Path(args.lora)
-    out = Path(args.out) if args.out else src.parent / f"export-{args.format}"
-    print(convert_lora(src, args.format, out))
-    return 0
+from trainer.cli import add_engine_commands, run_command, with_config
 
 
 def cmd_import_simpletuner(args: argparse.Namespace) -> int:
@@ -117,36 +26,7 @@ def cmd_import_simpletuner(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanforge", description="Train Wan 2.1 / 2.2 video LoRAs anywhere.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("config", help="TOML config file")
-        p.add_argument("--set", action="append", default=[], metavar="A.B=V", help="override a field (repeatable)")
-        return p
-
-    p = sub.add_parser("demo", help="a tiny pre-trained Wan learns a new background from generated clips (LoRA on CPU, before/after)")
-    p.add_argument("--out", default="wanforge-demo", help="folder for the clips, config and run (default: ./wanforge-demo)")
-    p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
-    p.set_defaults(func=cmd_demo)
-
-    p = with_config(sub.add_parser("train", help="train a LoRA"))
-    p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint or a checkpoint folder")
-    p.set_defaults(func=cmd_train)
-
-    p = with_config(sub.add_parser("check", help="preflight: every problem train would meet, before any GPU time"))
-    p.add_argument("--resume", metavar="latest|PATH", help="check as `train --resume` would run")
-    p.set_defaults(func=cmd_check)
-    with_config(sub.add_parser("cache", help="build the latent and text caches only")).set_defaults(func=cmd_cache)
-
-    p = with_config(sub.add_parser("validate", help="render validation videos with a LoRA"))
-    p.add_argument("--lora", required=True, help="a LoRA file (either format)")
-    p.add_argument("--out", help="folder for the videos (default: <output_dir>/validation/manual)")
-    p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("export", help="convert a saved LoRA to the other format")
-    p.add_argument("lora", help="LoRA .safetensors file")
-    p.add_argument("--format", choices=["comfyui", "diffusers"], required=True)
-    p.add_argument("--out", help="output folder (default: beside the input)")
-    p.set_defaults(func=cmd_export)
+    add_engine_commands(sub)
 
     p = sub.add_parser("import-simpletuner", help="convert a SimpleTuner config.json (+ multidatabackend.json) to TOML")
     p.add_argument("config_json", help="SimpleTuner config.json")
@@ -163,14 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:  # trainer.errors.RunStopped carries 128 + the signal (143 SIGTERM, 130 Ctrl-C)
-        print(f"stopped: {err}" if str(err) else "stopped", file=sys.stderr)
-        return getattr(err, "exit_code", 130)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

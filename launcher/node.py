@@ -305,7 +305,7 @@ def train_command(config: Path) -> list[str]:
     and on GPUs (NCCL), and it is the path the 2-GPU runs were measured with (bench/gpu_smoke.py --torchrun)."""
     nodes = _whole("SKYPILOT_NUM_NODES", "1", 1)
     gpus = _whole("SKYPILOT_NUM_GPUS_PER_NODE", "1", 1)
-    train = ["-m", "launcher.cli", "train", str(config), "--resume", "latest"]
+    train = ["-m", "trainer.cli", "train", str(config), "--resume", "latest"]
     if nodes * gpus <= 1:
         return [sys.executable, *train]
     rank = _whole("SKYPILOT_NODE_RANK", "0", 0)

@@ -151,10 +151,10 @@ def test_multinode_command_from_skypilot_variables(monkeypatch):
     flags = dict(arg.split("=", 1) for arg in cmd[3:8])
     assert flags["--nnodes"] == "2" and flags["--node_rank"] == "1" and flags["--nproc_per_node"] == "8"
     assert flags["--master_addr"] == "10.0.0.5" and flags["--master_port"] == "29500"
-    assert cmd[-6:] == ["-m", "launcher.cli", "train", "/wanforge/config.toml", "--resume", "latest"]
+    assert cmd[-6:] == ["-m", "trainer.cli", "train", "/wanforge/config.toml", "--resume", "latest"]
     monkeypatch.setenv("SKYPILOT_NUM_NODES", "1")
     monkeypatch.setenv("SKYPILOT_NUM_GPUS_PER_NODE", "1")
-    assert train_command(Path("/c.toml"))[1:4] == ["-m", "launcher.cli", "train"]
+    assert train_command(Path("/c.toml"))[1:4] == ["-m", "trainer.cli", "train"]
 
 
 def test_local_target_runs_the_node_scripts_and_sync_down(config_file, state, tmp_path, monkeypatch, capsys):

@@ -27,7 +27,7 @@ def _losses(run: Path) -> dict[int, float]:
 def _train(args: list[str], processes: int = 1) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
         if processes > 1 else [sys.executable]
-    done = subprocess.run([*launcher, "-m", "launcher.cli", "train", *args], capture_output=True, text=True,
+    done = subprocess.run([*launcher, "-m", "trainer.cli", "train", *args], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-20000:]
 

@@ -65,13 +65,32 @@ def _cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedP
 
 
 # ---------------------------------------------------------------- 2. non-finite guard
-def test_diverging_run_fails_and_keeps_the_last_good_checkpoint(few_clips, tmp_path):
-    """learning_rate 1e6 (a mistyped 1e-6), clipping off: `failed`, no LoRA, only finite checkpoints before the bad step."""
+def test_diverging_run_fails_and_keeps_the_last_good_checkpoint(few_clips, tmp_path, monkeypatch):
+    """A weight blown up mid-run (what a loss spike with clipping off does; `check` refuses the classic cause, a
+    learning rate of 1e6, before any run): `failed`, no LoRA, only finite checkpoints before the bad step."""
     run = tmp_path / "run"
     cfg = _cfg(few_clips, run, train={"max_train_steps": 12, "max_grad_norm": None, "log_every_n_steps": 4},
-               optim={"learning_rate": 1e6, "lr_warmup_steps": 0}, checkpoint={"every_n_steps": 1, "total_limit": None})
+               checkpoint={"every_n_steps": 1, "total_limit": None})
+
+    def spike(transformer):
+        def on_step(step):
+            if step == 5:
+                with torch.no_grad():
+                    next(p for n, p in transformer.named_parameters() if "lora_B" in n).mul_(1e38).add_(1e38)
+        return on_step
+
+    import trainer.train as train_module
+
+    real_add_lora = train_module.add_lora
+    hooks = []
+
+    def add_lora_and_remember(transformer, lora_cfg):
+        real_add_lora(transformer, lora_cfg)
+        hooks.append(spike(transformer))
+
+    monkeypatch.setattr(train_module, "add_lora", add_lora_and_remember)  # the run's own adapter, to blow up
     with pytest.raises(NonFiniteError, match=r"NaN/inf at step \d+.*learning rate.*Last good checkpoint") as info:
-        train(cfg, show_progress=False)
+        train(cfg, show_progress=False, on_step=lambda step: hooks[0](step))
     status = _status(run)
     assert status["status"] == "failed" and "diverged" in status["error"]
     bad = status["failed_at_step"]

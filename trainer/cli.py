@@ -1,0 +1,168 @@
+"""The engine's commands (demo, train, check, cache, validate, export): `wanforge` hands them here, and the node and
+the trainer images run them as `python -m trainer.cli`. Importing this module does not import torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from trainer.config import WanforgeConfig, load_config
+from trainer.errors import UserError
+
+UPLOAD_FAILED_EXIT = 3  # trained, but the final upload did not verify (run.json status upload_failed)
+
+
+def _load(args: argparse.Namespace) -> WanforgeConfig:
+    return load_config(args.config, args.set)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trainer.demo import run_demo
+
+    started = time.perf_counter()
+    result = run_demo(Path(args.out).resolve(), args.steps)
+    print(f"\nwanforge demo finished in {time.perf_counter() - started:.0f} s")
+    print(result.summary())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.train import train
+
+    from trainer.rundir import RunDir
+
+    cfg = _load(args)
+    result = train(cfg, resume=args.resume)
+    print(f"LoRA: {result.lora_file}")
+    for video in result.videos:
+        print(f"validation video: {video}")
+    status = RunDir(result.run_dir).read_status()
+    if status.get("status") == "upload_failed":  # trained, but the Hub does not hold the LoRA: say so in the exit code
+        print(f"error: {status.get('error')}\n  fix: {status.get('remedy')}", file=sys.stderr)
+        return UPLOAD_FAILED_EXIT
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from trainer.preflight import check_config_file
+
+    report = check_config_file(args.config, args.set, resume=args.resume)
+    if report.buckets:
+        print("\n".join(["buckets (samples per bucket, skipped files and why):", *report.buckets]))
+    for line in report.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if report.errors:
+        print("\n".join(f"error: {p}" for p in report.errors), file=sys.stderr)
+        return 2
+    cfg = report.config
+    print(f"config OK: {cfg.model.flavour}, LoRA rank {cfg.lora.rank}, {cfg.train.max_train_steps} steps -> {cfg.train.output_dir}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from trainer.cache import build_caches
+    from trainer.preflight import preflight
+    from trainer.rundir import RunDir
+
+    cfg = _load(args)
+    state = PartialState()  # under `accelerate launch` every process builds its own share of the entries
+    preflight(cfg, num_processes=state.num_processes, training=False).raise_if_invalid()
+    run = RunDir(cfg.train.output_dir)
+    if state.is_main_process:
+        run.lock("cache")  # one writer per run: not beside a `train` of the same run
+    try:
+        report = build_caches(cfg, state.device, rank=state.process_index, world_size=state.num_processes,
+                              barrier=state.wait_for_everyone, show_progress=state.is_main_process)
+    finally:
+        run.unlock()
+    if not state.is_main_process:
+        return 0
+    ready = sum(len(s) for s in report.samples)
+    for path, why in report.skipped:
+        print(f"  skipped {path}: {why}")
+    for path in report.quarantined:
+        print(f"  moved to quarantine: {path}")
+    print(f"{ready} samples cached ({report.built_latents} latents and {report.built_texts} text embeddings built now, "
+          f"{len(report.skipped)} files skipped)")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from trainer.validate import validate_lora
+
+    cfg = _load(args)
+    for path in validate_lora(cfg, Path(args.lora), Path(args.out) if args.out else None):
+        print(f"{'contact sheet' if path.suffix == '.png' else 'validation video'}: {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import convert_lora
+
+    src = Path(args.lora)
+    out = Path(args.out) if args.out else src.parent / f"export-{args.format}"
+    print(convert_lora(src, args.format, out))
+    return 0
+
+
+def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments every config-taking command shares: the TOML file and `--set a.b=v` overrides."""
+    p.add_argument("config", help="TOML config file")
+    p.add_argument("--set", action="append", default=[], metavar="A.B=V", help="override a field (repeatable)")
+    return p
+
+
+def add_engine_commands(sub: argparse._SubParsersAction) -> None:
+    """Add the engine's subcommands to a parser (this module's own, and `wanforge`'s in launcher/cli.py)."""
+    p = sub.add_parser("demo", help="a tiny pre-trained Wan learns a new background from generated clips (LoRA on CPU, before/after)")
+    p.add_argument("--out", default="wanforge-demo", help="folder for the clips, config and run (default: ./wanforge-demo)")
+    p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    p.set_defaults(func=cmd_demo)
+
+    p = with_config(sub.add_parser("train", help="train a LoRA"))
+    p.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint or a checkpoint folder")
+    p.set_defaults(func=cmd_train)
+
+    p = with_config(sub.add_parser("check", help="preflight: every problem train would meet, before any GPU time"))
+    p.add_argument("--resume", metavar="latest|PATH", help="check as `train --resume` would run")
+    p.set_defaults(func=cmd_check)
+    with_config(sub.add_parser("cache", help="build the latent and text caches only")).set_defaults(func=cmd_cache)
+
+    p = with_config(sub.add_parser("validate", help="render validation videos with a LoRA"))
+    p.add_argument("--lora", required=True, help="a LoRA file (either format)")
+    p.add_argument("--out", help="folder for the videos (default: <output_dir>/validation/manual)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("export", help="convert a saved LoRA to the other format")
+    p.add_argument("lora", help="LoRA .safetensors file")
+    p.add_argument("--format", choices=["comfyui", "diffusers"], required=True)
+    p.add_argument("--out", help="output folder (default: beside the input)")
+    p.set_defaults(func=cmd_export)
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run one subcommand: a user's mistake is one `error:` line and exit 2; a stop exits 128 + the signal."""
+    try:
+        return func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:  # trainer.errors.RunStopped carries 128 + the signal (143 SIGTERM, 130 Ctrl-C)
+        print(f"stopped: {err}" if str(err) else "stopped", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.cli", description="The wanforge training engine.")
+    add_engine_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return run_command(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
