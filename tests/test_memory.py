@@ -231,3 +231,22 @@ def test_auto_at_720p_14b_fits_the_host_ram_of_a_128_gib_node():
         assert choose_preset(f, 79.2, host_gib=400.0) == "balanced"
     # a custom clip between the measured ones: scaled, and said to be
     assert not predict_memory(flavour_shape("t2v-14b-2.2-high"), "balanced-lean", 50000).measured
+
+
+def test_run_json_records_which_memory_preset_ran_and_why():
+    """run.json's `memory`: the preset asked for, the one that ran, and why (the node may choose unlike the laptop)."""
+    from trainer.config import MemoryConfig
+    from trainer.flavours import get_flavour
+    from trainer.presets import memory_choice, resolve_memory
+
+    f = get_flavour("t2v-480p-1.3b-2.1")
+    auto = MemoryConfig(preset="auto")
+    on_h100 = memory_choice(auto, resolve_memory(auto, f, 79.2, host_gib=120, warn=False, processes=1), 79.2, 120)
+    assert on_h100["requested"] == "auto" and on_h100["ran"] not in ("auto", "custom")
+    assert "79 GiB GPU" in on_h100["why"] and "120 GiB host" in on_h100["why"]
+    small = memory_choice(auto, resolve_memory(auto, f, 15.0, host_gib=12, warn=False, processes=1), 15.0, 12)
+    assert small["ran"] != on_h100["ran"]  # another machine, another preset, and the record says so
+    assert memory_choice(auto, auto, None, None)["why"].endswith("(CPU trial)")
+    mixed = MemoryConfig(preset="low", attention_backend="native")
+    record = memory_choice(mixed, resolve_memory(mixed, f, 79.2, warn=False), 79.2, 120)
+    assert record["requested"] == "low" and "attention_backend" in record["why"] and '"low"' in record["why"]

@@ -107,6 +107,26 @@ def resolve_memory(cfg: MemoryConfig, f: Flavour, gpu_gib: float | None, tokens:
     return MemoryConfig(**{**values, **explicit, "preset": cfg.preset})
 
 
+def memory_choice(requested: MemoryConfig, resolved: MemoryConfig, gpu_gib: float | None,
+                  host_gib: float | None) -> dict[str, object]:
+    """What run.json records about the memory settings that ran: which preset and why (the node may choose
+    differently from the laptop's estimate: another GPU, less host RAM, more processes)."""
+    ran = preset_of(resolved) or "custom"
+    if requested.preset == "auto" and gpu_gib:
+        why = (f"auto: the fastest preset whose measured GPU and host memory fit this machine ({gpu_gib:.0f} GiB GPU, "
+               f"{host_gib or 0:.0f} GiB host RAM per process, {local_processes()} process(es))")
+    elif requested.preset == "auto":
+        why = "auto on a machine without a GPU: the [memory] fields as set (CPU trial)"
+    elif requested.preset == "none":
+        why = "preset none: the [memory] fields as set"
+    else:
+        why = f"memory.preset = \"{requested.preset}\" in the config"
+    explicit = sorted(k for k in requested.model_fields_set if k != "preset")
+    if explicit and requested.preset != "none":
+        why += f"; set explicitly over the preset: {', '.join(explicit)}"
+    return {"requested": requested.preset, "ran": ran, "why": why}
+
+
 def preset_of(memory: MemoryConfig) -> str | None:
     """The preset these settings are exactly (for picking measured rows), or None for a custom mix."""
     for name, values in PRESETS.items():

@@ -33,7 +33,7 @@ from trainer.guard import NonFiniteError, StopSignals, TrainingGuard, likely_cau
 from trainer.lora import adapter_state_dict, add_lora, trainable_parameters
 from trainer.distributed import noise_generator
 from trainer.memory import apply_memory_options, place_base_model
-from trainer.presets import host_memory_gib, resolve_memory
+from trainer.presets import host_memory_gib, memory_choice, resolve_memory
 from trainer.sizing import config_tokens
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.resume import check_resume_settings
@@ -135,6 +135,7 @@ def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | N
     host_gib = host_memory_gib() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # each local process offloads
     memory = resolve_memory(cfg.memory, get_flavour(cfg.model.flavour), gpu_gib, tokens=config_tokens(cfg),
                             batch=cfg.train.train_batch_size, host_gib=host_gib)
+    memory_record = memory_choice(cfg.memory, memory, gpu_gib, host_gib)
     cfg = cfg.model_copy(update={"memory": memory})
     start_step, changes = _check_resume(cfg, resume_from)
     set_seed(cfg.train.seed)
@@ -146,7 +147,7 @@ def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | N
         run.truncate_metrics_after(start_step, drop_after_checkpoint=start_step >= cfg.train.max_train_steps)
         save_config(cfg, run.config)  # after the resume check: config.toml is what trains
         run.write_status(status="caching", fresh=True, run_id=run_id_for(run),
-                         max_train_steps=cfg.train.max_train_steps,
+                         max_train_steps=cfg.train.max_train_steps, memory=memory_record,
                          resumed_from=str(resume_from) if resume_from is not None else None)
         if resume_from is not None:
             _say(f"resumed from step {start_step} ({resume_from})"
