@@ -241,7 +241,7 @@ def test_colab_helpers_outside_colab(tmp_path):
     assert colab.tested_torch(constraints) == "2.13.0"
 
 
-def test_remote_run_is_followed_through_sync(clips, tmp_path, monkeypatch):
+def test_remote_run_is_followed_through_sync(clips, tmp_path, monkeypatch, rsync):
     """A remote run is watched through `wanforge sync` (real rsync): here the node's run folder is a local folder."""
     from launcher.form_launch import RunHandle
     from launcher.lifecycle import LaunchRecord, save_record

@@ -21,7 +21,7 @@ from launcher.targets import TARGETS, check_request, feasibility_table
 from trainer.config import save_config
 from trainer.errors import UserError
 
-from conftest import tiny_config
+from conftest import RSYNC_HINT, system_tool, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "hf_THIS_VALUE_MUST_NEVER_BE_WRITTEN_123"
@@ -168,6 +168,7 @@ def test_local_target_runs_the_node_scripts_and_sync_down(config_file, state, tm
     assert (inputs / "config.toml").is_file() and (inputs / "input" / "data" / "0").is_symlink()
 
     # a cloud run whose outputs stay on the node: a folder standing in for the node's /outputs/<run>
+    system_tool("rsync", install=RSYNC_HINT)  # the local target above needs no rsync; sync does
     node_copy = tmp_path / "node-outputs" / "r1"
     shutil.copytree(run, node_copy)
     rec = LaunchRecord(name="r1", target="kubernetes", managed=False, output=None, output_mode="node",
@@ -183,7 +184,7 @@ def test_local_target_runs_the_node_scripts_and_sync_down(config_file, state, tm
     assert lifecycle.unsynced_reason(lifecycle.load_record("r1")) is None
 
 
-def test_sync_reports_a_missing_run(state, tmp_path):
+def test_sync_reports_a_missing_run(state, tmp_path, rsync):
     rec = LaunchRecord(name="r2", target="aws", managed=False, output=None, output_mode="node",
                        remote=str(tmp_path / "empty"), local_dir=str(tmp_path / "back2"))
     (tmp_path / "empty").mkdir()
