@@ -11,6 +11,16 @@ from trainer.config import WanforgeConfig, load_config, save_config
 from trainer.errors import UserError
 
 
+def installed_version() -> str:
+    """The version of the installed distribution (pyproject.toml's, through the package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wanforge")
+    except PackageNotFoundError:
+        return "(not installed: pip install -e .)"
+
+
 def _load(args: argparse.Namespace) -> WanforgeConfig:
     return load_config(args.config, args.set)
 
@@ -115,6 +125,7 @@ def cmd_import_simpletuner(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wanforge", description="Train Wan 2.1 / 2.2 video LoRAs anywhere.")
+    parser.add_argument("--version", action="version", version=f"wanforge {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -159,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer import known_warnings
+
+    known_warnings.install()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

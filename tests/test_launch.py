@@ -194,6 +194,15 @@ def test_sync_reports_a_missing_run(state, tmp_path, rsync):
     assert main(["status", "nope"]) == 2
 
 
+def test_version_is_the_installed_distribution(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"wanforge {version('wanforge')}"
+
+
 def test_cli_works_without_skypilot():
     """The trainer-side environment has no SkyPilot; every command that needs it says how to get it."""
     import importlib.util
