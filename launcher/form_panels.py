@@ -97,6 +97,58 @@ class ScanPanel:
 # ---------------------------------------------------------------- estimate
 
 
+ESTIMATE_HEADER = ("GPU", "VRAM/GPU", "fits", "s/step", "time", "$/h", "total $", "memory preset")
+TEXT_COLUMNS = (0, 7)  # the GPU name and the preset read left-aligned; the numbers right-aligned
+
+
+def cpu_trial_note(cfg: WanforgeConfig) -> str | None:
+    """What to say instead of a GPU estimate for the tiny models: they are CPU trials, a GPU estimate of them is 0."""
+    from trainer.flavours import get_flavour
+
+    if get_flavour(cfg.model.flavour).tiny is None:
+        return None
+    frames, height, width = cfg.dataset_shape()
+    return (f"{cfg.model.flavour} is a CPU trial ({width}x{height}x{frames}, {cfg.train.max_train_steps} steps): "
+            "it trains on this machine's CPU, no GPU needed. Choose a real Wan flavour ([model] flavour) for a GPU "
+            "estimate.")
+
+
+def _duration(hours: float) -> str:
+    minutes = hours * 60
+    return "<1 min" if minutes < 1 else f"{minutes:.0f} min" if minutes < 60 else f"{hours:.1f} h"
+
+
+def estimate_cells(est: Estimate) -> tuple[str, ...]:
+    """One row of ESTIMATE_HEADER."""
+    gpus = f"{est.count}x {est.gpu}" if est.count > 1 else est.gpu
+    return (gpus, f"{est.vram_gib:.1f} GiB", "yes" if est.fits else "NO", f"{est.s_per_step:.2f}",
+            _duration(est.total_hours), f"{est.cost_usd_per_hour:.2f}", f"{est.cost_usd:,.2f}", est.memory_preset)
+
+
+def estimate_table(rows: list[Estimate]) -> list[str]:
+    """Estimates as aligned text columns (numbers right-aligned), a header line first."""
+    table = [ESTIMATE_HEADER, *(estimate_cells(e) for e in rows)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(ESTIMATE_HEADER))]
+    return ["  ".join(c.ljust(wd) if i in TEXT_COLUMNS else c.rjust(wd) for i, (c, wd) in enumerate(zip(r, widths))).rstrip()
+            for r in table]
+
+
+def estimate_text(cfg: WanforgeConfig, gpu: str, others: int = 0) -> str:
+    """The estimate as a notebook prints it: the CPU-trial line for the tiny models, else the table for `gpu`
+    ("H100" or "H100:2") and the `others` cheapest GPUs after it."""
+    from launcher.estimate import estimate, estimate_all
+
+    note = cpu_trial_note(cfg)
+    if note:
+        return note
+    chosen = estimate(cfg, gpu)
+    rest = [e for e in estimate_all(cfg) if e.gpu != chosen.gpu][:others]
+    lines = estimate_table([chosen, *rest])
+    if rest:
+        lines.insert(2, "")  # the chosen GPU, then the cheapest others
+    return "\n".join([*lines, f"scaled from {chosen.basis}; training steps only"])
+
+
 class EstimatePanel:
     """VRAM, s/step, total time and cost on a chosen GPU; recomputed on every valid change (no torch, cheap)."""
 
@@ -123,21 +175,30 @@ class EstimatePanel:
     def update(self, cfg: WanforgeConfig | None) -> Estimate | None:
         from launcher.estimate import estimate
 
+        self.last = None
         if cfg is None:
-            self.last = None
             self.output.value = '<span style="color:#777">fix the config to see the estimate</span>'
+            return None
+        note = cpu_trial_note(cfg)
+        if note:
+            self.output.value = f"<span>{html.escape(note)}</span>"
             return None
         try:
             est = estimate(cfg, self.spec)
         except UserError as err:
             self.output.value = f'<span style="color:#c62828">{html.escape(str(err))}</span>'
             return None
-        fit = ('<b style="color:#2e7d32">fits</b>' if est.fits else '<b style="color:#c62828">does not fit</b>')
-        self.output.value = (
-            "<table><tr><th>VRAM / GPU</th><th>s / step</th><th>total time</th><th>$ / hour</th><th>total $</th></tr>"
-            f"<tr><td>{est.vram_gib:.1f} GiB ({fit})</td><td>{est.s_per_step:.2f}</td><td>{est.total_hours:.2f} h</td>"
-            f"<td>{est.cost_usd_per_hour:.2f}</td><td>{est.cost_usd:,.2f}</td></tr></table>"
-            f'<div style="color:#777;font-size:11px">scaled from {html.escape(est.basis)}; training steps only</div>')
+        fit = "color:#2e7d32" if est.fits else "color:#c62828"
+
+        def cell(tag: str, i: int, text: str) -> str:
+            align = "left" if i in TEXT_COLUMNS else "right"
+            return f'<{tag} style="text-align:{align};padding:0 8px;{fit if i == 2 else ""}">{html.escape(text)}</{tag}>'
+
+        head = "".join(cell("th", i, h) for i, h in enumerate(ESTIMATE_HEADER))
+        body = "".join(cell("td", i, c) for i, c in enumerate(estimate_cells(est)))
+        self.output.value = (f"<table><tr>{head}</tr><tr>{body}</tr></table>"
+                             f'<div style="color:#777;font-size:11px">scaled from {html.escape(est.basis)}; '
+                             "training steps only</div>")
         self.last = est
         return est
 
