@@ -160,7 +160,7 @@ def test_estimate_panel_follows_the_config_and_the_gpu(form):
 
 
 def test_estimate_of_the_tiny_model_says_cpu_trial(form):
-    from launcher.form_panels import estimate_text
+    from launcher.estimate_table import estimate_text
 
     assert form.config.model.flavour == "tiny" and not form.check()
     assert form.estimate_panel.last is None
@@ -172,7 +172,7 @@ def test_estimate_of_the_tiny_model_says_cpu_trial(form):
 
 def test_estimate_columns_line_up(form):
     from launcher.estimate import estimate
-    from launcher.form_panels import ESTIMATE_HEADER, estimate_table, estimate_text
+    from launcher.estimate_table import ESTIMATE_HEADER, estimate_table, estimate_text
 
     form.set("model.flavour", "t2v-480p-14b-2.1")
     for key, value in (("width", "832"), ("height", "480"), ("num_frames", "81")):

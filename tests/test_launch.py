@@ -134,7 +134,7 @@ def test_templates_are_current_and_documented():
         task = yaml.safe_load(path.read_text())
         assert task["envs"]["CONFIG"] is None and task["secrets"] == {"HF_TOKEN": None}
     table = feasibility_table()
-    assert table in (REPO / "README.md").read_text(), "README's feasibility table differs from launcher/targets.py"
+    assert table in (REPO / "docs" / "cloud.md").read_text(), "docs/cloud.md's feasibility table differs from launcher/targets.py"
     assert "| runpod |" in table and "MI300X" in table and "no (COPY only)" in table
 
 
@@ -192,6 +192,12 @@ def test_sync_reports_a_missing_run(state, tmp_path, rsync):
     with pytest.raises(UserError, match="no run.json"):
         sync_run(rec)
     assert main(["status", "nope"]) == 2
+
+
+def test_estimate_of_the_tiny_model_says_cpu_trial(config_file, capsys):
+    assert main(["estimate", str(config_file)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny is a CPU trial" in out and "GiB" not in out
 
 
 def test_version_is_the_installed_distribution(capsys):
