@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.cli import add_engine_commands, run_command, with_config
+from trainer.cli import new_parser, run_command, with_config
 
 
 def cmd_import_simpletuner(args: argparse.Namespace) -> int:
@@ -24,9 +24,7 @@ def cmd_import_simpletuner(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wanforge", description="Train Wan 2.1 / 2.2 video LoRAs anywhere.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_engine_commands(sub)
+    parser, sub = new_parser("wanforge", "Train Wan 2.1 / 2.2 video LoRAs anywhere.")
 
     p = sub.add_parser("import-simpletuner", help="convert a SimpleTuner config.json (+ multidatabackend.json) to TOML")
     p.add_argument("config_json", help="SimpleTuner config.json")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as w
 
+from launcher.estimate_table import ESTIMATE_HEADER, TEXT_COLUMNS, cpu_trial_note, estimate_cells
 from trainer.config import WanforgeConfig
 from trainer.errors import UserError
 
@@ -123,25 +124,32 @@ class EstimatePanel:
     def update(self, cfg: WanforgeConfig | None) -> Estimate | None:
         from launcher.estimate import estimate
 
+        self.last = None
         if cfg is None:
-            self.last = None
             self.output.value = '<span style="color:#777">fix the config to see the estimate</span>'
+            return None
+        note = cpu_trial_note(cfg)
+        if note:
+            self.output.value = f"<span>{html.escape(note)}</span>"
             return None
         try:
             est = estimate(cfg, self.spec)
         except UserError as err:
             self.output.value = f'<span style="color:#c62828">{html.escape(str(err))}</span>'
             return None
-        colour = "#c62828" if not est.fits else "#2e7d32" if est.measured else "#b26a00"
-        fit = f'<b style="color:{colour}">{html.escape(est.fit_label)}</b>'
-        speed = "" if est.speed_measured else " (extrapolated)"
-        self.output.value = (
-            "<table><tr><th>VRAM / GPU</th><th>host RAM</th><th>s / step</th><th>total time</th><th>$ / hour</th>"
-            "<th>total $</th></tr>"
-            f"<tr><td>{est.vram_gib:.1f} GiB ({fit})</td><td>{est.host_gib:.0f} of {est.host_ram_gib:.0f} GiB</td>"
-            f"<td>{est.s_per_step:.2f}{speed}</td><td>{est.total_hours:.2f} h</td>"
-            f"<td>{est.cost_usd_per_hour:.2f}</td><td>{est.cost_usd:,.2f}</td></tr></table>"
-            f'<div style="color:#777;font-size:11px">scaled from {html.escape(est.basis)}; training steps only</div>')
+        fits = ESTIMATE_HEADER.index("fits")
+        colour = "color:#c62828" if not est.fits else "color:#2e7d32" if est.measured else "color:#b26a00"
+
+        def cell(tag: str, i: int, text: str) -> str:
+            align = "left" if i in TEXT_COLUMNS else "right"
+            return (f'<{tag} style="text-align:{align};padding:0 8px;{colour if i == fits and tag == "td" else ""}">'
+                    f"{html.escape(text)}</{tag}>")
+
+        head = "".join(cell("th", i, h) for i, h in enumerate(ESTIMATE_HEADER))
+        body = "".join(cell("td", i, c) for i, c in enumerate(estimate_cells(est)))
+        self.output.value = (f"<table><tr>{head}</tr><tr>{body}</tr></table>"
+                             f'<div style="color:#777;font-size:11px">scaled from {html.escape(est.basis)}; '
+                             "training steps only</div>")
         self.last = est
         return est
 

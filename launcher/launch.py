@@ -20,6 +20,7 @@ from typing import Any
 from launcher import lifecycle, render
 from launcher.estimate import Estimate, cheapest_fitting, estimate, estimate_all, parse_gpu
 from trainer import sizing
+from launcher.estimate_table import cpu_trial_note
 from launcher.lifecycle import LaunchRecord
 from launcher.targets import TARGETS, Plan, check_output, check_request, check_run_name
 from trainer.config import WanforgeConfig, load_config, save_config
@@ -259,6 +260,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
+    note = cpu_trial_note(cfg)
+    if note:  # the tiny models: a GPU estimate of them would be all zeros
+        print(note)
+        return 0
     if args.gpu:
         card, count = parse_gpu(args.gpu)
         rows = [estimate(cfg, f"{card.name}:{count}")]

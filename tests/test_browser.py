@@ -19,14 +19,18 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from playwright import sync_api
+
+from conftest import system_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-if CHROMIUM is None and not os.environ.get("CI"):  # CI installs it (.ci/run); a bare dev machine may not have it
-    pytest.skip("Chromium is not installed here (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api") if not os.environ.get("CI") else __import__(
-    "playwright.sync_api", fromlist=["sync_playwright"])
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's Chromium (playwright's own browser download is not used): a skip with the hint where it is missing,
+    a failure in CI, which installs it."""
+    return system_tool("chromium", "chromium-browser", install="apt-get install chromium")
 
 
 def _free_port() -> int:
@@ -72,10 +76,10 @@ def jupyterlab(tmp_path, wanforge_home):
         log.close()
 
 
-def test_form_in_jupyterlab_with_chromium(jupyterlab, tmp_path):
+def test_form_in_jupyterlab_with_chromium(chromium, jupyterlab, tmp_path):
     url, token = jupyterlab
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
             page.goto(f"{url}/lab/tree/01_walkthrough.ipynb?token={token}&reset", wait_until="domcontentloaded")

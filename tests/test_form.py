@@ -159,6 +159,37 @@ def test_estimate_panel_follows_the_config_and_the_gpu(form):
     assert form.estimate_panel.last is None and "fix the config" in form.estimate_panel.output.value
 
 
+def test_estimate_of_the_tiny_model_says_cpu_trial(form):
+    from launcher.estimate_table import estimate_text
+
+    assert form.config.model.flavour == "tiny" and not form.check()
+    assert form.estimate_panel.last is None
+    shown = form.estimate_panel.output.value
+    text = estimate_text(form.config, "H100", others=4)
+    for said in (shown, text):
+        assert "CPU trial" in said and "GiB" not in said and "0.00" not in said
+
+
+def test_estimate_columns_line_up(form):
+    from launcher.estimate import estimate
+    from launcher.estimate_table import ESTIMATE_HEADER, estimate_table, estimate_text
+
+    form.set("model.flavour", "t2v-480p-14b-2.1")
+    for key, value in (("width", "832"), ("height", "480"), ("num_frames", "81")):
+        form.set(f"datasets.0.{key}", value)
+    rows = [estimate(form.config, gpu) for gpu in ("B200:2", "L4")]
+    assert rows[0].fits and not rows[1].fits  # both kinds of row
+    lines = estimate_table(rows)
+    header = lines[0]
+    for title in ESTIMATE_HEADER[1:-1]:  # right-aligned: every row's cell ends where its title ends
+        end = header.index(title) + len(title)
+        for line in lines[1:]:
+            assert line[end - 1] != " " and (end == len(line) or line[end] == " "), (title, line)
+    assert lines[1].startswith("2x B200 ") and lines[2].split()[3] == "NO"
+    text = estimate_text(form.config, "H100", others=3).splitlines()
+    assert text[0].split() == header.split() and text[2] == "" and len(text) == 7 and text[-1].startswith("scaled from")
+
+
 def test_form_module_imports_no_torch():
     import subprocess
 
@@ -241,7 +272,7 @@ def test_colab_helpers_outside_colab(tmp_path):
     assert colab.tested_torch(constraints) == "2.13.0"
 
 
-def test_remote_run_is_followed_through_sync(clips, tmp_path, monkeypatch):
+def test_remote_run_is_followed_through_sync(clips, tmp_path, monkeypatch, rsync):
     """A remote run is watched through `wanforge sync` (real rsync): here the node's run folder is a local folder."""
     from launcher.form_launch import RunHandle
     from launcher.lifecycle import LaunchRecord, save_record

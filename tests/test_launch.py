@@ -21,7 +21,7 @@ from launcher.targets import TARGETS, check_request, feasibility_table
 from trainer.config import save_config
 from trainer.errors import UserError
 
-from conftest import tiny_config
+from conftest import RSYNC_HINT, system_tool, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "hf_THIS_VALUE_MUST_NEVER_BE_WRITTEN_123"
@@ -137,7 +137,7 @@ def test_templates_are_current_and_documented():
         task = yaml.safe_load(path.read_text())
         assert task["envs"]["CONFIG"] is None and task["secrets"] == {"HF_TOKEN": None}
     table = feasibility_table()
-    assert table in (REPO / "README.md").read_text(), "README's feasibility table differs from launcher/targets.py"
+    assert table in (REPO / "docs" / "cloud.md").read_text(), "docs/cloud.md's feasibility table differs from launcher/targets.py"
     assert "| runpod |" in table and "MI300X" in table and "no (COPY only)" in table
 
 
@@ -171,6 +171,7 @@ def test_local_target_runs_the_node_scripts_and_sync_down(config_file, state, tm
     assert (inputs / "config.toml").is_file() and (inputs / "input" / "data" / "0").is_symlink()
 
     # a cloud run whose outputs stay on the node: a folder standing in for the node's /outputs/<run>
+    system_tool("rsync", install=RSYNC_HINT)  # the local target above needs no rsync; sync does
     node_copy = tmp_path / "node-outputs" / "r1"
     shutil.copytree(run, node_copy)
     rec = LaunchRecord(name="r1", target="kubernetes", managed=False, output=None, output_mode="node",
@@ -186,7 +187,7 @@ def test_local_target_runs_the_node_scripts_and_sync_down(config_file, state, tm
     assert lifecycle.unsynced_reason(lifecycle.load_record("r1")) is None
 
 
-def test_sync_reports_a_missing_run(state, tmp_path):
+def test_sync_reports_a_missing_run(state, tmp_path, rsync):
     rec = LaunchRecord(name="r2", target="aws", managed=False, output=None, output_mode="node",
                        remote=str(tmp_path / "empty"), local_dir=str(tmp_path / "back2"))
     (tmp_path / "empty").mkdir()
@@ -194,6 +195,21 @@ def test_sync_reports_a_missing_run(state, tmp_path):
     with pytest.raises(UserError, match="no run.json"):
         sync_run(rec)
     assert main(["status", "nope"]) == 2
+
+
+def test_estimate_of_the_tiny_model_says_cpu_trial(config_file, capsys):
+    assert main(["estimate", str(config_file)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny is a CPU trial" in out and "GiB" not in out
+
+
+def test_version_is_the_installed_distribution(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"wanforge {version('wanforge')}"
 
 
 def test_cli_works_without_skypilot():

@@ -145,8 +145,30 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def installed_version() -> str:
+    """The version of the installed distribution (pyproject.toml's, through the package metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wanforge")
+    except PackageNotFoundError:
+        return "(not installed: pip install -e .)"
+
+
+def new_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """A parser with `--version` and required subcommands, the engine's already added."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"wanforge {installed_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_engine_commands(sub)
+    return parser, sub
+
+
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run one subcommand: a user's mistake is one `error:` line and exit 2; a stop exits 128 + the signal."""
+    from trainer import known_warnings
+
+    known_warnings.install()
     try:
         return func(args)
     except UserError as err:
@@ -158,8 +180,7 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.cli", description="The wanforge training engine.")
-    add_engine_commands(parser.add_subparsers(dest="command", required=True))
+    parser, _ = new_parser("python -m trainer.cli", "The wanforge training engine.")
     args = parser.parse_args(argv)
     return run_command(args.func, args)
 
