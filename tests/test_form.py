@@ -172,7 +172,7 @@ def test_estimate_of_the_tiny_model_says_cpu_trial(form):
 
 def test_estimate_columns_line_up(form):
     from launcher.estimate import estimate
-    from launcher.estimate_table import ESTIMATE_HEADER, estimate_table, estimate_text
+    from launcher.estimate_table import ESTIMATE_HEADER, TEXT_COLUMNS, estimate_table, estimate_text
 
     form.set("model.flavour", "t2v-480p-14b-2.1")
     for key, value in (("width", "832"), ("height", "480"), ("num_frames", "81")):
@@ -181,11 +181,12 @@ def test_estimate_columns_line_up(form):
     assert rows[0].fits and not rows[1].fits  # both kinds of row
     lines = estimate_table(rows)
     header = lines[0]
-    for title in ESTIMATE_HEADER[1:-1]:  # right-aligned: every row's cell ends where its title ends
+    for title in (t for i, t in enumerate(ESTIMATE_HEADER) if i not in TEXT_COLUMNS):  # numbers: right-aligned
         end = header.index(title) + len(title)
         for line in lines[1:]:
             assert line[end - 1] != " " and (end == len(line) or line[end] == " "), (title, line)
-    assert lines[1].startswith("2x B200 ") and lines[2].split()[3] == "NO"
+    assert lines[1].startswith("2x B200 ") and lines[2].endswith("DOES NOT FIT")
+    assert lines[1].index(rows[0].fit_label) == header.index("fits")  # the verdict under its title
     text = estimate_text(form.config, "H100", others=3).splitlines()
     assert text[0].split() == header.split() and text[2] == "" and len(text) == 7 and text[-1].startswith("scaled from")
 
