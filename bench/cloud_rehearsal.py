@@ -73,7 +73,7 @@ def main() -> None:
             shutil.rmtree(dest_path) if dest_path.is_dir() else dest_path.unlink()
         dest_path.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if Path(source).is_dir() else shutil.copy2)(source, dest_path)
-    outputs = Path(task["envs"]["WANFORGE_OUTPUTS"])
+    outputs = Path(task["envs"]["WANFORGE_RUNS_DIR"])
     shutil.rmtree(outputs / name, ignore_errors=True)
 
     with FakeHub() as hub:

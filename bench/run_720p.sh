@@ -10,7 +10,7 @@ grep -E "MemTotal|MemAvailable" /proc/meminfo; cat /sys/fs/cgroup/memory.max 2>/
 # what `[memory] preset = "auto"` resolves to on this node (its GPU, its free host RAM) for the flavour's default clip
 python3 -c "
 import torch; from trainer.flavours import get_flavour; from trainer.config import MemoryConfig
-from trainer.presets import resolve_memory, preset_of, host_memory_gib
+from trainer.memory_presets import resolve_memory, preset_of, host_memory_gib
 gpu = torch.cuda.get_device_properties(0).total_memory / 2**30; host = host_memory_gib()
 m = resolve_memory(MemoryConfig(), get_flavour('$FLAVOUR'), gpu, host_gib=host)
 print(f'auto on this node ({gpu:.1f} GiB GPU, {host:.1f} GiB host free): {preset_of(m)}')"

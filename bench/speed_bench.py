@@ -122,8 +122,8 @@ VARIANTS: dict[str, dict] = {
         gradient_checkpointing="selective", compile=True, activation_offload=True, checkpoint_sublayers=True,
         base_quantization="fp8"),
 }
-# the presets by name (trainer/presets.py), cuDNN attention unless the name ends in -fa4
-for _name, _values in __import__("trainer.presets", fromlist=["PRESETS"]).PRESETS.items():
+# the presets by name (trainer/memory_presets.py), cuDNN attention unless the name ends in -fa4
+for _name, _values in __import__("trainer.memory_presets", fromlist=["PRESETS"]).PRESETS.items():
     VARIANTS.setdefault(_name, {**_values, "attention_backend": "_native_cudnn"})
     VARIANTS.setdefault(f"{_name}-fa4", {**_values, "attention_backend": "flash_4_hub"})
 

@@ -24,7 +24,7 @@ from trainer.config import EmaConfig, LoraConfig  # noqa: E402
 from trainer.ema import AdapterEMA  # noqa: E402
 from trainer.lora import add_lora, trainable_parameters  # noqa: E402
 from trainer.skip_layers import SkipLayerGuidance  # noqa: E402
-from trainer.validation import ValidationPrompt, ValidationSettings, build_pipeline, generate  # noqa: E402
+from trainer.validation_videos import ValidationPrompt, ValidationSettings, build_pipeline, generate  # noqa: E402
 from trainer.video import decode_frames, write_mp4  # noqa: E402
 
 

@@ -11,7 +11,7 @@
 #
 # Settings (environment):
 #   WANFORGE_CONFIG          the config file to train (default /workspace/config.toml)
-#   WANFORGE_OUTPUT_DIR      run folder; overrides the config's train.output_dir (the image sets /outputs; empty: the
+#   WANFORGE_RUN_DIR      run folder; overrides the config's train.output_dir (the image sets /outputs; empty: the
 #                            config's own)
 #   WANFORGE_RESUME          auto (default): `--resume latest` when the run folder already holds a checkpoint (a
 #                            restarted container or pod carries on); never: always start fresh
@@ -168,11 +168,11 @@ else
     cmd=("${WANFORGE_PYTHON:-python3}" -m trainer.cli train "$config")
 fi
 
-output_dir="${WANFORGE_OUTPUT_DIR:-}"
+output_dir="${WANFORGE_RUN_DIR:-}"
 if [ -n "$output_dir" ]; then
     case "$output_dir" in /*) ;; *) output_dir="$PWD/$output_dir" ;; esac  # the trainer would read it from the config's folder
     cmd+=(--set "train.output_dir=$output_dir")
-    say "run folder: $output_dir (WANFORGE_OUTPUT_DIR; set it empty to use the config's train.output_dir)"
+    say "run folder: $output_dir (WANFORGE_RUN_DIR; set it empty to use the config's train.output_dir)"
 fi
 
 # Resume only where a finished checkpoint exists (checkpoints/step-N; a half-written one has another name).

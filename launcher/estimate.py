@@ -20,7 +20,7 @@ from trainer import sizing
 from trainer.config import MemoryConfig, WanforgeConfig
 from trainer.errors import UserError
 from trainer.flavours import FLAVOURS
-from trainer.presets import preset_of, resolve_memory
+from trainer.memory_presets import preset_of, resolve_memory
 from trainer.sizing import ModelShape, config_tokens, flavour_shape, row_shape, row_tokens, same_shape
 
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + grad + AdamW's two moments

@@ -166,7 +166,7 @@ def local_datasets(cfg: WanforgeConfig, hub_dataset: str) -> list[Path]:
 def node_env(plan: Plan, name: str, node_root: Path, outputs: Path, hub_dataset: str) -> dict[str, str]:
     """The environment the task's setup/run get on one node: the task's envs plus SkyPilot's per-node variables."""
     envs = render.node_envs(name, plan, hub_dataset)
-    envs.update(WANFORGE_ROOT=str(node_root), WANFORGE_OUTPUTS=str(outputs), WANFORGE_PYTHON=sys.executable)
+    envs.update(WANFORGE_ROOT=str(node_root), WANFORGE_RUNS_DIR=str(outputs), WANFORGE_PYTHON=sys.executable)
     envs.update(SKYPILOT_NODE_RANK="0", SKYPILOT_NODE_IPS="127.0.0.1", SKYPILOT_NUM_NODES="1",
                 SKYPILOT_NUM_GPUS_PER_NODE=str(max(plan.gpus_per_node, 1)), SKYPILOT_TASK_ID=f"local-{name}")
     return envs

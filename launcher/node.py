@@ -3,8 +3,8 @@
 The SkyPilot task's `setup:` runs `python -m launcher.node setup`, its `run:` runs `python -m launcher.node run`.
 Everything is read from the environment the task sets:
 
-    RUN_NAME          the run folder's name: <WANFORGE_OUTPUTS>/<RUN_NAME>, and its name in the bucket / Hub repo
-    WANFORGE_OUTPUTS  where run folders live on the node (default /outputs; a mounted bucket in mount mode)
+    RUN_NAME          the run folder's name: <WANFORGE_RUNS_DIR>/<RUN_NAME>, and its name in the bucket / Hub repo
+    WANFORGE_RUNS_DIR  where run folders live on the node (default /outputs; a mounted bucket in mount mode)
     WANFORGE_ROOT     where the task copied its inputs (default /wanforge): input/config.toml, input/data/<i>/
     HUB_DATASET       optional Hugging Face dataset id: downloaded on the node and used as datasets[0]
     OUTPUT            hf://USER/REPO or s3://BUCKET/PREFIX the node uploads to (OUTPUT_MODE=upload)
@@ -49,7 +49,7 @@ def root() -> Path:
 
 
 def run_dir() -> Path:
-    return Path(env("WANFORGE_OUTPUTS", "/outputs")) / env("RUN_NAME", "wanforge")
+    return Path(env("WANFORGE_RUNS_DIR", "/outputs")) / env("RUN_NAME", "wanforge")
 
 
 def node_config() -> Path:

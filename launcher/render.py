@@ -85,7 +85,7 @@ def node_envs(run_name: str, plan: Plan, hub_dataset: str = "", upload_every_min
         "UPLOAD_EVERY_MIN": str(upload_every_min),
         "KEEP_ALIVE_MIN": str(keep_alive_min if plan.target.kind == "pod" else 0),
         "WANFORGE_ROOT": NODE_ROOT,
-        "WANFORGE_OUTPUTS": NODE_OUTPUTS,
+        "WANFORGE_RUNS_DIR": NODE_OUTPUTS,
     }
 
 

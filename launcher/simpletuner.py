@@ -135,10 +135,10 @@ RENAMES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "crepa_encoder": ("crepa.encoder", str),
     "crepa_model": ("crepa.encoder", str),
     "crepa_encoder_image_size": ("crepa.encoder_image_size", int),
-    "scheduled_sampling_probability": ("rollout.probability", float),
-    "scheduled_sampling_prob_start": ("rollout.probability_start", float),
-    "scheduled_sampling_prob_end": ("rollout.probability", float),
-    "scheduled_sampling_ramp_steps": ("rollout.ramp_steps", int),
+    "scheduled_sampling_probability": ("scheduled_sampling.probability", float),
+    "scheduled_sampling_prob_start": ("scheduled_sampling.probability_start", float),
+    "scheduled_sampling_prob_end": ("scheduled_sampling.probability", float),
+    "scheduled_sampling_ramp_steps": ("scheduled_sampling.ramp_steps", int),
 }
 
 # Keys whose value means "off" or "the default" need no counterpart.
@@ -369,12 +369,12 @@ def _extras(st: dict[str, Any], conv: Conversion) -> set[str]:
     handled.add("tread_config")
     steps = int(st.get("scheduled_sampling_max_step_offset", 0) or 0)
     if steps > 0:
-        conv.set("rollout.steps", steps)
-        conv.notes.append(f"scheduled_sampling_max_step_offset = {steps} -> rollout.steps = {steps} (always that many "
-                          "Euler steps, from rollout.sigma_offset above the training noise level)")
+        conv.set("scheduled_sampling.steps", steps)
+        conv.notes.append(f"scheduled_sampling_max_step_offset = {steps} -> scheduled_sampling.steps = {steps} (always that many "
+                          "Euler steps, from scheduled_sampling.sigma_offset above the training noise level)")
     elif "scheduled_sampling_probability" in st or "scheduled_sampling_prob_end" in st:
-        conv.set("rollout.probability", 0.0)  # SimpleTuner: no max_step_offset means no rollout
-        conv.set("rollout.probability_start", 0.0)
+        conv.set("scheduled_sampling.probability", 0.0)  # SimpleTuner: no max_step_offset means no rollout
+        conv.set("scheduled_sampling.probability_start", 0.0)
     handled.add("scheduled_sampling_max_step_offset")
     if "crepa_encoder_image_size" not in st and str(st.get("crepa_encoder", st.get("crepa_model", ""))) == "dinov2_vits14":
         conv.set("crepa.encoder_image_size", 224)

@@ -113,7 +113,7 @@ def test_training_with_crepa_tread_and_rollout(clips, tmp_path, tiny_dino):
         crepa={"enabled": True, "block_index": 1, "encoder": "dinov2_vits14", "encoder_image_size": IMAGE,
                "encoder_path": str(tiny_dino)},
         tread={"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": 0}]},
-        rollout={"probability": 1.0, "steps": 2},
+        scheduled_sampling={"probability": 1.0, "steps": 2},
     )
     cfg = tiny_config(clips, tmp_path / "run", **settings)
     result = train(cfg, show_progress=False)

@@ -349,7 +349,7 @@ def config_file(tmp_path) -> Path:
 def test_start_trains_a_mounted_config(config_file, tmp_path):
     """`docker run -v config.toml:/workspace/config.toml -v out:/outputs IMAGE`, with the image's settings."""
     outputs = tmp_path / "outputs"
-    env = _env(tmp_path, WANFORGE_CONFIG=str(config_file), WANFORGE_OUTPUT_DIR=str(outputs),
+    env = _env(tmp_path, WANFORGE_CONFIG=str(config_file), WANFORGE_RUN_DIR=str(outputs),
                WANFORGE_SKIP_GPU_CHECK="1", WANFORGE_TRAIN_ARGS="--set validation.num_inference_steps=2")
     proc = _start(env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -360,29 +360,29 @@ def test_start_trains_a_mounted_config(config_file, tmp_path):
     assert (outputs / "metrics.jsonl").read_text(encoding="utf-8").strip()
     assert (outputs / "checkpoints").is_dir()
     assert list((outputs / "validation").rglob("*.mp4"))
-    assert not (tmp_path / "config-run").exists()  # WANFORGE_OUTPUT_DIR took the config's place
+    assert not (tmp_path / "config-run").exists()  # WANFORGE_RUN_DIR took the config's place
 
 
 def test_start_resumes_only_from_a_finished_checkpoint(config_file, tmp_path):
     outputs = tmp_path / "outputs"
     base = dict(WANFORGE_CONFIG=str(config_file), WANFORGE_SKIP_GPU_CHECK="1", WANFORGE_DRY_RUN="1")
 
-    proc = _start(_env(tmp_path, WANFORGE_OUTPUT_DIR=str(outputs), **base))
+    proc = _start(_env(tmp_path, WANFORGE_RUN_DIR=str(outputs), **base))
     assert proc.returncode == 0 and "would run:" in proc.stdout
     assert "--resume" not in proc.stdout and f"--set train.output_dir={outputs}" in proc.stdout
-    # a relative WANFORGE_OUTPUT_DIR is taken from the working directory, not from the config's folder
-    relative = _start(_env(tmp_path, WANFORGE_OUTPUT_DIR="out/run", **base))
+    # a relative WANFORGE_RUN_DIR is taken from the working directory, not from the config's folder
+    relative = _start(_env(tmp_path, WANFORGE_RUN_DIR="out/run", **base))
     assert f"--set train.output_dir={ROOT}/out/run" in relative.stdout
 
     (outputs / "checkpoints" / "step-2.tmp").mkdir(parents=True)  # half-written: not a checkpoint
-    assert "--resume" not in _start(_env(tmp_path, WANFORGE_OUTPUT_DIR=str(outputs), **base)).stdout
+    assert "--resume" not in _start(_env(tmp_path, WANFORGE_RUN_DIR=str(outputs), **base)).stdout
 
     (outputs / "checkpoints" / "step-2").mkdir()
-    assert "--resume latest" in _start(_env(tmp_path, WANFORGE_OUTPUT_DIR=str(outputs), **base)).stdout
-    never = _start(_env(tmp_path, WANFORGE_OUTPUT_DIR=str(outputs), WANFORGE_RESUME="never", **base))
+    assert "--resume latest" in _start(_env(tmp_path, WANFORGE_RUN_DIR=str(outputs), **base)).stdout
+    never = _start(_env(tmp_path, WANFORGE_RUN_DIR=str(outputs), WANFORGE_RESUME="never", **base))
     assert "--resume" not in never.stdout
 
-    # without WANFORGE_OUTPUT_DIR the run folder is the config's own train.output_dir
+    # without WANFORGE_RUN_DIR the run folder is the config's own train.output_dir
     (tmp_path / "config-run" / "checkpoints" / "step-4").mkdir(parents=True)
     own = _start(_env(tmp_path, **base))
     assert "--resume latest" in own.stdout and "train.output_dir" not in own.stdout
@@ -400,7 +400,7 @@ def test_start_resumes_only_from_a_finished_checkpoint(config_file, tmp_path):
 def test_hosted_container_idles_instead_of_training(config_file, tmp_path, platform, variables):
     """The platform runs `wanforge train` itself: a mounted config and a GPU-less host change nothing."""
     outputs = tmp_path / "outputs"
-    env = _env(tmp_path, WANFORGE_CONFIG=str(config_file), WANFORGE_OUTPUT_DIR=str(outputs),
+    env = _env(tmp_path, WANFORGE_CONFIG=str(config_file), WANFORGE_RUN_DIR=str(outputs),
                WANFORGE_IDLE_CMD="echo idle-now", **variables)
     proc = _start(env)
     assert proc.returncode == 0, proc.stderr
@@ -421,7 +421,7 @@ def test_idle_command_is_words_not_shell_text(tmp_path):
 
 
 def test_a_command_given_runs_instead_of_training(config_file, tmp_path):
-    env = _env(tmp_path, WANFORGE_CONFIG=str(config_file), WANFORGE_OUTPUT_DIR=str(tmp_path / "outputs"))
+    env = _env(tmp_path, WANFORGE_CONFIG=str(config_file), WANFORGE_RUN_DIR=str(tmp_path / "outputs"))
     proc = _start(env, "bash", "-c", "echo custom; exit 3")
     assert proc.returncode == 3 and proc.stdout.strip() == "custom"
     assert not (tmp_path / "outputs").exists()

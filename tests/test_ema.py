@@ -11,8 +11,8 @@ from trainer.ema import AdapterEMA, validation_variants, weights_for
 from trainer.export import read_lora
 from trainer.lora import add_lora, trainable_parameters
 from trainer.train import train
-from trainer.validate import validation_round
-from trainer.validation import ValidationPrompt, ValidationSettings, build_pipeline, generate
+from trainer.validation_round import validation_round
+from trainer.validation_videos import ValidationPrompt, ValidationSettings, build_pipeline, generate
 
 
 class Crash(RuntimeError):

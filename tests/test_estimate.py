@@ -151,7 +151,7 @@ def test_estimate_and_auto_agree_where_no_row_measured_the_preset():
     """TI2V-5B has no preset rows: on a 24 GB card `auto` picks the preset its table says fits, and the estimate's
     VRAM is that same table's number (not the 5B no-offload row's), so it says it fits too."""
     from trainer.flavours import get_flavour
-    from trainer.presets import estimated_peak_gib
+    from trainer.memory_presets import estimated_peak_gib
 
     cfg = config_from_dict({"model": {"flavour": "ti2v-5b-2.2"}, "datasets": [{"path": "/nonexistent"}]})
     rtx = estimate(cfg, "RTX4090")
@@ -166,7 +166,7 @@ def test_estimate_and_auto_agree_where_no_row_measured_the_preset():
 def test_every_preset_has_measured_rows_and_every_row_names_its_command():
     """The one table `auto` and the estimate share: each preset `auto` can pick has a row at both model sizes; every
     row says where it was measured; a row comes back exactly at its own shape."""
-    from trainer.presets import PRESETS
+    from trainer.memory_presets import PRESETS
     from trainer.sizing import measured_rows, predict_memory, row_shape, row_tokens
 
     rows = measured_rows()

@@ -122,7 +122,7 @@ def test_fp8_with_lycoris_is_refused_with_the_fix(clips, tmp_path):
 
 def test_auto_never_picks_fp8_and_counts_fp8_weights_at_two_bytes():
     from trainer.flavours import get_flavour
-    from trainer.presets import choose_preset, estimated_peak_gib, resolve_memory
+    from trainer.memory_presets import choose_preset, estimated_peak_gib, resolve_memory
 
     big = get_flavour("t2v-480p-14b-2.1")
     for gpu in (24.0, 48.0, 80.0, 141.0):

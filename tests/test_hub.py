@@ -13,7 +13,7 @@ from trainer.config import config_from_dict
 from trainer.errors import UserError
 from trainer.model_card import build_model_card
 from trainer.train import train
-from trainer.validation import settings_for
+from trainer.validation_videos import settings_for
 
 TOKEN = "hf_wanforge_test_token_123"
 
@@ -172,7 +172,7 @@ def test_with_retries_backs_off_exponentially():
 
 def _node_env(monkeypatch, tmp_path, output="hf://me/runs", name="r1", keep_alive="0.001"):
     monkeypatch.setenv("WANFORGE_ROOT", str(tmp_path / "root"))
-    monkeypatch.setenv("WANFORGE_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("WANFORGE_RUNS_DIR", str(tmp_path / "outputs"))
     monkeypatch.setenv("OUTPUT_MODE", "upload")
     monkeypatch.setenv("OUTPUT", output)
     monkeypatch.setenv("RUN_NAME", name)

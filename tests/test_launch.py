@@ -312,7 +312,7 @@ def test_the_node_checks_its_environment_again(tmp_path, monkeypatch, capsys, va
     from launcher import node
 
     monkeypatch.setenv("WANFORGE_ROOT", str(tmp_path / "root"))
-    monkeypatch.setenv("WANFORGE_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("WANFORGE_RUNS_DIR", str(tmp_path / "outputs"))
     monkeypatch.setenv("OUTPUT_MODE", "upload")
     monkeypatch.setenv("OUTPUT", "hf://me/runs")
     monkeypatch.setenv("RUN_NAME", "ok")

@@ -109,7 +109,7 @@ def tiny_model(clips, tmp_path):
 
 def test_auto_preset_picks_by_gpu_memory_host_ram_and_keeps_explicit_fields():
     from trainer.flavours import get_flavour
-    from trainer.presets import preset_of, resolve_memory
+    from trainer.memory_presets import preset_of, resolve_memory
 
     big = get_flavour("t2v-480p-14b-2.1")
     on_80 = resolve_memory(MemoryConfig(preset="auto"), big, 80.0)
@@ -133,7 +133,7 @@ def test_auto_preset_picks_by_gpu_memory_host_ram_and_keeps_explicit_fields():
 
 def test_auto_preset_changes_nothing_on_cpu():
     from trainer.flavours import get_flavour
-    from trainer.presets import resolve_memory
+    from trainer.memory_presets import resolve_memory
 
     cfg = MemoryConfig()
     assert cfg.preset == "auto" and resolve_memory(cfg, get_flavour("t2v-480p-1.3b-2.1"), None) == cfg
@@ -218,7 +218,7 @@ def test_auto_at_720p_14b_fits_the_host_ram_of_a_128_gib_node():
     OOM-killed it on a 128 GiB node), so `auto` takes balanced-lean there (measured: 60 GiB host, 54 GiB GPU), and
     balanced only where the host has room for it."""
     from trainer.flavours import get_flavour
-    from trainer.presets import choose_preset, flavour_tokens
+    from trainer.memory_presets import choose_preset, flavour_tokens
     from trainer.sizing import HOST_SHARE, flavour_shape, predict_memory
 
     for name in ("t2v-14b-2.2-high", "i2v-14b-2.2-low"):
@@ -237,7 +237,7 @@ def test_run_json_records_which_memory_preset_ran_and_why():
     """run.json's `memory`: the preset asked for, the one that ran, and why (the node may choose unlike the laptop)."""
     from trainer.config import MemoryConfig
     from trainer.flavours import get_flavour
-    from trainer.presets import memory_choice, resolve_memory
+    from trainer.memory_presets import memory_choice, resolve_memory
 
     f = get_flavour("t2v-480p-1.3b-2.1")
     auto = MemoryConfig(preset="auto")

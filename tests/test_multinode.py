@@ -14,7 +14,7 @@ from trainer import sizing
 from trainer.config import MemoryConfig, config_from_dict
 from trainer.errors import UserError
 from trainer.flavours import get_flavour
-from trainer.presets import choose_preset, resolve_memory
+from trainer.memory_presets import choose_preset, resolve_memory
 
 
 def _cfg(flavour: str, preset: str = "auto"):

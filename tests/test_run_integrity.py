@@ -285,21 +285,21 @@ def test_torn_metrics_stale_temp_and_a_kill_before_the_first_checkpoint(few_clip
 
 
 def test_a_kill_during_the_final_validation_is_rendered_on_resume(few_clips, tmp_path, monkeypatch):
-    import trainer.validate
+    import trainer.validation_round
 
     run = tmp_path / "run"
     cfg = _cfg(few_clips, run, train={"max_train_steps": 2},
                validation={"at_end": True, "num_inference_steps": 2, "eval_every_n_steps": 0})
-    real_round = trainer.validate.validation_round
+    real_round = trainer.validation_round.validation_round
 
     def killed(*args, **kwargs):
         raise Crash("killed while rendering")
 
-    monkeypatch.setattr(trainer.validate, "validation_round", killed)
+    monkeypatch.setattr(trainer.validation_round, "validation_round", killed)
     with pytest.raises(Crash):
         train(cfg, show_progress=False)
     assert _status(run)["status"] == "failed" and _checkpoints(run) == ["step-2"]
-    monkeypatch.setattr(trainer.validate, "validation_round", real_round)
+    monkeypatch.setattr(trainer.validation_round, "validation_round", real_round)
     result = train(cfg, resume="latest", show_progress=False)
     status = _status(run)
     assert status["status"] == "completed" and status["videos"] and result.videos

@@ -179,7 +179,7 @@ def test_import_maps_the_quickstart(simpletuner_root, tmp_path):
     assert len(cfg.tread.routes) == 5
     assert cfg.crepa.enabled and cfg.crepa.block_index == 8 and cfg.crepa.weight == 0.5
     assert cfg.crepa.encoder == "dinov2_vits14" and cfg.crepa.encoder_image_size == 224
-    assert cfg.rollout.probability == 0.25 and cfg.rollout.steps == 5
+    assert cfg.scheduled_sampling.probability == 0.25 and cfg.scheduled_sampling.steps == 5
 
     (ds,) = cfg.datasets
     assert ds.id == "disney-black-and-white" and ds.path == root / "datasets/disney-black-and-white"

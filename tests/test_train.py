@@ -11,7 +11,7 @@ from conftest import tiny_config
 from trainer.cache import build_caches
 from trainer.components import load_transformer
 from trainer.errors import UserError
-from trainer.evaluation import fixed_eval_loss
+from trainer.eval_loss import fixed_eval_loss
 from trainer.export import read_lora
 from trainer.lora import add_lora
 from trainer.train import train

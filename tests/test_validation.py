@@ -17,7 +17,7 @@ from trainer.errors import UserError
 from trainer.export import save_lora
 from trainer.lora import add_lora
 from trainer.skip_layers import SkipLayerGuidance
-from trainer.validation import (
+from trainer.validation_videos import (
     ValidationPrompt, ValidationSettings, build_pipeline, generate, make_scheduler, settings_for, validation_prompts,
 )
 from trainer.video import decode_frames
@@ -89,7 +89,7 @@ def test_skip_layer_guidance_matches_the_guider_formula(tiny_parts):
     pipe = build_pipeline(transformer, vae, settings)
     generate(pipe, settings, prompt, negative, CPU, callback=record)
 
-    from trainer.validation import PIPELINE_TEXT_LENGTH, pad_text
+    from trainer.validation_videos import PIPELINE_TEXT_LENGTH, pad_text
 
     shape = (1, 16, 2, 4, 4)
     latents = pipe.prepare_latents(1, 16, 32, 32, 5, torch.float32, CPU, torch.Generator().manual_seed(0))
@@ -153,11 +153,11 @@ def test_resolution_wan_was_not_trained_at_warns(tmp_path, caplog):
     def cfg(**validation):
         return config_from_dict({"datasets": [{"path": str(tmp_path)}], "validation": validation})
 
-    with caplog.at_level(logging.WARNING, logger="trainer.validation"):
+    with caplog.at_level(logging.WARNING, logger="trainer.validation_videos"):
         settings_for(cfg(), "x")
         settings_for(cfg(width=480, height=832), "x")  # portrait 480p is fine
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="trainer.validation"):
+    with caplog.at_level(logging.WARNING, logger="trainer.validation_videos"):
         settings = settings_for(cfg(width=640, height=640), "x")
     assert "640x640" in caplog.text and "832x480" in caplog.text
     assert (settings.width, settings.height, settings.fps, settings.scheduler) == (640, 640, 16, "unipc")

@@ -93,7 +93,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from trainer.validate import validate_lora
+    from trainer.validation_round import validate_lora
 
     cfg = _load(args)
     for path in validate_lora(cfg, Path(args.lora), Path(args.out) if args.out else None):

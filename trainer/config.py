@@ -624,7 +624,7 @@ class CrepaConfig(Section):
         return v
 
 
-class RolloutConfig(Section):
+class ScheduledSamplingConfig(Section):
     probability: float = Field(
         0.0, ge=0.0, le=1.0, description="Scheduled sampling: chance that a sample's training input comes from the "
         "model's own denoising instead of exact noising (0: off). Costs about probability x steps extra forward passes per step.",
@@ -651,7 +651,16 @@ class WanforgeConfig(Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     tread: TreadConfig = Field(default_factory=TreadConfig)
     crepa: CrepaConfig = Field(default_factory=CrepaConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    scheduled_sampling: ScheduledSamplingConfig = Field(default_factory=ScheduledSamplingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_section_names(cls, data: Any) -> Any:
+        """`[rollout]` was the first name of `[scheduled_sampling]`: configs that use it still load, with a warning."""
+        if isinstance(data, dict) and "rollout" in data and "scheduled_sampling" not in data:
+            _log.warning("[rollout] is now called [scheduled_sampling]: rename the section (it was read as that)")
+            data = {("scheduled_sampling" if k == "rollout" else k): v for k, v in data.items()}
+        return data
 
     @model_validator(mode="after")
     def _needs_data(self) -> WanforgeConfig:

@@ -149,7 +149,7 @@ def _enlarge(frames: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _eval_loss_after(run_dir: Path) -> float:
-    """The last eval loss the training run logged (trainer.evaluation, at its final step)."""
+    """The last eval loss the training run logged (trainer.eval_loss, at its final step)."""
     import json
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -165,10 +165,10 @@ def run_demo(out: Path, steps: int = 100, show_progress: bool = True, model_dir:
     from trainer.components import load_transformer, load_vae
     from trainer.config import save_config
     from trainer.contact_sheet import contact_sheet
-    from trainer.evaluation import eval_record, split_eval_samples
+    from trainer.eval_loss import eval_record, split_eval_samples
     from trainer.train import train
-    from trainer.validate import prompt_embeds
-    from trainer.validation import build_pipeline, render, settings_for, validation_texts
+    from trainer.validation_round import prompt_embeds
+    from trainer.validation_videos import build_pipeline, render, settings_for, validation_texts
     from trainer.video import decode_frames, write_mp4
 
     data = make_demo_dataset(out / "data", num_clips=DEMO_CLIPS, frames=DEMO_FRAMES, size=DEMO_SIZE, concept=True)

@@ -134,7 +134,7 @@ def check_datasets(cfg, num_processes: int = 1) -> tuple[list[str], list[str]]:
     if not keys:
         problems.append("every dataset has disabled = true: enable at least one [[datasets]] table")
     v = cfg.validation
-    if v.eval_every_n_steps and v.eval_holdout and keys.get(0):  # trainer.evaluation holds these clips out
+    if v.eval_every_n_steps and v.eval_holdout and keys.get(0):  # trainer.eval_loss holds these clips out
         held = min(v.eval_samples, len(keys[0]) - 1)
         keys[0] = keys[0][:-held] if held > 0 else keys[0]
     batch = cfg.train.train_batch_size

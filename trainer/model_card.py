@@ -6,7 +6,7 @@ import json
 from trainer.components import base_model_path
 from trainer.config import WanforgeConfig
 from trainer.flavours import FLAVOURS
-from trainer.validation import ValidationSettings
+from trainer.validation_videos import ValidationSettings
 
 
 def trigger_words(cfg: WanforgeConfig) -> list[str]:

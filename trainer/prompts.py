@@ -1,6 +1,6 @@
 """Validation prompts as the config gives them: the prompt library file and the <token> trigger-word placeholder.
 
-Torch-free, so preflight reads and checks them exactly as validation will (trainer.validation renders them).
+Torch-free, so preflight reads and checks them exactly as validation will (trainer.validation_videos renders them).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ TAKES_EFFECT = (
     "train.max_train_steps", "train.log_every_n_steps", "train.gradient_accumulation_steps", "train.output_dir",
     "train.dataloader_num_workers", "train.mixed_precision", "train.max_grad_norm", "train.max_grad_value",
     "optim.learning_rate", "optim.adam_*", "optim.weight_decay", "optim.lr_scheduler", "optim.lr_warmup_steps",
-    "flow.*", "validation.*", "memory.*", "checkpoint.*", "tracking.*", "hub.*", "cache.*", "tread.*", "rollout.*",
+    "flow.*", "validation.*", "memory.*", "checkpoint.*", "tracking.*", "hub.*", "cache.*", "tread.*", "scheduled_sampling.*",
     "ema.decay", "ema.update_interval", "ema.validation", "lora.save_dtype", "lora.save_format",
     "model.wan_validation_load_other_stage", "model.expert_switch_every_n_steps",
     "datasets[*].id", "datasets[*].cache_dir", "datasets[*].text_cache_dir", "datasets[*].delete_problematic",

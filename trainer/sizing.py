@@ -1,6 +1,6 @@
 """The one sizing model: GPU memory, host memory and step time of a LoRA run, from measured rows. No torch.
 
-Both `[memory] preset = "auto"` (trainer/presets.py, on the node) and `wanforge estimate` / `--gpu auto`
+Both `[memory] preset = "auto"` (trainer/memory_presets.py, on the node) and `wanforge estimate` / `--gpu auto`
 (launcher/estimate.py, on the user's machine) ask this module, so they cannot disagree.
 
 Measured rows (launcher/calibration.toml `[[measured]]`, each naming its command in bench/RESULTS.md) give, for one
@@ -220,7 +220,7 @@ def predict_memory(shape: ModelShape, preset: str, tokens: int, batch: int = 1,
                    base_quantization: str | None = None, base_dtype: str = "bfloat16") -> MemoryPrediction:
     """GPU and host memory of `preset` for this model and clip, from its nearest measured row.
     `base_quantization` is the user's own setting where it overrides the preset's."""
-    from trainer.presets import PRESETS
+    from trainer.memory_presets import PRESETS
 
     quant = base_quantization or PRESETS[preset].get("base_quantization", "none")
     return scale_row(_preset_row(shape, preset, tokens), shape, tokens, batch, quant, base_dtype)

@@ -1,4 +1,4 @@
-"""The optional parts of a training step, in one place for the loop: scheduled sampling (trainer.rollout),
+"""The optional parts of a training step, in one place for the loop: scheduled sampling (trainer.scheduled_sampling),
 TREAD token routing (trainer.tread) and the CREPA loss (trainer.crepa). All off by default."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from trainer.config import WanforgeConfig
 from trainer.crepa import Crepa, install_crepa
 from trainer.flow import timesteps_from_sigmas
-from trainer.rollout import apply_rollout
+from trainer.scheduled_sampling import apply_rollout
 from trainer.tread import TokenRouter, install_tread
 
 
@@ -32,7 +32,7 @@ class StepExtras:
 
     @property
     def rollout_on(self) -> bool:
-        return self.cfg.rollout.probability > 0 or self.cfg.rollout.probability_start > 0
+        return self.cfg.scheduled_sampling.probability > 0 or self.cfg.scheduled_sampling.probability_start > 0
 
     def checkpoint_objects(self) -> dict:
         """The CREPA head is trained state: resumes need it (the LoRA file doesn't hold it)."""
@@ -43,7 +43,7 @@ class StepExtras:
         """(input, target) for the training forward; plans this step's token routing."""
         if self.rollout_on:
             predict = _predictor(transformer, self.cfg, batch, latents, text, dtype)
-            noisy, target, rolled = apply_rollout(predict, self.cfg.rollout, step, latents, noise, sigmas, noisy,
+            noisy, target, rolled = apply_rollout(predict, self.cfg.scheduled_sampling, step, latents, noise, sigmas, noisy,
                                                   target, generator)
             self.metrics["rollout_fraction"] = rolled / latents.shape[0]
         if self.router is not None:

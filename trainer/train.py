@@ -22,7 +22,7 @@ from trainer.config import WanforgeConfig, save_config
 from trainer.dataset import Collate, TrainingData
 from trainer.ema import AdapterEMA, weights_for
 from trainer.errors import RunStopped, UserError
-from trainer.evaluation import eval_due, log_eval_loss, split_eval_samples
+from trainer.eval_loss import eval_due, log_eval_loss, split_eval_samples
 from trainer.experts import (active_stage, expert_boundary, sample_training_sigmas, save_expert_loras, select_expert,
                              setup_expert_pair)
 from trainer.export import save_adapter
@@ -33,15 +33,15 @@ from trainer.guard import NonFiniteError, StopSignals, TrainingGuard, likely_cau
 from trainer.lora import adapter_state_dict, add_lora, trainable_parameters
 from trainer.distributed import noise_generator
 from trainer.memory import apply_memory_options, place_base_model
-from trainer.presets import host_memory_gib, memory_choice, resolve_memory
+from trainer.memory_presets import host_memory_gib, memory_choice, resolve_memory
 from trainer.sizing import config_tokens
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.resume import check_resume_settings
 from trainer.rundir import RunDir
 from trainer.step_extras import StepExtras
 from trainer.tracking import init_trackers, run_id_for
-from trainer.validate import TrainingValidator
-from trainer.validation import settings_for, validation_texts
+from trainer.validation_round import TrainingValidator
+from trainer.validation_videos import settings_for, validation_texts
 from trainer.webhooks import Webhooks
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,12 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.config import RolloutConfig
+from trainer.config import ScheduledSamplingConfig
 
 MIN_SIGMA = 0.05
 
 
-def rollout_probability(cfg: RolloutConfig, step: int) -> float:
+def rollout_probability(cfg: ScheduledSamplingConfig, step: int) -> float:
     """p at an optimizer step: a linear ramp from probability_start to probability over ramp_steps."""
     if cfg.ramp_steps <= 0 or step >= cfg.ramp_steps:
         return cfg.probability
@@ -47,7 +47,7 @@ def denoise(predict: Predict, x: torch.Tensor, s_from: torch.Tensor, s_to: torch
     return x
 
 
-def apply_rollout(predict: Predict, cfg: RolloutConfig, step: int, x0: torch.Tensor, noise: torch.Tensor,
+def apply_rollout(predict: Predict, cfg: ScheduledSamplingConfig, step: int, x0: torch.Tensor, noise: torch.Tensor,
                   sigmas: torch.Tensor, noisy: torch.Tensor, target: torch.Tensor,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(input, target, how many samples were rolled out) for one micro-batch."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import RolloutConfig
+from trainer.config import ScheduledSamplingConfig
 from trainer.flow import flow_target, noisy_input
-from trainer.rollout import MIN_SIGMA, apply_rollout, rollout_probability
+from trainer.scheduled_sampling import MIN_SIGMA, apply_rollout, rollout_probability
 
 
 class Oracle:
@@ -34,18 +34,18 @@ def _batch(n=3):
 
 
 def test_probability_ramp():
-    cfg = RolloutConfig(probability=0.5, probability_start=0.1, ramp_steps=100)
+    cfg = ScheduledSamplingConfig(probability=0.5, probability_start=0.1, ramp_steps=100)
     assert rollout_probability(cfg, 0) == pytest.approx(0.1)
     assert rollout_probability(cfg, 50) == pytest.approx(0.3)
     assert rollout_probability(cfg, 100) == rollout_probability(cfg, 5000) == 0.5
-    assert rollout_probability(RolloutConfig(probability=0.2), 0) == 0.2
+    assert rollout_probability(ScheduledSamplingConfig(probability=0.2), 0) == 0.2
 
 
 def test_off_consumes_no_randomness_and_changes_nothing():
     x0, noise, sigmas, g = _batch()
     noisy, target = noisy_input(x0, noise, sigmas), flow_target(x0, noise)
     state = g.get_state()
-    out = apply_rollout(biased, RolloutConfig(), 0, x0, noise, sigmas, noisy, target, g)
+    out = apply_rollout(biased, ScheduledSamplingConfig(), 0, x0, noise, sigmas, noisy, target, g)
     assert out[0] is noisy and out[1] is target and out[2] == 0
     assert torch.equal(g.get_state(), state)
 
@@ -54,7 +54,7 @@ def test_exact_model_rolls_out_onto_the_noising_path():
     x0, noise, sigmas, g = _batch()
     noisy, target = noisy_input(x0, noise, sigmas), flow_target(x0, noise)
     oracle = Oracle(x0, noise)
-    cfg = RolloutConfig(probability=1.0, steps=3, sigma_offset=0.2)
+    cfg = ScheduledSamplingConfig(probability=1.0, steps=3, sigma_offset=0.2)
     rolled, new_target, count = apply_rollout(oracle, cfg, 0, x0, noise, sigmas, noisy, target, g)
     assert count == 3 and oracle.calls == 3  # one batched call per Euler step
     assert torch.allclose(rolled, noisy, atol=1e-5)
@@ -65,7 +65,7 @@ def test_drifting_model_gets_a_corrective_target():
     x0, noise, sigmas, g = _batch()
     sigmas[0] = MIN_SIGMA / 2  # too close to clean to roll out
     noisy, target = noisy_input(x0, noise, sigmas), flow_target(x0, noise)
-    cfg = RolloutConfig(probability=1.0, steps=4, sigma_offset=0.1)
+    cfg = ScheduledSamplingConfig(probability=1.0, steps=4, sigma_offset=0.1)
     rolled, new_target, count = apply_rollout(biased, cfg, 0, x0, noise, sigmas, noisy, target, g)
     assert count == 2
     assert torch.equal(rolled[0], noisy[0]) and torch.equal(new_target[0], target[0])
@@ -85,7 +85,7 @@ def test_probability_selects_a_fraction_of_samples():
     noise = torch.randn_like(x0)
     sigmas = torch.full((400,), 0.5)
     g = torch.Generator().manual_seed(1)
-    _, _, count = apply_rollout(biased, RolloutConfig(probability=0.25, steps=1), 0, x0, noise, sigmas,
+    _, _, count = apply_rollout(biased, ScheduledSamplingConfig(probability=0.25, steps=1), 0, x0, noise, sigmas,
                                 noisy_input(x0, noise, sigmas), flow_target(x0, noise), g)
     assert 70 <= count <= 130
 
@@ -96,7 +96,7 @@ def test_tiny_wan_rollout_through_the_step_extras(clips, tmp_path):
     from trainer.components import load_transformer
     from trainer.step_extras import StepExtras
 
-    cfg = tiny_config(clips, tmp_path / "run", rollout={"probability": 1.0, "steps": 2})
+    cfg = tiny_config(clips, tmp_path / "run", scheduled_sampling={"probability": 1.0, "steps": 2})
     model = load_transformer(cfg.model).train()
     extras = StepExtras.install(model, cfg, torch.device("cpu"), torch.float32)
     assert extras is not None and extras.router is None and extras.crepa is None
@@ -126,7 +126,7 @@ def test_rollout_and_tread_with_image_conditioned_inputs(flavour, tmp_path):
     cfg = config_from_dict({
         "model": {"flavour": flavour}, "datasets": [{"path": str(tmp_path)}],
         "tread": {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": 0}]},
-        "rollout": {"probability": 1.0, "steps": 2},
+        "scheduled_sampling": {"probability": 1.0, "steps": 2},
     })
     model = load_transformer(cfg.model).train()
     extras = StepExtras.install(model, cfg, torch.device("cpu"), torch.float32)
@@ -148,3 +148,16 @@ def test_rollout_and_tread_with_image_conditioned_inputs(flavour, tmp_path):
     extras.router.clear()
     plain = model(**inputs, encoder_hidden_states=text, return_dict=False)[0]
     assert routed.shape == plain.shape == x0.shape and not torch.allclose(routed, plain)
+
+
+def test_the_old_rollout_section_name_still_loads(clips, tmp_path, caplog):
+    """`[rollout]` was the section's first name: such configs load as [scheduled_sampling], with a warning."""
+    from conftest import tiny_config
+    from trainer.config import config_from_dict, to_toml_dict
+
+    data = to_toml_dict(tiny_config(clips, tmp_path / "run"))
+    data.pop("scheduled_sampling", None)
+    data["rollout"] = {"probability": 0.3, "steps": 2}
+    cfg = config_from_dict(data)
+    assert cfg.scheduled_sampling.probability == 0.3 and cfg.scheduled_sampling.steps == 2
+    assert "[scheduled_sampling]" in caplog.text

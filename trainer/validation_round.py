@@ -19,7 +19,7 @@ from trainer.pipelines import lora_load_kwargs
 from trainer.ema import AdapterEMA, validation_variants, weights_for
 from trainer.errors import UserError
 from trainer.rundir import RunDir
-from trainer.validation import Rendered, ValidationSettings, build_pipeline, render, settings_for
+from trainer.validation_videos import Rendered, ValidationSettings, build_pipeline, render, settings_for
 from trainer.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
