@@ -6,7 +6,7 @@ every sample is resampled to 16 fps by timestamps (81 of 144 source frames) and 
 exactly as training caches them.
 
 Rows: decoding alone (CPU, per clip), the VAE alone (fp32, as the cache runs it, and bf16 for comparison), and the
-end-to-end cache build (`trainer.cache._encode_latents`: decode threads ahead of the VAE, safetensors writes) with
+end-to-end cache build (`trainer.cache.encode_latent_entries`: decode threads ahead of the VAE, safetensors writes) with
 0 / 2 / 4 decode workers.
 
     PYTHONPATH=/tmp/site:$PWD python3 bench/cache_throughput.py --clips 8
@@ -66,7 +66,7 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
 
-    from trainer.cache import _encode_latents, encode_videos, latent_spec, latent_path, read_sample
+    from trainer.cache import encode_latent_entries, encode_videos, latent_spec, latent_path, read_sample
     from trainer.components import load_vae
     from trainer.config import config_from_dict
     from trainer.discovery import scan_dataset
@@ -128,11 +128,11 @@ def main() -> int:
         cfg = config(workers, work / f"cache{workers}")
         todo = [(latent_path(cfg, 0, s), s) for s in specs]
         t0 = time.perf_counter()
-        built = _encode_latents(cfg, todo, device, show_progress=False)
+        built = encode_latent_entries(cfg, todo, device, show_progress=False)
         sync(device)
         dt = time.perf_counter() - t0
         assert built == args.clips and all(p.is_file() for p, _ in todo)
-        rows.append((f"end to end (_encode_latents, fp32 VAE, {workers} decode workers)", args.clips / dt,
+        rows.append((f"end to end (encode_latent_entries, fp32 VAE, {workers} decode workers)", args.clips / dt,
                      dt / args.clips, "includes loading the VAE once"))
 
     print()

@@ -31,7 +31,7 @@ def build_model(folder: Path) -> None:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from trainer.tiny import _build_tokenizer
+    from trainer.tiny import build_tokenizer
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -39,7 +39,7 @@ def build_model(folder: Path) -> None:
         vae = AutoencoderKLWan()
         encoder = UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=4096, d_kv=64, d_ff=10240, num_layers=2,
                                               num_heads=64, pad_token_id=0, eos_token_id=1)).to(torch.bfloat16)
-    pipe = WanPipeline(tokenizer=_build_tokenizer(), text_encoder=encoder, vae=vae, transformer=transformer,
+    pipe = WanPipeline(tokenizer=build_tokenizer(), text_encoder=encoder, vae=vae, transformer=transformer,
                        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                          flow_shift=5.0))
     pipe.save_pretrained(folder)

@@ -53,8 +53,8 @@ def run_row(name: str, size: tuple[int, int, int], steps: int, checkpointing: st
     from trainer.experts import sample_training_sigmas
     from trainer.flavours import get_flavour
     from trainer.flow import flow_loss, flow_target, noisy_input, timesteps_from_sigmas
-    from trainer.lora import add_lora, trainable_parameters
-    from trainer.memory import apply_memory_options
+    from trainer.trainable import make_trainable
+    from trainer.lora import trainable_parameters
     from trainer.optim import make_optimizer
 
     flavour = get_flavour(name)
@@ -69,8 +69,7 @@ def run_row(name: str, size: tuple[int, int, int], steps: int, checkpointing: st
     finally:
         torch.set_default_dtype(previous)
     transformer.requires_grad_(False)
-    add_lora(transformer, LoraConfig(rank=16))
-    apply_memory_options(transformer, MemoryConfig(gradient_checkpointing=checkpointing), device)
+    make_trainable(transformer, LoraConfig(rank=16), MemoryConfig(gradient_checkpointing=checkpointing), device)
     transformer.train()
     optimizer = make_optimizer(trainable_parameters(transformer), OptimConfig(), device)
     model_cfg, flow_cfg = ModelConfig(flavour=name), FlowConfig()

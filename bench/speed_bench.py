@@ -2,7 +2,7 @@
 
 Random weights at the real 1.3B / 14B configs (nothing can be downloaded on the GPU machine). Each trainer variant goes
 through the trainer's own code: `place_base_model` -> `add_lora` -> `apply_memory_options` -> accelerate prepare ->
-`trainer.train._micro_step` with accelerate backward, clipping and the fused AdamW, on a cached-latent-shaped batch
+`trainer.training_step.training_step` with accelerate backward, clipping and the fused AdamW, on a cached-latent-shaped batch
 (832x480x81 -> 16x21x60x104 latents, 512 x 4096 text states). The naive diffusers + peft loop runs in the same process
 as the ratio base: bf16 model, `add_adapter`, diffusers' default checkpointing and attention, torch AdamW, loss.item().
 
@@ -210,20 +210,18 @@ def run_trainer_variant(model: str, flavour: str, memory: dict, warmup: int, ste
     from accelerate import Accelerator
 
     from trainer.config import config_from_dict
-    from trainer.lora import add_lora, trainable_parameters
-    from trainer.memory import apply_memory_options, place_base_model
+    from trainer.lora import trainable_parameters
     from trainer.optim import make_optimizer
-    from trainer.train import _micro_step
+    from trainer.trainable import make_trainable
+    from trainer.training_step import training_step
 
     cfg = config_from_dict({"model": {"flavour": flavour}, "memory": {"preset": "none", **memory},
                             "datasets": [{"path": "/tmp"}], "lora": {"rank": 16}}, source="bench")
     device = torch.device("cuda")
     accelerator = Accelerator(mixed_precision="bf16")
     transformer = build_transformer(model, flavour)
-    place_base_model(transformer, cfg.memory, device)
-    torch.manual_seed(0)
-    add_lora(transformer, cfg.lora)
-    offloader = apply_memory_options(transformer, cfg.memory, device)
+    torch.manual_seed(0)  # the same LoRA init for every variant
+    offloader = make_trainable(transformer, cfg.lora, cfg.memory, device)
     transformer.train()
     params = trainable_parameters(transformer)
     optimizer = make_optimizer(params, cfg.optim, device)
@@ -234,7 +232,7 @@ def run_trainer_variant(model: str, flavour: str, memory: dict, warmup: int, ste
     first: dict = {}
 
     def step() -> None:
-        loss = _micro_step(transformer, batch, cfg, generator, device, torch.bfloat16)
+        loss = training_step(transformer, batch, cfg, generator, device, torch.bfloat16)
         accelerator.backward(loss)
         norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or 1.0)
         optimizer.step()

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import LoraConfig, MemoryConfig, TreadConfig
-from trainer.lora import add_lora, trainable_parameters
-from trainer.memory import apply_memory_options
+from trainer.trainable import make_trainable
+from trainer.lora import trainable_parameters
 from trainer.tread import TokenRouter, kept_count
 
 CONFIGS = {
@@ -77,8 +77,7 @@ def main() -> None:
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, latent_shape, text_shape = build(args.tiny, device, dtype)
-    add_lora(model, LoraConfig(rank=16))
-    apply_memory_options(model, MemoryConfig(gradient_checkpointing=args.checkpointing), device)
+    make_trainable(model, LoraConfig(rank=16), MemoryConfig(gradient_checkpointing=args.checkpointing), device)
     model.train()
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-5)

@@ -4,6 +4,7 @@ and the launcher's own modules (the notebook form, render, estimate, targets, li
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,17 @@ def test_the_node_and_the_images_train_through_the_engine_entry_point():
 
     assert train_command(Path("/c.toml"))[1:4] == ["-m", "trainer.cli", "train"]
     assert "-m trainer.cli train" in (REPO / "docker" / "start.sh").read_text()
+
+
+def test_the_model_is_assembled_and_stepped_in_one_place():
+    """load -> place -> adapter -> memory options lives in trainer/trainable.py, the micro-step in
+    trainer/training_step.py: no other module of the loop, the experts or the benches repeats the sequence or
+    reaches for a private step."""
+    for path in [*(REPO / "trainer").glob("*.py"), *(REPO / "bench").glob("*.py")]:
+        if path.name in ("trainable.py", "memory.py", "lora.py"):
+            continue
+        text = path.read_text()
+        calls = [name for name in ("place_base_model(", "apply_memory_options(") if name in text]
+        assert not calls, f"{path.relative_to(REPO)} assembles the model itself ({calls}): use trainer.trainable"
+        private = re.findall(r"from trainer\.\w+ import [^\n]*\b_\w+", text)
+        assert not private, f"{path.relative_to(REPO)} imports a private name of the trainer: {private}"

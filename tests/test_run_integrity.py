@@ -79,16 +79,16 @@ def test_diverging_run_fails_and_keeps_the_last_good_checkpoint(few_clips, tmp_p
                     next(p for n, p in transformer.named_parameters() if "lora_B" in n).mul_(1e38).add_(1e38)
         return on_step
 
-    import trainer.train as train_module
+    import trainer.trainable as trainable
 
-    real_add_lora = train_module.add_lora
+    real_add_lora = trainable.add_lora
     hooks = []
 
     def add_lora_and_remember(transformer, lora_cfg):
         real_add_lora(transformer, lora_cfg)
         hooks.append(spike(transformer))
 
-    monkeypatch.setattr(train_module, "add_lora", add_lora_and_remember)  # the run's own adapter, to blow up
+    monkeypatch.setattr(trainable, "add_lora", add_lora_and_remember)  # the run's own adapter, to blow up
     with pytest.raises(NonFiniteError, match=r"NaN/inf at step \d+.*learning rate.*Last good checkpoint") as info:
         train(cfg, show_progress=False, on_step=lambda step: hooks[0](step))
     status = _status(run)

@@ -215,7 +215,7 @@ def build_caches(
     # each process owns a fixed share of ALL entries (not of the missing ones, which depend on timing)
     share = sorted(latent_entries.items(), key=lambda item: (item[1].bucket, str(item[0])))[rank::world_size]
     todo = [(lp, spec) for lp, spec in share if not lp.is_file() and not _failure(lp)]
-    report.built_latents = _encode_latents(cfg, todo, device, show_progress)
+    report.built_latents = encode_latent_entries(cfg, todo, device, show_progress)
     texts = sorted(text_entries.items())[rank::world_size]
     report.built_texts = _encode_texts(cfg, {tp: t for tp, t in texts if not tp.is_file()}, device, show_progress)
     if barrier is not None:
@@ -280,7 +280,7 @@ def _decoded(todo: list[tuple[Path, LatentSpec]], workers: int) -> Iterator[tupl
             yield lp, future.result()
 
 
-def _encode_latents(cfg: WanforgeConfig, todo: list[tuple[Path, LatentSpec]], device: torch.device,
+def encode_latent_entries(cfg: WanforgeConfig, todo: list[tuple[Path, LatentSpec]], device: torch.device,
                     show_progress: bool) -> int:
     """Encode clips of one bucket in batches of cache.vae_batch_size; a clip that fails to decode gets a .failed note."""
     if not todo:

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import WanPipeline
 
     from trainer.demo import DEMO_GUIDANCE, TRIGGER, caption
-    from trainer.tiny import _build_tokenizer, demo_transformer, demo_vae, flow_scheduler, save_pipeline, text_encoder
+    from trainer.tiny import build_tokenizer, demo_transformer, demo_vae, flow_scheduler, save_pipeline, text_encoder
 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     encoder = round_to_fp16(text_encoder()).to(device).eval()
     vae, transformer = demo_vae().to(device), demo_transformer().to(device)
-    pipe = WanPipeline(tokenizer=_build_tokenizer(), text_encoder=encoder, vae=vae, transformer=transformer,
+    pipe = WanPipeline(tokenizer=build_tokenizer(), text_encoder=encoder, vae=vae, transformer=transformer,
                        scheduler=flow_scheduler())
     pipe.set_progress_bar_config(disable=True)
 

@@ -207,21 +207,15 @@ class ExpertPair(torch.nn.Module):
 
 def setup_expert_pair(cfg, dtype: torch.dtype, device: torch.device, num_processes: int) -> ExpertPair:
     """Both experts with LoRA and the memory options; the flavour's own expert active on the device."""
-    from trainer.components import load_transformer
     from trainer.errors import UserError
     from trainer.flavours import get_flavour
-    from trainer.lora import add_lora
-    from trainer.memory import apply_memory_options, place_base_model
+    from trainer.trainable import build_trainable_transformer
 
     if num_processes > 1:
         raise UserError("model.train_both_experts runs on one GPU: train each expert as its own multi-GPU run instead")
     experts = {}
     for stage, sub in (("high", "transformer"), ("low", "transformer_2")):
-        expert = load_transformer(cfg.model, dtype, subfolder=sub)
-        place_base_model(expert, cfg.memory, torch.device("cpu"))
-        add_lora(expert, cfg.lora)
-        apply_memory_options(expert, cfg.memory, device)
-        experts[stage] = expert
+        experts[stage] = build_trainable_transformer(cfg, dtype, device, subfolder=sub, base_device=torch.device("cpu"))
     pair = ExpertPair(experts["high"], experts["low"])
     pair.activate(get_flavour(cfg.model.flavour).stage, device)
     return pair

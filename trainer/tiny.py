@@ -32,7 +32,7 @@ def tiny_model_dir(variant: str = "t2v-2.1") -> Path:
     return wanforge_home() / f"tiny-wan-{variant}-{TINY_VERSION}"
 
 
-def _build_tokenizer():
+def build_tokenizer():
     """Byte-level BPE with no merges: every text (any script) tokenises, nothing to download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -132,7 +132,7 @@ def build_tiny_model(target: Path, variant: str = "t2v-2.1") -> Path:
     from diffusers import WanImageToVideoPipeline, WanPipeline
 
     torch.manual_seed(0)
-    common = dict(tokenizer=_build_tokenizer(), text_encoder=text_encoder(), scheduler=flow_scheduler())
+    common = dict(tokenizer=build_tokenizer(), text_encoder=text_encoder(), scheduler=flow_scheduler())
     if variant == "t2v-2.1":
         pipe = WanPipeline(vae=_tiny_vae(False), transformer=_tiny_transformer(16, 16), **common)
     elif variant == "t2v-2.2":

@@ -16,23 +16,20 @@ from tqdm.auto import tqdm
 from trainer.cache import build_caches
 from trainer.checkpointing import (OptimizerState, SchedulePosition, TrainState, checkpoint_config, load_checkpoint,
                                    save_checkpoint, verify_checkpoint)
-from trainer.components import base_model_path, load_transformer
-from trainer.conditioning import build_conditioning, loss_region, transformer_inputs, with_conditioning
+from trainer.components import base_model_path
+from trainer.conditioning import build_conditioning, with_conditioning
 from trainer.config import WanforgeConfig, save_config
 from trainer.dataset import Collate, TrainingData
 from trainer.ema import AdapterEMA, weights_for
 from trainer.errors import RunStopped, UserError
 from trainer.eval_loss import eval_due, log_eval_loss, split_eval_samples
-from trainer.experts import (active_stage, expert_boundary, sample_training_sigmas, save_expert_loras, select_expert,
-                             setup_expert_pair)
+from trainer.experts import save_expert_loras, setup_expert_pair
 from trainer.export import save_adapter
-from trainer.flow import flow_loss, flow_target, noisy_input, timesteps_from_sigmas
 from trainer.hub import HubPublisher, final_upload_remedy, publish_final, tracker_note
 from trainer.flavours import get_flavour
 from trainer.guard import NonFiniteError, StopSignals, TrainingGuard, likely_causes, require_finite
-from trainer.lora import adapter_state_dict, add_lora, trainable_parameters
+from trainer.lora import adapter_state_dict, trainable_parameters
 from trainer.distributed import noise_generator
-from trainer.memory import apply_memory_options, place_base_model
 from trainer.memory_presets import host_memory_gib, memory_choice, resolve_memory
 from trainer.sizing import config_tokens
 from trainer.optim import make_lr_scheduler, make_optimizer
@@ -40,6 +37,8 @@ from trainer.resume import check_resume_settings
 from trainer.rundir import RunDir
 from trainer.step_extras import StepExtras
 from trainer.tracking import init_trackers, run_id_for
+from trainer.trainable import build_trainable_transformer
+from trainer.training_step import training_step
 from trainer.validation_round import TrainingValidator
 from trainer.validation_videos import settings_for, validation_texts
 from trainer.webhooks import Webhooks
@@ -213,6 +212,7 @@ def _say(line: str, show_progress: bool) -> None:
 def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_progress, on_step,
            webhooks: Webhooks, signals: StopSignals) -> TrainResult:
     main = accelerator.is_main_process
+    flavour = get_flavour(cfg.model.flavour)  # resolved once for the loop
     def upload_failed(line: str) -> None:  # log (hub.py), webhook and tracker hear of every failed Hub upload
         webhooks.send("error", line)
         tracker_note(accelerator.trackers)(line)
@@ -238,10 +238,7 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
     if both:
         transformer = setup_expert_pair(cfg, base_dtype, device, accelerator.num_processes)
     else:
-        transformer = load_transformer(cfg.model, base_dtype)
-        place_base_model(transformer, cfg.memory, device)
-        add_lora(transformer, cfg.lora)
-        apply_memory_options(transformer, cfg.memory, device)
+        transformer = build_trainable_transformer(cfg, base_dtype, device)
     extras = StepExtras.install(transformer, cfg, device, base_dtype)  # TREAD, CREPA, rollout (None: all off)
     transformer.train()
     params = trainable_parameters(transformer)
@@ -305,7 +302,8 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
                                         device)
             micro += 1
             with accelerator.accumulate(transformer):
-                loss = _micro_step(transformer, batch, cfg, generator, device, base_dtype, extras, state.step)
+                loss = training_step(transformer, batch, cfg, generator, device, base_dtype, extras, state.step,
+                                     flavour)
                 accelerator.backward(loss)
                 guard.watch_loss(loss)
                 grad_norm = None
@@ -403,27 +401,6 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
 def _validate(validator: TrainingValidator, accelerator, transformer, step: int, device) -> list[Path]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # resumable RNG
         return validator(accelerator, transformer, step)
-
-
-def _micro_step(transformer, batch, cfg: WanforgeConfig, generator: torch.Generator, device, dtype,
-                extras: StepExtras | None = None, step: int = 0) -> torch.Tensor:
-    latents = batch["latents"].to(device, non_blocking=True).float()
-    text = batch["text"].to(device, non_blocking=True)
-    flavour = get_flavour(cfg.model.flavour)
-    stage = active_stage(cfg, step)
-    select_expert(transformer, stage, device)  # train_both_experts: the step's expert on the GPU
-    sigmas = sample_training_sigmas(latents.shape[0], cfg.flow, generator, flavour, stage, expert_boundary(cfg.model))
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
-    noisy = noisy_input(latents, noise, sigmas)
-    target = flow_target(latents, noise)
-    if extras is not None:
-        noisy, target = extras.before_forward(transformer, step, batch, latents, noise, sigmas, noisy, target,
-                                              text.to(dtype), generator, dtype)
-    inputs = transformer_inputs(flavour, cfg.model, batch, latents, noisy, timesteps_from_sigmas(sigmas).to(device),
-                                device, dtype)  # I2V condition channels / TI2V clean first frame
-    prediction = transformer(**inputs, encoder_hidden_states=text.to(dtype), return_dict=False)[0]
-    loss = flow_loss(*loss_region(flavour, prediction, target))
-    return extras.add_losses(loss, latents) if extras is not None else loss
 
 
 def _save_final_lora(cfg: WanforgeConfig, run: RunDir, accelerator, transformer, ema: AdapterEMA | None = None) -> Path:

@@ -1,0 +1,31 @@
+"""The trainable Wan transformer, assembled in one order everywhere (the loop, the Wan 2.2 experts, the benches):
+load -> quantize and place the frozen base -> add the adapter -> memory options (attention, checkpointing, offload,
+compile). The order matters: quantization before the adapter, the adapter before checkpointing wraps the blocks."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.components import load_transformer
+from trainer.config import LoraConfig, MemoryConfig, WanforgeConfig
+from trainer.lora import add_lora
+from trainer.memory import apply_memory_options, place_base_model
+from trainer.offload import ActivationOffloader
+
+
+def make_trainable(transformer, lora: LoraConfig, memory: MemoryConfig, device: torch.device,
+                   base_device: torch.device | None = None) -> ActivationOffloader | None:
+    """Turn a loaded (or, in the benches, freshly built) transformer into the one that trains. `base_device`: where the
+    frozen base waits (the idle Wan 2.2 expert waits in CPU RAM); default `device`. Returns the activation offloader,
+    if any (its byte count is a metric)."""
+    place_base_model(transformer, memory, base_device or device)
+    add_lora(transformer, lora)
+    return apply_memory_options(transformer, memory, device)
+
+
+def build_trainable_transformer(cfg: WanforgeConfig, dtype: torch.dtype, device: torch.device, *,
+                                subfolder: str | None = None, base_device: torch.device | None = None):
+    """Load the config's transformer (or one expert's `subfolder`) and make it trainable (`make_trainable`)."""
+    transformer = load_transformer(cfg.model, dtype, subfolder=subfolder)
+    make_trainable(transformer, cfg.lora, cfg.memory, device, base_device)
+    return transformer

@@ -1,0 +1,36 @@
+"""One training micro-step, the same for the loop and the benches: the flow-matching loss of a cached batch."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.conditioning import loss_region, transformer_inputs
+from trainer.config import WanforgeConfig
+from trainer.experts import active_stage, expert_boundary, sample_training_sigmas, select_expert
+from trainer.flavours import Flavour, get_flavour
+from trainer.flow import flow_loss, flow_target, noisy_input, timesteps_from_sigmas
+from trainer.step_extras import StepExtras
+
+
+def training_step(transformer, batch, cfg: WanforgeConfig, generator: torch.Generator, device, dtype,
+                  extras: StepExtras | None = None, step: int = 0, flavour: Flavour | None = None) -> torch.Tensor:
+    """One micro-batch's flow-matching loss (the caller runs backward): the step's expert, noise levels on its side
+    of the boundary, noised latents, the flavour's conditioning inputs, TREAD / CREPA / scheduled sampling.
+    `flavour`: the config's, resolved once by the caller (looked up here when not given)."""
+    latents = batch["latents"].to(device, non_blocking=True).float()
+    text = batch["text"].to(device, non_blocking=True)
+    flavour = flavour or get_flavour(cfg.model.flavour)
+    stage = active_stage(cfg, step)
+    select_expert(transformer, stage, device)  # train_both_experts: the step's expert on the GPU
+    sigmas = sample_training_sigmas(latents.shape[0], cfg.flow, generator, flavour, stage, expert_boundary(cfg.model))
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
+    noisy = noisy_input(latents, noise, sigmas)
+    target = flow_target(latents, noise)
+    if extras is not None:
+        noisy, target = extras.before_forward(transformer, step, batch, latents, noise, sigmas, noisy, target,
+                                              text.to(dtype), generator, dtype)
+    inputs = transformer_inputs(flavour, cfg.model, batch, latents, noisy, timesteps_from_sigmas(sigmas).to(device),
+                                device, dtype)  # I2V condition channels / TI2V clean first frame
+    prediction = transformer(**inputs, encoder_hidden_states=text.to(dtype), return_dict=False)[0]
+    loss = flow_loss(*loss_region(flavour, prediction, target))
+    return extras.add_losses(loss, latents) if extras is not None else loss
