@@ -2,7 +2,7 @@
 
 The notebook goes through the same command as the terminal (launcher/launch.py): `--target local` runs the task's
 setup/run scripts on this machine, a cloud target renders the SkyPilot task and launches it. SkyPilot lives in its
-own environment (FACTS.md: its click pin clashes with wandb), so cloud launches, logs and syncs run with
+own environment (its click pin clashes with wandb), so cloud launches, logs and syncs run with
 `launch_python` (default: $WANFORGE_LAUNCH_PYTHON, else this Python).
 """
 

@@ -1,6 +1,6 @@
 """A live panel for a run in a notebook: status, step, loss plot, ETA and the latest validation video.
 
-It reads only the run folder (DESIGN.md layout: run.json, metrics.jsonl, validation/step-N/*.mp4), so the same panel
+It reads only the run folder (docs/runs.md layout: run.json, metrics.jsonl, validation/step-N/*.mp4), so the same panel
 follows a local run as it trains and a remote one through `wanforge sync` (called every `sync_every_s`).
 
     panel = ProgressPanel(run_dir, handle)    # handle: launcher.form_launch.RunHandle (optional)

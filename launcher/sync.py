@@ -1,4 +1,4 @@
-"""`wanforge sync RUN`: bring a run folder back into the local run folder, in the DESIGN.md layout.
+"""`wanforge sync RUN`: bring a run folder back into the local run folder, in the docs/runs.md layout.
 
 From where the outputs are: the node itself (rsync over SkyPilot's ssh alias of the cluster: there is no
 `sky rsync-down`), a mounted bucket (the store's CLI, as SkyPilot syncs it), or where the node uploaded them (Hub repo
@@ -64,7 +64,7 @@ def bucket_sync(url: str, dest: Path) -> None:
 
 
 def check_layout(folder: Path) -> str:
-    """The run folder has the DESIGN.md layout; returns run.json's status."""
+    """The run folder has the docs/runs.md layout; returns run.json's status."""
     run_json = folder / "run.json"
     if not run_json.is_file() or not (folder / "config.toml").is_file():
         raise UserError(f"{folder}: no run.json / config.toml came back; the run may not have started yet "

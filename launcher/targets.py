@@ -1,4 +1,4 @@
-"""Where a run can go: the feasibility table SkyPilot itself does not check (FACTS.md), and the request check.
+"""Where a run can go: the feasibility table SkyPilot itself does not check, and the request check.
 
 A target is a SkyPilot cloud (or `local`). The table says, per target, what kind of machine the image runs as, how
 many nodes it allows, whether buckets can be mounted, whether it has spot instances, and the accelerator name each

@@ -1,4 +1,4 @@
-"""Native ComfyUI's rules for Wan LoRA files, written from the checked facts (FACTS.md, "LoRA files in the clients"),
+"""Native ComfyUI's rules for Wan LoRA files, written from the project's checked facts on how the clients read LoRA files,
 not from ComfyUI's code, so tests can load a file the way ComfyUI does and compare outputs:
 
 - Keys name weights of the ORIGINAL Wan layout (`blocks.0.self_attn.q`, `head.head`, `img_emb.proj.1`, ...), either

@@ -171,7 +171,7 @@ def test_every_preset_has_measured_rows_and_every_row_names_its_command():
 
     rows = measured_rows()
     for row in rows:
-        assert "bench/RESULTS.md" in row["source"] or "FACTS.md" in row["source"]
+        assert "bench/RESULTS.md" in row["source"]
         assert row["gpu"] in known_gpus()
     for preset in PRESETS:
         for width in (1536, 5120):

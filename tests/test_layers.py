@@ -1,4 +1,4 @@
-"""The layers DESIGN.md states: the trainer never imports the launcher, the engine's commands live in trainer/cli.py,
+"""The layers the design states: the trainer never imports the launcher, the engine's commands live in trainer/cli.py,
 and the launcher's own modules (the notebook form, render, estimate, targets, lifecycle) import no torch."""
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def calibration(monkeypatch):
 def test_contention_is_derived_from_the_measured_two_gpu_rows(calibration):
     rows = {r["preset"]: r for r in calibration["parallel"]}
     balanced = rows["balanced"]
-    assert "FACTS.md" in balanced["source"] and balanced["processes"] == 2 and rows["fast"]["offload_gib"] == 0
+    assert "bench/RESULTS.md" in balanced["source"] and balanced["processes"] == 2 and rows["fast"]["offload_gib"] == 0
     rate = (balanced["s_per_step"] - balanced["s_per_step_one"]) / balanced["offload_gib"]
     contention = sizing.offload_contention()
     assert contention.s_per_gib == pytest.approx(rate) and "derived" in contention.basis

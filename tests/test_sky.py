@@ -2,7 +2,7 @@
 
 SkyPilot lives in its own environment (.venv-launch, see constraints-launch.txt): its click pin clashes with wandb.
 These tests run a script in that environment's Python (WANFORGE_LAUNCH_PYTHON, else <repo>/.venv-launch/bin/python),
-with a small GPU catalog written into a temporary HOME so `Task.validate()` works offline (FACTS.md).
+with a small GPU catalog written into a temporary HOME so `Task.validate()` works offline.
 """
 
 from __future__ import annotations

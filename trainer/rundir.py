@@ -1,4 +1,4 @@
-"""The run folder contract (DESIGN.md): config.toml, checkpoints/step-N/, lora/, validation/step-N/, metrics.jsonl,
+"""The run folder contract (docs/runs.md): config.toml, checkpoints/step-N/, lora/, validation/step-N/, metrics.jsonl,
 run.json, and the lock that keeps it to one writer."""
 
 from __future__ import annotations

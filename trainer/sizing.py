@@ -296,7 +296,7 @@ def offload_contention() -> Contention:
     measured = "; ".join(f"{r['preset']} {r['flavour']} {r['width']}x{r['height']}x{r['num_frames']} on "
                          f"{r['processes']}x {r['gpu']}: {r['s_per_step']} vs {r['s_per_step_one']} s/step, "
                          f"{r['offload_gib']} GiB offloaded" for r in rows)
-    return Contention(rate, f"derived {rate:.4f} s per GiB offloaded per further process from {measured} (FACTS.md)")
+    return Contention(rate, f"derived {rate:.4f} s per GiB offloaded per further process from {measured} (bench/RESULTS.md)")
 
 
 def _speed_row(shape: ModelShape, preset: str, tokens: int) -> dict[str, Any]:
