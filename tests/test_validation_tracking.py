@@ -1,5 +1,7 @@
 """Trackers: W&B (offline) gets the validation videos and contact sheet, under one run id across a resume."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,9 @@ def test_wandb_offline_logs_videos_under_one_run_id_across_restarts(tmp_path, mo
         log_validation(accelerator, cfg, [("v", video)], sheet, step)
         accelerator.end_training()
     run_dirs = sorted(p for p in (run.root / "wandb").glob("offline-run-*"))
-    assert len(run_dirs) == 2 and {p.name.rsplit("-", 1)[1] for p in run_dirs} == {run.read_status()["run_id"]}
+    # wandb names them offline-run-<time>-<run id>, and adds "-1" when both starts fall in the same second
+    run_id = run.read_status()["run_id"]
+    assert len(run_dirs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", p.name)
+                                      for p in run_dirs), [p.name for p in run_dirs]
     media = [p.name for p in (run_dirs[-1] / "files" / "media").rglob("*") if p.is_file()]
     assert any(n.endswith(".mp4") for n in media) and any(n.endswith(".png") for n in media)
