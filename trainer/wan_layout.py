@@ -14,45 +14,15 @@ from pathlib import Path
 
 from trainer.errors import UserError
 from trainer.flavours import Flavour
+from trainer.lora_names import wan_modules
 
-# inside every block: module path -> class name (diffusers WanTransformerBlock)
-_ATTENTION = {"to_q": "Linear", "to_k": "Linear", "to_v": "Linear", "to_out": "ModuleList", "to_out.0": "Linear",
-              "to_out.1": "Dropout", "norm_q": "RMSNorm", "norm_k": "RMSNorm"}
-BLOCK_MODULES: dict[str, str] = {
-    "norm1": "FP32LayerNorm", "attn1": "WanAttention", **{f"attn1.{k}": v for k, v in _ATTENTION.items()},
-    "attn2": "WanAttention", **{f"attn2.{k}": v for k, v in _ATTENTION.items()},
-    "norm2": "FP32LayerNorm", "ffn": "FeedForward", "ffn.net": "ModuleList", "ffn.net.0": "GELU",
-    "ffn.net.0.proj": "Linear", "ffn.net.1": "Dropout", "ffn.net.2": "Linear", "norm3": "FP32LayerNorm",
-}
-IMAGE_BLOCK_MODULES = {"attn2.add_k_proj": "Linear", "attn2.add_v_proj": "Linear", "attn2.norm_added_k": "RMSNorm"}
-TOP_MODULES: dict[str, str] = {
-    "rope": "WanRotaryPosEmbed", "patch_embedding": "Conv3d", "condition_embedder": "WanTimeTextImageEmbedding",
-    "condition_embedder.timesteps_proj": "Timesteps", "condition_embedder.time_embedder": "TimestepEmbedding",
-    "condition_embedder.time_embedder.linear_1": "Linear", "condition_embedder.time_embedder.act": "SiLU",
-    "condition_embedder.time_embedder.linear_2": "Linear", "condition_embedder.act_fn": "SiLU",
-    "condition_embedder.time_proj": "Linear", "condition_embedder.text_embedder": "PixArtAlphaTextProjection",
-    "condition_embedder.text_embedder.linear_1": "Linear", "condition_embedder.text_embedder.act_1": "GELU",
-    "condition_embedder.text_embedder.linear_2": "Linear", "blocks": "ModuleList",
-    "norm_out": "FP32LayerNorm", "proj_out": "Linear",
-}
-IMAGE_TOP_MODULES = {
-    "condition_embedder.image_embedder": "WanImageEmbedding", "condition_embedder.image_embedder.norm1": "FP32LayerNorm",
-    "condition_embedder.image_embedder.ff": "FeedForward", "condition_embedder.image_embedder.ff.net": "ModuleList",
-    "condition_embedder.image_embedder.ff.net.0": "GELU", "condition_embedder.image_embedder.ff.net.0.proj": "Linear",
-    "condition_embedder.image_embedder.ff.net.1": "Dropout", "condition_embedder.image_embedder.ff.net.2": "Linear",
-    "condition_embedder.image_embedder.norm2": "FP32LayerNorm",
-}
 ADAPTABLE = ("Linear", "Conv3d")  # the module kinds of this model peft puts a LoRA on
 
 
 def module_layout(flavour: Flavour, blocks: int) -> dict[str, str]:
-    """Every named module of the transformer (path -> class name), as diffusers builds it for this flavour."""
-    inner = {**BLOCK_MODULES, **(IMAGE_BLOCK_MODULES if flavour.image_encoder else {})}
-    layout = {**TOP_MODULES, **(IMAGE_TOP_MODULES if flavour.image_encoder else {})}
-    for i in range(blocks):
-        layout[f"blocks.{i}"] = "WanTransformerBlock"
-        layout.update({f"blocks.{i}.{k}": v for k, v in inner.items()})
-    return layout
+    """Every named module of the transformer (path -> class name), as diffusers builds it for this flavour (the one
+    table of it is trainer.lora_names.wan_modules)."""
+    return {name: kind for name, kind in wan_modules(flavour.image_encoder, blocks) if name}
 
 
 def matching_modules(layout: dict[str, str], target: str) -> dict[str, str]:
