@@ -8,7 +8,7 @@ import shutil
 import torch
 
 from conftest import tiny_config
-from trainer import experts, train as train_module
+from trainer import experts, train as train_module, training_step as training_step_module
 from trainer.components import base_model_path
 from trainer.config import ModelConfig
 from trainer.experts import expert_boundary
@@ -46,7 +46,7 @@ def test_training_draws_noise_on_the_models_side_of_its_boundary(few_clips, tmp_
         seen.append((args[5] if len(args) > 5 else kwargs.get("boundary"), sigmas))
         return sigmas
 
-    monkeypatch.setattr(train_module, "sample_training_sigmas", recording)
+    monkeypatch.setattr(training_step_module, "sample_training_sigmas", recording)
     cfg = tiny_config(few_clips, tmp_path / "run", train={"max_train_steps": 3},
                       model={"flavour": "tiny-t2v-2.2-low", "pretrained_model_name_or_path": path},
                       validation={"at_end": False, "eval_every_n_steps": 0})
