@@ -467,7 +467,7 @@ class MemoryConfig(Section):
     attention_backend: str = Field(
         "auto",
         description='diffusers attention backend: "auto" (FlashAttention 4 on Hopper when wanforge[flash4] is '
-        'installed, else cuDNN SDPA on NVIDIA: the fastest measured on H100), "flash_4_hub" (FA4: the installed package, '
+        'installed, else cuDNN SDPA on NVIDIA), "flash_4_hub" (FA4: the installed package, '
         'else the kernels hub), "native", "_native_cudnn", "_native_flash", "_native_efficient", "sage", ...',
     )
     compile: bool = Field(False, description="torch.compile the repeated transformer block (regional compile).")
@@ -479,20 +479,20 @@ class MemoryConfig(Section):
         False,
         description="Move what each checkpointed block keeps for backward (its inputs; with selective checkpointing "
         "also the attention output) to pinned CPU memory during forward, fetched back one block ahead in backward on "
-        "side CUDA streams. GPU activation memory drops to about one block; costs host RAM (~6 GiB at 1.3B, ~25 GiB "
-        "at 14B for 832x480x81; twice that with checkpoint_sublayers) and PCIe bandwidth. Needs gradient_checkpointing selective or full.",
+        "side CUDA streams. GPU activation memory drops to about one block; costs host RAM (docs/memory-and-speed.md) "
+        "and PCIe bandwidth. Needs gradient_checkpointing selective or full.",
     )
     checkpoint_sublayers: bool = Field(
         False,
         description="Checkpoint each block's self-attention, cross-attention and feed-forward separately: backward "
-        "skips recomputing the two attention output projections (14B 832x480x81 on the H100: 9.78 vs 10.09 s/step) "
-        "for two more kept hidden-size tensors per block; meant with activation_offload.",
+        "skips recomputing the two attention output projections for two more kept hidden-size tensors per block; "
+        "meant with activation_offload.",
     )
     base_quantization: Literal["none", "int8", "fp8"] = Field(
         "none",
-        description='Frozen base weights: "int8" (optimum-quanto weight-only, half the bf16 weight memory, ~4% slower '
-        'step measured at 1.3B); "fp8" (e4m3 with per-row scales and real fp8 matmuls for the forward and the input '
-        'gradient: a faster step on Ada / Hopper / Blackwell GPUs, same memory as bf16, ~3% relative error per '
+        description='Frozen base weights: "int8" (optimum-quanto weight-only, half the bf16 weight memory, a slightly slower '
+        'step); "fp8" (e4m3 with per-row scales and real fp8 matmuls for the forward and the input '
+        'gradient: a faster step on Ada / Hopper / Blackwell GPUs, same memory as bf16, a small relative error per '
         'matmul). NF4 / int4 are refused: 4-bit base weights ruin Wan video quality.',
     )
 
