@@ -88,3 +88,28 @@ def test_ti2v_first_frame_is_the_encoded_image(few_clips, tmp_path):
     forced = cfg.model.model_copy(update={"wan_force_2_1_time_embedding": True})
     inputs = transformer_inputs(get_flavour("tiny-ti2v"), forced, {}, latents, noisy, t, CPU, torch.float32)
     assert inputs["timestep"].shape == (1,)
+
+
+def test_wanforge_cache_builds_the_image_conditioning_so_train_encodes_none(few_clips, tmp_path, monkeypatch):
+    """The conditioning is one of the caches: `wanforge cache` builds it (split across ranks like the latents), and
+    the training run after it finds every entry on disk and loads no VAE for it."""
+    from trainer import conditioning
+    from trainer.cli import main
+    from trainer.conditioning import conditioning_path
+    from trainer.config import save_config
+    from trainer.train import train
+
+    cfg = tiny_config(few_clips, tmp_path / "run", model={"flavour": "tiny-i2v-2.1"},
+                      train={"max_train_steps": 1}, validation={"at_end": False, "eval_every_n_steps": 0})
+    save_config(cfg, tmp_path / "i2v.toml")
+    assert main(["cache", str(tmp_path / "i2v.toml")]) == 0
+    report = build_caches(cfg, CPU, show_progress=False)
+    latents = [s.latent_path for group in report.samples for s in group]
+    assert latents and all(conditioning_path(cfg, lp).is_file() for lp in latents)
+    assert report.built == 0 and report.built_conditioning == 0  # all of it was there already
+
+    def no_vae(*args, **kwargs):
+        raise AssertionError("train re-encoded image conditioning that `wanforge cache` had built")
+
+    monkeypatch.setattr(conditioning, "i2v_condition", no_vae)
+    train(cfg, show_progress=False)

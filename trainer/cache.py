@@ -27,6 +27,7 @@ from trainer.conditioning import first_frame_entry
 from trainer.config import DatasetConfig, WanforgeConfig
 from trainer.discovery import Clip, cache_root, scan_dataset, target_fps
 from trainer.errors import UserError
+from trainer.flavours import get_flavour
 from trainer.fileio import atomic_write_json, temp_path_beside
 from trainer.probe import MediaError
 from trainer.sources import quarantine
@@ -57,6 +58,7 @@ class CacheReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     quarantined: list[Path] = field(default_factory=list)
     empty_text_path: Path | None = None  # the empty caption's embedding, for caption dropout
+    built_conditioning: int = 0  # I2V: image-conditioning entries encoded now (trainer.conditioning)
 
     @property
     def built(self) -> int:
@@ -231,6 +233,10 @@ def build_caches(
                 report.skipped.append((s.video, _failure(s.latent_path) or "not cached (another process failed on it)"))
         ready.append(kept)
     report.samples = ready
+    if get_flavour(cfg.model.flavour).task == "i2v":
+        report.built_conditioning = _build_conditioning_share(cfg, ready, device, show_progress, rank, world_size)
+        if barrier is not None:
+            barrier()  # every process's conditioning share is on disk before anyone trains on it
     if rank == 0:
         _write_manifests(cfg, report)
         report.quarantined = _quarantine(cfg, report.skipped, broken)
@@ -243,6 +249,18 @@ def build_caches(
             + ": add videos or images with captions (see caption_strategy), or fix the listed files"
         )
     return report
+
+
+def _build_conditioning_share(cfg: WanforgeConfig, samples: list[list[Sample]], device: torch.device,
+                              show_progress: bool, rank: int, world_size: int) -> int:
+    """I2V: this process's share of the missing image-conditioning entries (first frame through the VAE, and CLIP
+    for Wan 2.1), built from the cached latents like the rest of the caches. Returns how many it encoded."""
+    from trainer.conditioning import build_conditioning, conditioning_path
+
+    latents = sorted({str(s.latent_path) for group in samples for s in group})[rank::world_size]
+    missing = [Path(p) for p in latents if not conditioning_path(cfg, Path(p)).is_file()]
+    build_conditioning(cfg, missing, device, show_progress)
+    return sum(conditioning_path(cfg, p).is_file() for p in missing)
 
 
 def _failure(lp: Path) -> str | None:

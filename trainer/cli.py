@@ -87,8 +87,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"  skipped {path}: {why}")
     for path in report.quarantined:
         print(f"  moved to quarantine: {path}")
-    print(f"{ready} samples cached ({report.built_latents} latents and {report.built_texts} text embeddings built now, "
-          f"{len(report.skipped)} files skipped)")
+    conditioning = f", {report.built_conditioning} image conditionings" if report.built_conditioning else ""
+    print(f"{ready} samples cached ({report.built_latents} latents and {report.built_texts} text embeddings"
+          f"{conditioning} built now, {len(report.skipped)} files skipped)")
     return 0
 
 
