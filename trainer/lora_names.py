@@ -49,21 +49,22 @@ _REVERSE_TOP = {v: k for k, v in TOP_MAP.items()}
 LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "full")
 
 
-def to_original(module: str) -> str | None:
-    """diffusers module path -> original Wan module path; None for a module the original layout has no LoRA name for."""
+def _rename(module: str, block_names: dict[str, str], top_names: dict[str, str]) -> str | None:
     m = _BLOCK.match(module)
     if m:
-        rest = BLOCK_MAP.get(m["rest"])
+        rest = block_names.get(m["rest"])
         return f"blocks.{m['n']}.{rest}" if rest else None
-    return TOP_MAP.get(module)
+    return top_names.get(module)
+
+
+def to_original(module: str) -> str | None:
+    """diffusers module path -> original Wan module path; None for a module the original layout has no LoRA name for."""
+    return _rename(module, BLOCK_MAP, TOP_MAP)
 
 
 def to_diffusers(original: str) -> str | None:
-    m = _BLOCK.match(original)
-    if m:
-        rest = _REVERSE_BLOCK.get(m["rest"])
-        return f"blocks.{m['n']}.{rest}" if rest else None
-    return _REVERSE_TOP.get(original)
+    """Original Wan module path -> diffusers module path (None: not a module wanforge saves)."""
+    return _rename(original, _REVERSE_BLOCK, _REVERSE_TOP)
 
 
 def alpha_read_by_diffusers(original: str) -> bool:
