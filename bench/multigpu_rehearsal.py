@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def _config(work: Path, name: str, steps: int) -> Path:
+def _config(work: Path, name: str, steps: int, preset: str) -> Path:
     import gpu_smoke
 
     path = work / f"{name}.toml"
-    gpu_smoke.write_config(path, work, work / f"run-{name}", steps, "auto", steps, "at_end = false")
+    gpu_smoke.write_config(path, work, work / f"run-{name}", steps, preset, steps, "at_end = false")
     return path
 
 
@@ -52,11 +52,11 @@ def _node_commands(config: Path, nodes: int, gpus: int, port: int) -> list[tuple
     return out
 
 
-def _run(work: Path, name: str, steps: int, nodes: int, gpus: int) -> dict:
+def _run(work: Path, name: str, steps: int, nodes: int, gpus: int, preset: str) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = _config(work, name, steps)
+    config = _config(work, name, steps, preset)
     procs = []
     for cmd, env in _node_commands(config, nodes, gpus, port):
         print(f"[{name}] {' '.join(cmd)}", flush=True)
@@ -83,21 +83,28 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/wanforge-rehearsal"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--preset", default="auto", help="[memory] preset of every run (a fixed one compares losses at "
+                    "equal memory settings: `auto` may choose differently per node)")
+    ap.add_argument("--runs", default="one,pair,nodes", help="which of one,pair,nodes to run (one is the baseline)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if not (args.work / "model" / "model_index.json").exists():
         gpu_smoke.build_model(args.work / "model")
     gpu_smoke.make_clips(args.work / "clips")
-    runs = [_run(args.work, "one", args.steps, 1, 1), _run(args.work, "pair", args.steps, 1, 2),
-            _run(args.work, "nodes", args.steps, 2, 1)]
-    one = runs[0]["s_per_step"]
+    layout = {"one": (1, 1), "pair": (1, 2), "nodes": (2, 1)}
+    runs = [_run(args.work, name, args.steps, *layout[name], args.preset) for name in args.runs.split(",")]
+    by_name = {r["name"]: r for r in runs}
+    one = by_name["one"]["s_per_step"] if "one" in by_name else None
     for r in runs:
-        r["samples_per_s_vs_one_gpu"] = round(r["processes"] * one / r["s_per_step"], 3)
+        if one:
+            r["samples_per_s_vs_one_gpu"] = round(r["processes"] * one / r["s_per_step"], 3)
         print(f"{r['name']:>5}: {r['processes']} process(es), memory {r['memory']}, {r['s_per_step']:.3f} s/step, "
-              f"{r['peak_gib']} GiB, {r['samples_per_s_vs_one_gpu']}x the samples/s of one GPU", flush=True)
-    pair, nodes = runs[1]["losses"], runs[2]["losses"]
-    worst = max(abs(nodes[s] - pair[s]) / abs(pair[s]) for s in pair)
-    print(f"nodes vs pair: largest relative loss difference {worst:.2e} over {len(pair)} steps", flush=True)
+              f"{r['peak_gib']} GiB, {r.get('samples_per_s_vs_one_gpu', '-')}x the samples/s of one GPU", flush=True)
+    worst = None
+    if "pair" in by_name and "nodes" in by_name:
+        pair, nodes = by_name["pair"]["losses"], by_name["nodes"]["losses"]
+        worst = max(abs(nodes[s] - pair[s]) / abs(pair[s]) for s in pair)
+        print(f"nodes vs pair: largest relative loss difference {worst:.2e} over {len(pair)} steps", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "summary.json").write_text(json.dumps({"runs": runs, "nodes_vs_pair_rel": worst}, indent=1))
