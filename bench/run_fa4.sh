@@ -11,13 +11,13 @@ export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/python_packages:$PWD PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 quiet() { grep -v "^  warnings.warn\|UserWarning\|FutureWarning\|it/s\]"; }
 echo "== floor rates at 75,600 tokens $(date +%T)"
-timeout 120 python3 bench/attention_bench.py --tokens 75600 --heads 40 --kernels cudnn,flash-attn-4 --gemm --reps 3 \
+timeout 80 python3 bench/attention_bench.py --tokens 75600 --heads 40 --kernels cudnn,flash-attn-4 --gemm --reps 3 \
   2>&1 | quiet | tee $OUT/floor720.md
 echo "== 14B 1280x720x81 balanced-lean with FA4 $(date +%T)"
-timeout 240 python3 bench/speed_bench.py --model 14b --shape 1280x720x81 --flavour t2v-14b-2.2-high --warmup 1 \
-  --steps 2 --variants balanced-lean-fa4 --out $OUT/t2v720-fa4.md 2>&1 | quiet | tail -30
+timeout 200 python3 bench/speed_bench.py --model 14b --shape 1280x720x81 --flavour t2v-14b-2.2-high --warmup 1 \
+  --steps 1 --variants balanced-lean-fa4 --out $OUT/t2v720-fa4.md 2>&1 | quiet | tail -30
 echo "== 1.3B 832x480x81: big-card candidates beside naive and balanced $(date +%T)"
-timeout 240 python3 bench/speed_bench.py --model 1.3b --warmup 2 --steps 5 \
+timeout 280 python3 bench/speed_bench.py --model 1.3b --warmup 2 --steps 5 \
   --variants naive,none-compile-fa4,fp8-none-compile-fa4,balanced-fa4,balanced-fp8-fa4 --out $OUT/13b-fa4.md \
   2>&1 | quiet | tail -30
 echo "== done $(date +%T)"
