@@ -92,11 +92,6 @@ def eval_record(transformer, samples: list[Sample], cfg: WanforgeConfig, device:
     return record
 
 
-def eval_due(cfg: WanforgeConfig, step: int, last: bool) -> bool:
-    every = cfg.validation.eval_every_n_steps
-    return bool(every) and (step % every == 0 or last)
-
-
 def log_eval_loss(accelerator, transformer, samples: list[Sample], cfg: WanforgeConfig, run, device, step: int) -> dict | None:
     """Measure on the main process (the others wait), append to metrics.jsonl and the trackers."""
     record = None
