@@ -95,7 +95,9 @@ class TrainingValidator:
 
 
 def validate_lora(cfg: WanforgeConfig, lora: Path, out_dir: Path | None = None) -> list[Path]:
-    """`wanforge validate`: the config's validation settings with a saved LoRA (either format), outside training."""
+    """`wanforge validate`: the config's validation settings with a saved LoRA (either format), outside training.
+    The plain transformer and diffusers' own LoRA loader, not `build_trainable_transformer`: this checks the saved
+    file the way a user's pipeline loads it, and a trainable model would add a fresh adapter beside it."""
     if not lora.is_file():
         raise UserError(f"--lora {lora}: no such file")
     cuda = torch.cuda.is_available()
