@@ -11,22 +11,20 @@ import pytest
 import trainer.periodic as periodic
 from conftest import tiny_config
 from trainer.errors import RunStopped
-from trainer.periodic import (CheckpointSave, CheckpointUpload, PeriodicActions, Schedule, StepClock, StopAtSignal,
-                              Tick)
+from trainer.periodic import (CheckpointSave, CheckpointUpload, PeriodicActions, Schedule, ScheduledAction, StepClock,
+                              StopAtSignal, Tick)
 from trainer.rundir import RunDir
 from trainer.train import train
 
 
-class Recorded:
+class Recorded(ScheduledAction):
     """An eval-like action that only records when it ran (stands in for the slow eval / validation renders)."""
 
-    restarts_clock = True
+    redo_at_resumed_end, restarts_clock = True, True
 
-    def __init__(self, name: str, schedule: Schedule, ran: list, redo_at_resumed_end: bool = True):
-        self.name, self.schedule, self.ran, self.redo_at_resumed_end = name, schedule, ran, redo_at_resumed_end
-
-    def due(self, tick: Tick) -> bool:
-        return self.schedule.due(tick)
+    def __init__(self, name: str, schedule: Schedule, ran: list):
+        super().__init__(schedule)
+        self.name, self.ran = name, ran
 
     def run(self, tick: Tick) -> None:
         self.ran.append((self.name, tick.step))

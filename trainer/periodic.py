@@ -38,6 +38,7 @@ class Schedule:
     at_end: bool
 
     def due(self, tick: Tick) -> bool:
+        """Whether the schedule falls on this step."""
         if tick.last:
             return self.at_end
         return self.every > 0 and tick.step % self.every == 0
@@ -61,9 +62,11 @@ class StepClock:
         self.restart(step)
 
     def restart(self, step: int) -> None:
+        """Count from now and from `step`."""
         self.started, self.from_step = time.perf_counter(), step
 
     def seconds_per_step(self, step: int) -> float:
+        """Wall seconds per step since the last restart."""
         return (time.perf_counter() - self.started) / max(step - self.from_step, 1)
 
 
@@ -91,6 +94,7 @@ class PeriodicActions:
             self._run_due(Tick(self.start_step, True), [a for a in self.actions if a.redo_at_resumed_end])
 
     def _run_due(self, tick: Tick, actions: list[PeriodicAction]) -> None:
+        """Each of `actions` that is due at `tick`, in order; the clock restarts after those that ask for it."""
         for action in actions:
             if action.due(tick):  # asked just before it runs: an upload sees the checkpoint saved this step
                 action.run(tick)
@@ -98,17 +102,30 @@ class PeriodicActions:
                     self.clock.restart(tick.step)
 
 
-class MetricsLog:
+class ScheduledAction:
+    """An action due when its `schedule` falls on the step; subclasses say what `run` does."""
+
+    redo_at_resumed_end, restarts_clock = False, False
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+
+    def due(self, tick: Tick) -> bool:
+        """Whether its schedule falls on this step."""
+        return self.schedule.due(tick)
+
+
+class MetricsLog(ScheduledAction):
     """The step record (mean loss since the last one, learning rate, s/step, gradient norm, the step extras' metrics,
     peak GPU memory) into metrics.jsonl, the trackers, the progress bar and the webhooks."""
 
-    redo_at_resumed_end, restarts_clock = False, True
+    restarts_clock = True
 
     def __init__(self, schedule: Schedule, accelerator, run, webhooks, progress, lr_scheduler, extras, clock: StepClock,
                  max_steps: int) -> None:
-        self.schedule, self.accelerator, self.run_dir, self.webhooks = schedule, accelerator, run, webhooks
-        self.progress, self.lr_scheduler, self.extras, self.clock, self.max_steps = (progress, lr_scheduler, extras,
-                                                                                     clock, max_steps)
+        super().__init__(schedule)
+        self.accelerator, self.run_dir, self.webhooks, self.progress = accelerator, run, webhooks, progress
+        self.lr_scheduler, self.extras, self.clock, self.max_steps = lr_scheduler, extras, clock, max_steps
         self.loss_sum = torch.zeros((), device=accelerator.device)
         self.loss_count = 0
         self.grad_norm: torch.Tensor | None = None
@@ -119,10 +136,8 @@ class MetricsLog:
         self.loss_count += 1
         self.grad_norm = grad_norm
 
-    def due(self, tick: Tick) -> bool:
-        return self.schedule.due(tick)
-
     def run(self, tick: Tick) -> None:
+        """Reduce the loss over the ranks, write the record everywhere it goes, start the next mean."""
         device = self.accelerator.device
         mean_loss = self.accelerator.reduce(self.loss_sum, "mean").item() / self.loss_count  # waits for the GPU's queue
         seconds = self.clock.seconds_per_step(tick.step)
@@ -143,28 +158,29 @@ class MetricsLog:
         self.loss_count = 0
 
 
-class CheckpointSave:
+class CheckpointSave(ScheduledAction):
     """A resumable checkpoint when scheduled (always at the last step, so a run can be extended) and at a stop."""
-
-    redo_at_resumed_end, restarts_clock = False, False
 
     def __init__(self, schedule: Schedule, accelerator, run, keep: int | None, transformer, resumable: dict,
                  config_text: str, ema) -> None:
-        self.schedule, self.accelerator, self.run_dir, self.keep = schedule, accelerator, run, keep
+        super().__init__(schedule)
+        self.accelerator, self.run_dir, self.keep = accelerator, run, keep
         self.transformer, self.resumable, self.config_text, self.ema = transformer, resumable, config_text, ema
         self.saved: tuple[int, Path] | None = None  # (step, folder) of this process's latest save
 
     def due(self, tick: Tick) -> bool:
+        """Scheduled, or the run is stopping."""
         return self.schedule.due(tick) or bool(tick.stop)
 
     def run(self, tick: Tick) -> None:
+        """Save (every rank its part, trainer.checkpointing) and remember where."""
         folder = save_checkpoint(self.accelerator, self.run_dir, tick.step, self.keep, self.transformer, self.resumable,
                                  self.config_text, self.ema.shadow if self.ema is not None else [])
         self.saved = (tick.step, folder)
 
 
 class CheckpointUpload:
-    """The checkpoint just saved, queued for the Hub (main process, hub.push_checkpoints)."""
+    """The checkpoint just saved, queued for the Hub (main process, with hub.push_checkpoints)."""
 
     redo_at_resumed_end, restarts_clock = False, False
 
@@ -172,9 +188,11 @@ class CheckpointUpload:
         self.checkpoint, self.publisher = checkpoint, publisher
 
     def due(self, tick: Tick) -> bool:
+        """A checkpoint was saved at this very step."""
         return self.checkpoint.saved is not None and self.checkpoint.saved[0] == tick.step
 
     def run(self, tick: Tick) -> None:
+        """Queue it (the upload runs in the background)."""
         self.publisher.push_checkpoint(self.checkpoint.saved[1], tick.step)
 
 
@@ -187,45 +205,45 @@ class StopAtSignal:
         self.accelerator, self.run_dir = accelerator, run
 
     def due(self, tick: Tick) -> bool:
+        """The ranks agreed on a stop signal."""
         return bool(tick.stop)
 
     def run(self, tick: Tick) -> None:
+        """Record `stopped` and end the run."""
         if self.accelerator.is_main_process:
             self.run_dir.write_status(status="stopped", step=tick.step, error=None)
         raise RunStopped(tick.stop, f"{signal.Signals(tick.stop).name}: stopped after step {tick.step}, checkpoint "
                                     "saved (go on with --resume latest)")
 
 
-class EvalLoss:
+class EvalLoss(ScheduledAction):
     """The fixed-noise eval loss of the held samples (trainer.eval_loss) into metrics.jsonl and the trackers."""
 
     redo_at_resumed_end, restarts_clock = True, True
 
     def __init__(self, schedule: Schedule, accelerator, transformer, samples: list, cfg, run) -> None:
-        self.schedule, self.accelerator, self.transformer, self.samples, self.cfg, self.run_dir = (
-            schedule, accelerator, transformer, samples, cfg, run)
-
-    def due(self, tick: Tick) -> bool:
-        return self.schedule.due(tick)
+        super().__init__(schedule)
+        self.accelerator, self.transformer, self.samples, self.cfg, self.run_dir = (accelerator, transformer, samples,
+                                                                                    cfg, run)
 
     def run(self, tick: Tick) -> None:
+        """Measure on the main process (the others wait) and log it."""
         log_eval_loss(self.accelerator, self.transformer, self.samples, self.cfg, self.run_dir, self.accelerator.device,
                       tick.step)
 
 
-class ValidationVideos:
+class ValidationVideos(ScheduledAction):
     """A validation round (trainer.validation_round) with the live weights; keeps the paths of every video made."""
 
     redo_at_resumed_end, restarts_clock = True, True
 
     def __init__(self, schedule: Schedule, validator, accelerator, transformer) -> None:
-        self.schedule, self.validator, self.accelerator, self.transformer = schedule, validator, accelerator, transformer
+        super().__init__(schedule)
+        self.validator, self.accelerator, self.transformer = validator, accelerator, transformer
         self.videos: list[Path] = []
 
-    def due(self, tick: Tick) -> bool:
-        return self.schedule.due(tick)
-
     def run(self, tick: Tick) -> None:
+        """Render on the main process (the others wait), with training's RNG set aside so a resume draws the same."""
         device = self.accelerator.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training's RNG stays resumable
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             self.videos += self.validator(self.accelerator, self.transformer, tick.step)

@@ -402,7 +402,7 @@ def _loop(t: Training, signals: StopSignals, on_step) -> None:
     micro = state.step * t.cfg.train.gradient_accumulation_steps  # this rank's micro-batches so far
     if accelerator.device.type == "cuda":  # peak_gib is the training peak, not the caching pass's VAE / text encoder
         torch.cuda.reset_peak_memory_stats(accelerator.device)
-    t.metrics.clock.restart(state.step)
+    t.periodic.clock.restart(state.step)
     signals.deferred = True
     try:
         while state.step < t.cfg.train.max_train_steps:
