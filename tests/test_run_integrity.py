@@ -384,7 +384,7 @@ def test_atomic_writes_follow_any_umask(tmp_path):
 _KILLER = '''
 import os, signal, sys
 import trainer.checkpointing as ck
-import trainer.train as tt
+import trainer.periodic as tt
 
 def arm(kill_rank, step, where):
     """SIGKILL this rank at checkpoint `step`: before it contributes its part, or (rank 0) after writing every part

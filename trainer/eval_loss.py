@@ -12,12 +12,13 @@ import torch
 from trainer.cache import Sample
 from trainer.config import WanforgeConfig
 from trainer.dataset import CachedDataset, Collate
-from trainer.flow import flow_loss, flow_target, noisy_input, timesteps_from_sigmas
+from trainer.flow import flow_target, noisy_input
 
 DEFAULT_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def bucket_sigmas(buckets: int) -> tuple[float, ...]:
+    """The centre noise level of each of `buckets` equal bins of (0, 1)."""
     return tuple((k + 0.5) / buckets for k in range(buckets))
 
 
@@ -49,9 +50,11 @@ def fixed_eval_loss(
     seed: int = 1234, sigmas: tuple[float, ...] = DEFAULT_SIGMAS, cfg: WanforgeConfig | None = None,
 ) -> dict[float, float]:
     """Mean flow-matching loss over `samples` at each noise level in `sigmas`, with noise drawn from `seed`.
-    With `cfg`, the flavour's inputs (I2V / TI2V conditioning) as in training."""
-    from trainer.conditioning import build_conditioning, loss_region, transformer_inputs, with_conditioning
+    With `cfg`, the flavour's inputs (I2V / TI2V conditioning) as in training. Not `training_step` itself: that draws
+    its noise levels, switches experts and adds the step extras, which would make the number move between steps."""
+    from trainer.conditioning import build_conditioning, with_conditioning
     from trainer.flavours import get_flavour
+    from trainer.training_step import flow_matching_loss  # training's own forward and loss; only the noise is fixed
 
     dataset, collate = CachedDataset(samples), Collate(text_max_length)
     flavour = get_flavour(cfg.model.flavour if cfg is not None else "tiny")
@@ -72,11 +75,9 @@ def fixed_eval_loss(
             for s in sigmas:
                 noise = torch.randn(latents.shape, generator=generator).to(device)
                 level = torch.full((latents.shape[0],), s, device=device)
-                model = cfg.model if cfg is not None else None
-                inputs = transformer_inputs(flavour, model, batch, latents, noisy_input(latents, noise, level),
-                                            timesteps_from_sigmas(level), device, dtype)
-                prediction = transformer(**inputs, encoder_hidden_states=text, return_dict=False)[0]
-                totals[s] += float(flow_loss(*loss_region(flavour, prediction, flow_target(latents, noise))))
+                totals[s] += float(flow_matching_loss(
+                    transformer, flavour, cfg.model if cfg is not None else None, batch, latents,
+                    noisy_input(latents, noise, level), flow_target(latents, noise), level, text, device, dtype))
     finally:
         transformer.train(was_training)
     return {s: total / len(dataset) for s, total in totals.items()}
@@ -90,11 +91,6 @@ def eval_record(transformer, samples: list[Sample], cfg: WanforgeConfig, device:
     record: dict = {"step": step, "eval_loss": sum(losses.values()) / len(losses)}
     record.update({bucket_label(s, buckets): loss for s, loss in losses.items()})
     return record
-
-
-def eval_due(cfg: WanforgeConfig, step: int, last: bool) -> bool:
-    every = cfg.validation.eval_every_n_steps
-    return bool(every) and (step % every == 0 or last)
 
 
 def log_eval_loss(accelerator, transformer, samples: list[Sample], cfg: WanforgeConfig, run, device, step: int) -> dict | None:

@@ -126,11 +126,12 @@ def expert_for_step(step: int, first: Stage, every: int) -> Stage:
     return first if (step // every) % 2 == 0 else other
 
 
-def active_stage(cfg, step: int) -> Stage | None:
-    """The expert optimizer step `step` trains: the flavour's, or alternating blocks with train_both_experts."""
+def active_stage(cfg, step: int, flavour: Flavour | None = None) -> Stage | None:
+    """The expert optimizer step `step` trains: the flavour's, or alternating blocks with train_both_experts.
+    `flavour`: the config's, when the caller has resolved it already."""
     from trainer.flavours import get_flavour
 
-    flavour = get_flavour(cfg.model.flavour)
+    flavour = flavour or get_flavour(cfg.model.flavour)
     if not flavour.is_expert:
         return None
     if cfg.model.train_both_experts:

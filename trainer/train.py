@@ -1,46 +1,50 @@
-"""The training recipe: caches -> transformer + LoRA -> flow-matching loop on accelerate -> checkpoints, LoRA, videos."""
+"""The training recipe, read top to bottom: `train` (preflight, accelerate, the run folder's lock) -> `_train_locked`
+(resume check, memory preset, run.json, signals) -> `_train`: `_prepare` (caches, model, optimizer, resumed state,
+loader, periodic actions) -> `_loop` (micro-steps, then trainer.periodic's due actions) -> `_finish` (LoRA files,
+final upload, run.json). The components live in their own modules; this file only orders them."""
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from trainer.cache import build_caches
+from trainer.cache import Sample, build_caches
 from trainer.checkpointing import (OptimizerState, SchedulePosition, TrainState, checkpoint_config, load_checkpoint,
-                                   save_checkpoint, verify_checkpoint)
+                                   verify_checkpoint)
 from trainer.components import base_model_path
 from trainer.conditioning import build_conditioning, with_conditioning
 from trainer.config import WanforgeConfig, save_config
 from trainer.dataset import Collate, TrainingData
+from trainer.distributed import noise_generator
 from trainer.ema import AdapterEMA, weights_for
-from trainer.errors import RunStopped, UserError
-from trainer.eval_loss import eval_due, log_eval_loss, split_eval_samples
+from trainer.errors import UserError
+from trainer.eval_loss import split_eval_samples
 from trainer.experts import save_expert_loras, setup_expert_pair
 from trainer.export import save_adapter
-from trainer.hub import HubPublisher, final_upload_remedy, publish_final, tracker_note
-from trainer.flavours import get_flavour
+from trainer.flavours import Flavour, get_flavour
 from trainer.guard import NonFiniteError, StopSignals, TrainingGuard, likely_causes, require_finite
+from trainer.hub import HubPublisher, final_upload_remedy, publish_final, tracker_note
 from trainer.lora import adapter_state_dict, trainable_parameters
-from trainer.distributed import noise_generator
 from trainer.memory_presets import host_memory_gib, memory_choice, resolve_memory
-from trainer.sizing import config_tokens
 from trainer.optim import make_lr_scheduler, make_optimizer
+from trainer.periodic import (CheckpointSave, CheckpointUpload, EvalLoss, MetricsLog, PeriodicAction, PeriodicActions,
+                              Schedule, StepClock, StopAtSignal, ValidationVideos)
 from trainer.resume import check_resume_settings
 from trainer.rundir import RunDir
+from trainer.sizing import config_tokens
 from trainer.step_extras import StepExtras
 from trainer.tracking import init_trackers, run_id_for
 from trainer.trainable import build_trainable_transformer
 from trainer.training_step import training_step
 from trainer.validation_round import TrainingValidator
-from trainer.validation_videos import settings_for, validation_texts
+from trainer.validation_videos import ValidationSettings, settings_for, validation_texts
 from trainer.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
+    """What a finished run made: its folder, the LoRA file, the validation videos, cache entries built, last step."""
+
     run_dir: Path
     lora_file: Path
     videos: list[Path] = field(default_factory=list)
@@ -120,6 +126,8 @@ def _lock_run(run: RunDir, accelerator) -> None:
 
 def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | None, base_dtype, show_progress: bool,
                   on_step) -> TrainResult:
+    """Check the resume, choose the memory preset, start run.json (`caching`) and the webhooks, then train under the
+    stop signals; any exception is recorded in run.json (`stopped` or `failed`) before it propagates."""
     from accelerate.utils import set_seed
 
     main = accelerator.is_main_process
@@ -132,7 +140,8 @@ def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | N
     device = accelerator.device
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     host_gib = host_memory_gib() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # each local process offloads
-    memory = resolve_memory(cfg.memory, get_flavour(cfg.model.flavour), gpu_gib, tokens=config_tokens(cfg),
+    flavour = get_flavour(cfg.model.flavour)  # resolved once for the whole run
+    memory = resolve_memory(cfg.memory, flavour, gpu_gib, tokens=config_tokens(cfg),
                             batch=cfg.train.train_batch_size, host_gib=host_gib)
     memory_record = memory_choice(cfg.memory, memory, gpu_gib, host_gib)
     cfg = cfg.model_copy(update={"memory": memory})
@@ -156,7 +165,7 @@ def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | N
                                     cfg.tracking.run_name or run.root.name)
     try:
         with StopSignals() as signals:
-            return _train(cfg, run, accelerator, device, base_dtype, resume_from, show_progress, on_step, webhooks,
+            return _train(cfg, run, accelerator, flavour, base_dtype, resume_from, show_progress, on_step, webhooks,
                           signals)
     except BaseException as err:
         if main:
@@ -209,198 +218,264 @@ def _say(line: str, show_progress: bool) -> None:
         log.info(line)
 
 
-def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_progress, on_step,
-           webhooks: Webhooks, signals: StopSignals) -> TrainResult:
-    main = accelerator.is_main_process
-    flavour = get_flavour(cfg.model.flavour)  # resolved once for the loop
-    def upload_failed(line: str) -> None:  # log (hub.py), webhook and tracker hear of every failed Hub upload
+@dataclass
+class Training:
+    """What `_prepare` builds once and the loop and the finish then use."""
+
+    cfg: WanforgeConfig
+    run: RunDir
+    accelerator: Any
+    flavour: Flavour
+    base_dtype: torch.dtype
+    transformer: Any
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    state: TrainState
+    ema: AdapterEMA | None
+    extras: StepExtras | None
+    guard: TrainingGuard
+    loader: torch.utils.data.DataLoader
+    progress: Any
+    metrics: MetricsLog
+    validation: ValidationVideos
+    periodic: PeriodicActions
+    publisher: HubPublisher | None
+    webhooks: Webhooks
+    settings: ValidationSettings
+    caches_built: int
+
+
+def _train(cfg: WanforgeConfig, run: RunDir, accelerator, flavour: Flavour, base_dtype: torch.dtype,
+           resume_from: Path | None, show_progress: bool, on_step, webhooks: Webhooks,
+           signals: StopSignals) -> TrainResult:
+    """The recipe: prepare everything once, loop over the optimizer steps, finish with the LoRA files and the upload."""
+    training = _prepare(cfg, run, accelerator, flavour, base_dtype, resume_from, show_progress, webhooks)
+    _loop(training, signals, on_step)
+    return _finish(training)
+
+
+def _prepare(cfg: WanforgeConfig, run: RunDir, accelerator, flavour: Flavour, base_dtype: torch.dtype,
+             resume_from: Path | None, show_progress: bool, webhooks: Webhooks) -> Training:
+    """Caches and data, the trainable model and its optimizer, the resumed state, trackers, the loader and the
+    periodic actions, in this order (it is also the order the seeded RNG is drawn in)."""
+    main, device = accelerator.is_main_process, accelerator.device
+    publisher = _hub_publisher(cfg, run, accelerator, webhooks)
+    data, eval_samples, settings, caches_built = _prepare_data(cfg, accelerator, show_progress)
+    transformer, extras, params, optimizer, lr_scheduler = _prepare_model(cfg, accelerator, base_dtype)
+    state, ema, resumable = _resume_state(cfg, accelerator, transformer, params, optimizer, lr_scheduler, extras,
+                                          resume_from)
+    init_trackers(cfg, run, accelerator)
+    validator = TrainingValidator(cfg, run, settings, device, base_dtype, ema, webhooks)
+    webhooks.send("info", (f"resumed at step {state.step}" if resume_from else "started")
+                  + f": {cfg.train.max_train_steps} steps of {cfg.model.flavour}")
+    guard = TrainingGuard(device, check_gradients=accelerator.scaler is None,
+                          causes=likely_causes(cfg, accelerator.mixed_precision))
+    loader = _loader(cfg, data, state.step, accelerator, show_progress)
+    if main:
+        run.write_status(status="training", step=state.step)
+    progress = tqdm(total=cfg.train.max_train_steps, initial=state.step, disable=not (show_progress and main),
+                    desc="training", unit="step")
+    clock = StepClock(state.step)
+    metrics = MetricsLog(Schedule(cfg.train.log_every_n_steps, at_end=True), accelerator, run, webhooks, progress,
+                         lr_scheduler, extras, clock, cfg.train.max_train_steps)
+    checkpoint = CheckpointSave(Schedule(cfg.checkpoint.every_n_steps, at_end=True), accelerator, run,
+                                cfg.checkpoint.total_limit, transformer, resumable,
+                                run.config.read_text(encoding="utf-8") if main else "", ema)
+    validation = ValidationVideos(Schedule(cfg.validation.every_n_steps, at_end=cfg.validation.at_end), validator,
+                                  accelerator, transformer)
+    actions: list[PeriodicAction] = [metrics, checkpoint]
+    if publisher is not None:
+        actions.append(CheckpointUpload(checkpoint, publisher))
+    actions.append(StopAtSignal(accelerator, run))
+    if eval_samples:
+        actions.append(EvalLoss(Schedule(cfg.validation.eval_every_n_steps, at_end=True), accelerator, transformer,
+                                eval_samples, cfg, run))
+    actions.append(validation)
+    periodic = PeriodicActions(actions, cfg.train.max_train_steps, state.step, clock,
+                               agree=lambda signum: guard.check(accelerator, signum),
+                               single_process=accelerator.num_processes == 1)
+    return Training(cfg, run, accelerator, flavour, base_dtype, transformer, params, optimizer, lr_scheduler, state,
+                    ema, extras, guard, loader, progress, metrics, validation, periodic, publisher, webhooks, settings,
+                    caches_built)
+
+
+def _hub_publisher(cfg: WanforgeConfig, run: RunDir, accelerator, webhooks: Webhooks) -> HubPublisher | None:
+    """The main process's Hub uploader (None when the Hub is off); the log, webhooks and trackers hear of every
+    failed upload."""
+    if not accelerator.is_main_process:
+        return None
+
+    def upload_failed(line: str) -> None:
         webhooks.send("error", line)
         tracker_note(accelerator.trackers)(line)
 
-    publisher = HubPublisher.maybe(cfg, run, on_error=upload_failed) if main else None
+    return HubPublisher.maybe(cfg, run, on_error=upload_failed)
+
+
+def _prepare_data(cfg: WanforgeConfig, accelerator, show_progress: bool
+                  ) -> tuple[TrainingData, list[Sample], ValidationSettings, int]:
+    """(the training data, the eval samples, the validation settings, cache entries built). The caches load the VAE
+    and text encoder only for missing entries, each rank its share; a dataset too small for one optimizer step is a
+    UserError suggesting repeats."""
+    main = accelerator.is_main_process
     with accelerator.main_process_first():  # one process builds the tiny model / fills the Hub cache, then the rest
         base_model_path(cfg.model)
-    # ---- caches: the VAE and text encoder are loaded only for missing entries, then freed
-    report = build_caches(cfg, device, extra_texts=validation_texts(cfg), show_progress=show_progress and main,
-                          rank=accelerator.process_index, world_size=accelerator.num_processes,
-                          barrier=accelerator.wait_for_everyone)
+    report = build_caches(cfg, accelerator.device, extra_texts=validation_texts(cfg),
+                          show_progress=show_progress and main, rank=accelerator.process_index,
+                          world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
     train_samples, eval_samples = split_eval_samples(cfg, report.samples)
-    # buckets, repeats, weights; a dataset too small for one optimizer step is a UserError suggesting repeats
     data = TrainingData.build(cfg, train_samples, report.skipped, accelerator.num_processes, report.empty_text_path)
-    samples = data.samples
     if main:
         _say("\n".join(["buckets:", *data.report]), show_progress)  # the skipped files and why, once
     first_caption = report.samples[0][0].caption if report.samples and report.samples[0] else None
-    val = settings_for(cfg, first_caption)
+    return data, eval_samples, settings_for(cfg, first_caption), report.built
 
-    # ---- model and adapter
-    both = cfg.model.train_both_experts  # Wan 2.2 A14B: an ExpertPair, the idle expert in CPU RAM
+
+def _prepare_model(cfg: WanforgeConfig, accelerator, base_dtype: torch.dtype):
+    """(transformer, step extras, trainable parameters, optimizer, LR schedule), the first two through accelerate.
+    Wan 2.2 A14B with both experts: an ExpertPair whose idle expert waits in CPU RAM (accelerate leaves it in place)."""
+    device = accelerator.device
+    both = cfg.model.train_both_experts
     if both:
         transformer = setup_expert_pair(cfg, base_dtype, device, accelerator.num_processes)
     else:
         transformer = build_trainable_transformer(cfg, base_dtype, device)
-    extras = StepExtras.install(transformer, cfg, device, base_dtype)  # TREAD, CREPA, rollout (None: all off)
+    extras = StepExtras.install(transformer, cfg, device, base_dtype)  # TREAD, CREPA, scheduled sampling (None: off)
     transformer.train()
     params = trainable_parameters(transformer)
     optimizer = make_optimizer(params, cfg.optim, device)
     if both:
         transformer.attach_optimizer(optimizer)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.train.max_train_steps)
-    state = TrainState()
     transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[not both, True])
+    return transformer, extras, params, optimizer, lr_scheduler
+
+
+def _resume_state(cfg: WanforgeConfig, accelerator, transformer, params, optimizer, lr_scheduler,
+                  extras: StepExtras | None, resume_from: Path | None
+                  ) -> tuple[TrainState, AdapterEMA | None, dict[str, Any]]:
+    """(step counter, EMA, every object a checkpoint saves), loaded from `resume_from` when resuming, so the run
+    goes on with the same optimizer, schedule, average, extras and fp16 loss scale."""
+    state = TrainState()
     ema = AdapterEMA(params, cfg.ema) if cfg.ema.use_ema else None
     resumable = {"train": state, "optimizer": OptimizerState(optimizer), "lr_scheduler": SchedulePosition(lr_scheduler)}
     if ema is not None:
-        resumable["ema"] = ema  # a resume continues the same average
+        resumable["ema"] = ema
     if extras is not None:
         resumable.update(extras.checkpoint_objects())
     if accelerator.scaler is not None:
-        resumable["scaler"] = accelerator.scaler  # fp16 loss scale
+        resumable["scaler"] = accelerator.scaler
     if resume_from is not None:
         load_checkpoint(accelerator, resume_from, transformer, resumable, optional={"scaler"})
-    init_trackers(cfg, run, accelerator)
-    validator = TrainingValidator(cfg, run, val, device, base_dtype, ema, webhooks)
-    webhooks.send("info", (f"resumed at step {state.step}" if resume_from else "started")
-                  + f": {cfg.train.max_train_steps} steps of {cfg.model.flavour}")
-    guard = TrainingGuard(device, check_gradients=accelerator.scaler is None,
-                          causes=likely_causes(cfg, accelerator.mixed_precision))
-    config_text = run.config.read_text(encoding="utf-8") if main else ""
+    return state, ema, resumable
 
-    dataset, collate = with_conditioning(  # I2V: the cached image conditioning joins each sample
+
+def _loader(cfg: WanforgeConfig, data: TrainingData, step: int, accelerator, show_progress: bool
+            ) -> torch.utils.data.DataLoader:
+    """This rank's batches from `step` on, with the cached I2V conditioning joined to each sample; its own seeded
+    generator keeps the global RNG (LoRA dropout) resumable."""
+    device = accelerator.device
+    dataset, collate = with_conditioning(
         data.dataset(), Collate(cfg.train.text_max_length),
-        build_conditioning(cfg, [s.latent_path for s in samples], device, show_progress and main),
+        build_conditioning(cfg, [s.latent_path for s in data.samples], device,
+                           show_progress and accelerator.is_main_process),
     )
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=data.batch_sampler(
-            cfg.train.seed, start_batch=state.step * cfg.train.gradient_accumulation_steps,
+            cfg.train.seed, start_batch=step * cfg.train.gradient_accumulation_steps,
             rank=accelerator.process_index, world_size=accelerator.num_processes,
         ),
         collate_fn=collate,
         num_workers=cfg.train.dataloader_num_workers,
         pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.train.seed),  # keeps the global RNG (LoRA dropout) resumable
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
-    if main:
-        run.write_status(status="training", step=state.step)
-    progress = tqdm(total=cfg.train.max_train_steps, initial=state.step, disable=not (show_progress and main),
-                    desc="training", unit="step")
-    batches = iter(loader)
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    if device.type == "cuda":  # peak_gib is the training peak, not the caching pass's VAE / text encoder
-        torch.cuda.reset_peak_memory_stats(device)
-    step_started, timed_from_step = time.perf_counter(), state.step
-    videos: list[Path] = []
-    micro = state.step * cfg.train.gradient_accumulation_steps  # this rank's micro-batches so far
-    resumed_at_end = state.step >= cfg.train.max_train_steps  # killed after the last checkpoint: finish the end
-    signals.deferred = True  # from here a signal finishes the step and saves a checkpoint
+
+
+def _loop(t: Training, signals: StopSignals, on_step) -> None:
+    """Optimizer steps until max_train_steps, each followed by the periodic actions and `on_step`. Inside the loop a
+    stop signal finishes the step and saves a checkpoint."""
+    accelerator, state = t.accelerator, t.state
+    batches = iter(t.loader)
+    micro = state.step * t.cfg.train.gradient_accumulation_steps  # this rank's micro-batches so far
+    if accelerator.device.type == "cuda":  # peak_gib is the training peak, not the caching pass's VAE / text encoder
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    t.periodic.clock.restart(state.step)
+    signals.deferred = True
     try:
-        while state.step < cfg.train.max_train_steps:
-            batch = next(batches)
-            generator = noise_generator(cfg.train.seed, micro * accelerator.num_processes + accelerator.process_index,
-                                        device)
+        while state.step < t.cfg.train.max_train_steps:
+            loss, grad_norm = _micro_step(t, next(batches), micro)
             micro += 1
-            with accelerator.accumulate(transformer):
-                loss = training_step(transformer, batch, cfg, generator, device, base_dtype, extras, state.step,
-                                     flavour)
-                accelerator.backward(loss)
-                guard.watch_loss(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    if cfg.train.max_grad_norm is not None:
-                        grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                    else:
-                        grad_norm = guard.gradient_norm(params)  # before value clipping hides an inf
-                        if cfg.train.max_grad_value is not None:
-                            accelerator.clip_grad_value_(params, cfg.train.max_grad_value)
-                    guard.after_step(state.step + 1, grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            loss_count += 1
+            t.metrics.add(loss, grad_norm)
             if not accelerator.sync_gradients:
                 continue
-            lr_scheduler.step()
+            t.lr_scheduler.step()
             state.step += 1
-            if ema is not None:
-                ema.after_step(state.step)
-            progress.update(1)
-            last = state.step == cfg.train.max_train_steps
-            due_log = state.step % cfg.train.log_every_n_steps == 0 or last
-            due_checkpoint = state.step % cfg.checkpoint.every_n_steps == 0 or last  # last: a run can be extended
-            due_eval = bool(eval_samples) and eval_due(cfg, state.step, last)
-            due_validation = validator.due(state.step, last)
-            stop = signals.signum if accelerator.num_processes == 1 else 0  # ranks agree on it where they sync
-            if due_log or due_checkpoint or due_eval or due_validation or stop:
-                stop = guard.check(accelerator, signals.signum)  # raises NonFiniteTraining before anything is saved
-            if due_log:
-                mean_loss = accelerator.reduce(loss_sum, "mean").item() / loss_count  # waits for the GPU's queue
-                seconds = (time.perf_counter() - step_started) / max(state.step - timed_from_step, 1)
-                record = {"step": state.step, "loss": mean_loss,
-                          "lr": lr_scheduler.get_last_lr()[0], "s_per_step": round(seconds, 4)}
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                if extras is not None:
-                    record.update(extras.metrics)
-                if device.type == "cuda":
-                    record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                if main:
-                    run.log_metrics(record)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", s_step=f"{seconds:.2f}")
-                    webhooks.progress(state.step, cfg.train.max_train_steps, record)
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
-                loss_sum.zero_()
-                loss_count = 0
-                step_started, timed_from_step = time.perf_counter(), state.step
-            if due_checkpoint or stop:
-                checkpoint = save_checkpoint(accelerator, run, state.step, cfg.checkpoint.total_limit, transformer,
-                                             resumable, config_text, ema.shadow if ema is not None else [])
-                if publisher is not None:
-                    publisher.push_checkpoint(checkpoint, state.step)
-            if stop:
-                if main:
-                    run.write_status(status="stopped", step=state.step, error=None)
-                raise RunStopped(stop, f"{signal.Signals(stop).name}: stopped after step {state.step}, checkpoint "
-                                       "saved (go on with --resume latest)")
-            if due_eval:
-                log_eval_loss(accelerator, transformer, eval_samples, cfg, run, device, state.step)
-                step_started, timed_from_step = time.perf_counter(), state.step
-            if due_validation:
-                videos += _validate(validator, accelerator, transformer, state.step, device)
-                step_started, timed_from_step = time.perf_counter(), state.step
+            if t.ema is not None:
+                t.ema.after_step(state.step)
+            t.progress.update(1)
+            t.periodic.after_step(state.step, signals.signum)
             if on_step is not None:
                 on_step(state.step)
     finally:
         signals.deferred = False
-        progress.close()
-    if resumed_at_end:  # the final eval / validation of a run killed after its last checkpoint
-        if eval_samples and eval_due(cfg, state.step, True):
-            log_eval_loss(accelerator, transformer, eval_samples, cfg, run, device, state.step)
-        if validator.due(state.step, True):
-            videos += _validate(validator, accelerator, transformer, state.step, device)
+        t.progress.close()
 
-    if both:
-        lora_file = save_expert_loras(cfg, run, accelerator, transformer)
+
+def _micro_step(t: Training, batch: dict, micro: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, gradient norm) of one micro-batch under accelerate's accumulation; the last micro-batch of a step
+    clips, checks and applies the gradients. Its noise is seeded by (seed, micro-batch, rank): a resume draws the same."""
+    cfg, accelerator = t.cfg, t.accelerator
+    generator = noise_generator(cfg.train.seed, micro * accelerator.num_processes + accelerator.process_index,
+                                accelerator.device)
+    with accelerator.accumulate(t.transformer):
+        loss = training_step(t.transformer, batch, cfg, generator, accelerator.device, t.base_dtype, t.extras,
+                             t.state.step, t.flavour)
+        accelerator.backward(loss)
+        t.guard.watch_loss(loss)
+        grad_norm = _clip_gradients(t) if accelerator.sync_gradients else None
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def _clip_gradients(t: Training) -> torch.Tensor | None:
+    """Clip by norm or by value as configured and record the step's gradient norm with the non-finite guard."""
+    cfg, accelerator = t.cfg, t.accelerator
+    if cfg.train.max_grad_norm is not None:
+        grad_norm = accelerator.clip_grad_norm_(t.params, cfg.train.max_grad_norm)
     else:
-        lora_file = _save_final_lora(cfg, run, accelerator, transformer)
-    ema_file = _save_final_lora(cfg, run, accelerator, transformer, ema) if ema is not None else None
+        grad_norm = t.guard.gradient_norm(t.params)  # before value clipping hides an inf
+        if cfg.train.max_grad_value is not None:
+            accelerator.clip_grad_value_(t.params, cfg.train.max_grad_value)
+    t.guard.after_step(t.state.step + 1, grad_norm)
+    return grad_norm
+
+
+def _finish(t: Training) -> TrainResult:
+    """After the last step: the end a resumed run still owes, the LoRA files (live, EMA), the final Hub upload and
+    run.json `completed` (or `upload_failed`)."""
+    cfg, run, accelerator, step = t.cfg, t.run, t.accelerator, t.state.step
+    t.periodic.end_of_run()
+    if cfg.model.train_both_experts:
+        lora_file = save_expert_loras(cfg, run, accelerator, t.transformer)
+    else:
+        lora_file = _save_final_lora(cfg, run, accelerator, t.transformer)
+    ema_file = _save_final_lora(cfg, run, accelerator, t.transformer, t.ema) if t.ema is not None else None
     accelerator.end_training()
-    if main:
-        publish_final(publisher, cfg, run, val, lora_file, ema_file, validator.last, state.step)
-        hub_errors = publisher.wait() if publisher is not None else []  # the run is done: let uploads finish
-        final_error = publisher.final_failure(hub_errors) if publisher is not None else None
-        run.write_status(status="upload_failed" if final_error else "completed", step=state.step,
+    videos = t.validation.videos
+    if accelerator.is_main_process:
+        publish_final(t.publisher, cfg, run, t.settings, lora_file, ema_file, t.validation.validator.last, step)
+        hub_errors = t.publisher.wait() if t.publisher is not None else []  # the run is done: let uploads finish
+        final_error = t.publisher.final_failure(hub_errors) if t.publisher is not None else None
+        run.write_status(status="upload_failed" if final_error else "completed", step=step,
                          lora=str(lora_file.relative_to(run.root)), videos=[str(v.relative_to(run.root)) for v in videos],
                          error=final_error, hub_errors=hub_errors,
                          remedy=final_upload_remedy(cfg.hub.hub_model_id, run.root) if final_error else None)
-        webhooks.send("info", f"finished after {state.step} steps" + (f"; {hub_errors[0]}" if hub_errors else ""))
-    return TrainResult(run.root, lora_file, videos, report.built, state.step)
-
-
-def _validate(validator: TrainingValidator, accelerator, transformer, step: int, device) -> list[Path]:
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # resumable RNG
-        return validator(accelerator, transformer, step)
+        t.webhooks.send("info", f"finished after {step} steps" + (f"; {hub_errors[0]}" if hub_errors else ""))
+    return TrainResult(run.root, lora_file, videos, t.caches_built, step)
 
 
 def _save_final_lora(cfg: WanforgeConfig, run: RunDir, accelerator, transformer, ema: AdapterEMA | None = None) -> Path:
@@ -415,10 +490,3 @@ def _save_final_lora(cfg: WanforgeConfig, run: RunDir, accelerator, transformer,
         return run.lora
     return save_adapter(accelerator.unwrap_model(transformer), state, run.lora / "ema" if ema is not None else run.lora,
                         cfg.lora, info)  # trainer.export: the one writer of LoRA files
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-

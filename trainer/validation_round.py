@@ -59,7 +59,7 @@ def validation_round(
 
 
 class TrainingValidator:
-    """Validation during training, on the main process; the others wait."""
+    """Validation during training, on the main process; the others wait. When it is due: trainer.periodic."""
 
     def __init__(self, cfg: WanforgeConfig, run: RunDir, settings: ValidationSettings, device: torch.device,
                  base_dtype: torch.dtype, ema: AdapterEMA | None, webhooks: Webhooks):
@@ -67,10 +67,6 @@ class TrainingValidator:
         self.autocast = base_dtype if base_dtype != torch.float32 else None
         self.ema, self.webhooks = ema, webhooks
         self.last: RoundResult | None = None
-
-    def due(self, step: int, last: bool) -> bool:
-        every = self.cfg.validation.every_n_steps
-        return (bool(every) and step % every == 0 and not last) or (last and self.cfg.validation.at_end)
 
     def __call__(self, accelerator, transformer, step: int) -> list[Path]:
         from trainer.tracking import log_validation
@@ -99,7 +95,9 @@ class TrainingValidator:
 
 
 def validate_lora(cfg: WanforgeConfig, lora: Path, out_dir: Path | None = None) -> list[Path]:
-    """`wanforge validate`: the config's validation settings with a saved LoRA (either format), outside training."""
+    """`wanforge validate`: the config's validation settings with a saved LoRA (either format), outside training.
+    The plain transformer and diffusers' own LoRA loader, not `build_trainable_transformer`: this checks the saved
+    file the way a user's pipeline loads it, and a trainable model would add a fresh adapter beside it."""
     if not lora.is_file():
         raise UserError(f"--lora {lora}: no such file")
     cuda = torch.cuda.is_available()
