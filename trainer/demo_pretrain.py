@@ -275,14 +275,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.preview:
         args.preview.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():
-            rec = vae.decode(vae.encode(to_pixels(world[:6], device)).latent_dist.mode()).sample
-        rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
         from trainer.contact_sheet import contact_sheet
 
-        contact_sheet([(f"{'clip' if i % 2 == 0 else 'vae'} {i // 2}", v) for i, v in
-                       enumerate(x for pair in zip(world[:6], rec) for x in pair)],
-                      args.preview / "vae.png", columns=DEMO_FRAMES)
+        rows = []  # each clip, then its round trip (cache encode -> validation decode)
+        for name, clip in [(captions[i], world[i]) for i in (0, 9, 20, 31)] + list(colour_check_clips().items()):
+            rows += [(name, clip), ("  round trip", round_trip(vae, transformer, clip, device))]
+        contact_sheet(rows, args.preview / "vae.png", columns=DEMO_FRAMES)
         prompts = [captions[i] for i in (0, 9, 22, 31, 40, 47)] + [caption("circle", "red", "left to right", TRIGGER)]
         preview(pipe, prompts, args.preview / "samples.png", device, DEMO_GUIDANCE)
 
