@@ -20,6 +20,7 @@ import torch
 from trainer.config import WanforgeConfig
 from trainer.dataset import pad_text
 from trainer.flavours import FLAVOURS
+from trainer.memory import cudnn_benchmark
 from trainer.prompts import TOKEN, fill_token, load_prompt_library, slug  # noqa: F401 - torch-free, checked by preflight
 from trainer.skip_layers import SkipLayerGuidance, skip_layer_guidance
 from trainer.video import write_mp4
@@ -189,17 +190,6 @@ def compiled_blocks(denoisers: list, backend="inductor") -> Iterator[None]:
             block._compiled_call_impl = None
 
 
-@contextmanager
-def _cudnn_benchmark() -> Iterator[None]:
-    """cuDNN times its convolution algorithms once per shape and keeps the fastest (the VAE decode's 3D convolutions)."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
-
-
 _COMPILE_FAILED: list[str] = []  # a compile that failed once is not retried in this process
 
 
@@ -251,7 +241,7 @@ def _generate(
     try:
         extra = getattr(pipe, "wanforge_call_kwargs", {})
         guidance = [settings.guidance_scale, extra.get("guidance_scale_2", settings.guidance_scale)]  # per expert
-        with autocast, _cudnn_benchmark(), skip_layer_guidance(denoisers, pipe.scheduler, settings.skip_layers, guidance):
+        with autocast, cudnn_benchmark(), skip_layer_guidance(denoisers, pipe.scheduler, settings.skip_layers, guidance):
             return pipe(
                 prompt_embeds=pad_text([prompt_embeds], PIPELINE_TEXT_LENGTH).to(device),
                 negative_prompt_embeds=pad_text([negative_embeds], PIPELINE_TEXT_LENGTH).to(device),
