@@ -100,6 +100,10 @@ def baseline(args, device: torch.device, dtype: torch.dtype) -> int:
     pipe.set_progress_bar_config(disable=True)
     embeds = [pad_text([e], PIPELINE_TEXT_LENGTH).to(device, dtype) for e in (prompt, negative)]
     transformer.eval()
+    with torch.no_grad():  # warm-up, untimed: CUDA libraries' first calls (one step, a small VAE decode)
+        pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], height=height, width=width, num_frames=frames,
+             num_inference_steps=1, output_type="latent")
+        vae.decode(torch.zeros(1, 16, 2, 8, 8, device=device, dtype=vae.dtype))
     timed("plain diffusers WanPipeline (bf16, fp32 VAE, default attention)", lambda: pipe(
         prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], height=height, width=width, num_frames=frames,
         guidance_scale=5.0, num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(42)).frames[0])
