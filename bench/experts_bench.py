@@ -48,21 +48,18 @@ def timed(fn, device: torch.device) -> float:
 
 def build_pair(flavour: str, cfg, device: torch.device):
     """Both experts as setup_expert_pair assembles them (built here with random weights instead of loaded)."""
-    from trainer.experts import ExpertPair
-    from trainer.flavours import get_flavour
+    from trainer.experts import assemble_pair
     from trainer.trainable import make_trainable
 
-    experts = {}
+    experts, offloaders = {}, {}
     for stage in ("high", "low"):
         transformer = speed_bench.build_transformer("14b", flavour)  # on the GPU: fast random init
         torch.manual_seed(0)
-        make_trainable(transformer, cfg.lora, cfg.memory, device, base_device=torch.device("cpu"))
+        offloaders[stage] = make_trainable(transformer, cfg.lora, cfg.memory, device, torch.device("cpu"))
         experts[stage] = transformer
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    pair = ExpertPair(experts["high"], experts["low"])
-    pair.activate(get_flavour(flavour).stage, device)
-    return pair
+    return assemble_pair(experts, offloaders, flavour, device)
 
 
 def legacy_swaps(pair, device: torch.device) -> list[float]:

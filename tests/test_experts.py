@@ -116,3 +116,27 @@ def test_swaps_on_the_gpu_match_the_cpu_reference():
         torch.cuda.synchronize()
         expected = _state(reference[stage])
         assert all(torch.equal(v.cpu(), expected[k]) for k, v in _state(pair.expert(stage)).items())
+
+
+def test_both_experts_share_one_offload_pool_and_never_offload_their_moved_weights():
+    """With activation offload, each swap re-registers the incoming expert's weights (new addresses) as never to be
+    offloaded (compiled backward graphs save them), and both experts draw on one pinned pool under one host cap."""
+    from trainer.config import MemoryConfig
+    from trainer.experts import assemble_pair
+    from trainer.trainable import make_trainable
+
+    memory = MemoryConfig(gradient_checkpointing="selective", activation_offload=True)
+    experts, offloaders = {}, {}
+    for stage, seed in (("high", 1), ("low", 2)):
+        torch.manual_seed(seed)
+        experts[stage] = _tiny_transformer(16, 16)
+        offloaders[stage] = make_trainable(experts[stage], LoraConfig(rank=4), memory, CPU, CPU)
+    pair = assemble_pair(experts, offloaders, "tiny-t2v-2.2-high", CPU)
+    assert offloaders["low"].pool is offloaders["high"].pool
+    assert offloaders["low"].max_host_bytes == offloaders["high"].max_host_bytes is not None
+    for stage in ("low", "high", "low"):
+        select_expert(pair, stage, CPU)
+        weights = {t.untyped_storage().data_ptr() for t in pair.expert(stage).parameters()}
+        assert weights <= offloaders[stage]._excluded
+        pair.train()
+        pair(**_inputs())[0].square().mean().backward()  # a step through the offloading block runner

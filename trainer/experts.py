@@ -146,12 +146,16 @@ class ExpertPair(torch.nn.Module):
     wait in one page-locked host buffer (`_IdleSlot`); its LoRA parameters keep their identity, so the optimizer and
     its state stay valid (AdamW skips them while they have no gradient)."""
 
-    def __init__(self, high, low):
+    def __init__(self, high, low, offloaders: dict | None = None):
         super().__init__()
         self.high, self.low = high, low
         self.active: Stage = "high"
         self.config = high.config
         self._slot: _IdleSlot | None = None
+        # each expert's activation offloader (trainer.offload), one pinned pool between them: one expert trains at a time
+        self._offloaders = {stage: o for stage, o in (offloaders or {}).items() if o is not None}
+        if len(self._offloaders) == 2:
+            self._offloaders["low"].pool = self._offloaders["high"].pool
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Both experts' adapters, keys prefixed "high." / "low." (checkpoints)."""
@@ -210,7 +214,14 @@ class ExpertPair(torch.nn.Module):
                 self._slot = _IdleSlot(frozen_tensors(outgoing), device)
         self._move_optimizer_state(outgoing, torch.device("cpu"))
         self._move_optimizer_state(incoming, device)
+        if stage in self._offloaders:  # its weights have new addresses now: still never offloaded
+            self._offloaders[stage].exclude_parameters(incoming, replace=True)
         self.active = stage
+
+    def set_host_budget(self, max_host_bytes: int | None) -> None:
+        """The activation offload's host cap, for both experts (after the idle one took its share of host RAM)."""
+        for offloader in self._offloaders.values():
+            offloader.set_host_budget(max_host_bytes)
 
     def settled(self, stage: Stage, device: torch.device) -> bool:
         """`stage` runs on `device` and the other expert is back in host RAM (validation puts both on the device)."""
@@ -326,17 +337,28 @@ class _IdleSlot:
 
 def setup_expert_pair(cfg, dtype: torch.dtype, device: torch.device, num_processes: int) -> ExpertPair:
     """Both experts with LoRA and the memory options; the flavour's own expert active on the device."""
+    from trainer.components import load_transformer
     from trainer.errors import UserError
-    from trainer.flavours import get_flavour
-    from trainer.trainable import build_trainable_transformer
+    from trainer.trainable import make_trainable
 
     if num_processes > 1:
         raise UserError("model.train_both_experts runs on one GPU: train each expert as its own multi-GPU run instead")
-    experts = {}
+    experts, offloaders = {}, {}
     for stage, sub in (("high", "transformer"), ("low", "transformer_2")):
-        experts[stage] = build_trainable_transformer(cfg, dtype, device, subfolder=sub, base_device=torch.device("cpu"))
-    pair = ExpertPair(experts["high"], experts["low"])
-    pair.activate(get_flavour(cfg.model.flavour).stage, device)
+        experts[stage] = load_transformer(cfg.model, dtype, subfolder=sub)
+        offloaders[stage] = make_trainable(experts[stage], cfg.lora, cfg.memory, device, torch.device("cpu"))
+    return assemble_pair(experts, offloaders, cfg.model.flavour, device)
+
+
+def assemble_pair(experts: dict, offloaders: dict, flavour: str, device: torch.device) -> ExpertPair:
+    """The pair of two trainable experts (base weights in host RAM): the flavour's own expert on the device, the other
+    in the page-locked slot, and the offload's host cap taken again now that both have their place."""
+    from trainer.flavours import get_flavour
+    from trainer.memory import offload_host_budget
+
+    pair = ExpertPair(experts["high"], experts["low"], offloaders)
+    pair.activate(get_flavour(flavour).stage, device)
+    pair.set_host_budget(offload_host_budget())
     return pair
 
 
