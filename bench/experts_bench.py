@@ -48,18 +48,33 @@ def timed(fn, device: torch.device) -> float:
 
 def build_pair(flavour: str, cfg, device: torch.device):
     """Both experts as setup_expert_pair assembles them (built here with random weights instead of loaded)."""
-    from trainer.experts import assemble_pair
+    from trainer.experts import assemble_pair, frozen_tensors
     from trainer.trainable import make_trainable
 
     experts, offloaders = {}, {}
     for stage in ("high", "low"):
         transformer = speed_bench.build_transformer("14b", flavour)  # on the GPU: fast random init
+        if stage == "low":  # the same seed built it: make it differ, so a mixed-up swap would show in the fingerprint
+            with torch.no_grad():
+                for t in frozen_tensors(transformer)[::FINGERPRINT_EVERY]:
+                    t.add_(1.0)
         torch.manual_seed(0)
         offloaders[stage] = make_trainable(transformer, cfg.lora, cfg.memory, device, torch.device("cpu"))
         experts[stage] = transformer
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return assemble_pair(experts, offloaders, flavour, device)
+
+
+FINGERPRINT_EVERY = 25  # every 25th frozen tensor of an expert (about 50 at 14B)
+
+
+def fingerprint(expert) -> list[float]:
+    """Sums of a sample of the expert's frozen tensors, wherever they are (GPU or the host slot)."""
+    from trainer.experts import frozen_tensors
+
+    with torch.no_grad():
+        return [float(t.float().sum()) for t in frozen_tensors(expert)[::FINGERPRINT_EVERY]]
 
 
 def legacy_swaps(pair, device: torch.device) -> list[float]:
@@ -130,6 +145,7 @@ def main() -> int:
     batch = speed_bench.make_batch(args.flavour)
     from trainer.experts import active_stage
 
+    before = {stage: fingerprint(pair.expert(stage)) for stage in ("high", "low")}
     steps, swaps, warm = [], [], set()
     for step in range(args.every * args.blocks):
         stage = active_stage(cfg, step)
@@ -149,6 +165,7 @@ def main() -> int:
         warm.add(stage)
         print(f"  step {step} ({stage}): {seconds:.3f} s", flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    intact = all(fingerprint(pair.expert(stage)) == before[stage] for stage in ("high", "low"))
     legacy = legacy_swaps(pair, device)
     step_s, swap_s, legacy_s = statistics.median(steps), statistics.median(swaps), statistics.median(legacy)
 
@@ -160,7 +177,8 @@ def main() -> int:
     text = (f"device: {gpu}; torch {torch.__version__}; {args.flavour} + its other expert, {args.shape}, "
             f"{params:.2f} B frozen parameters per expert, preset {memory}, LoRA r16, batch 1; setup (build both, "
             f"idle one to the page-locked slot) {setup:.1f} s; GPU peak {peak:.2f} GiB; host peak (VmHWM) "
-            f"{speed_bench.host_status()['VmHWM']:.2f} GiB\n\n"
+            f"{speed_bench.host_status()['VmHWM']:.2f} GiB; each expert's frozen weights after {len(swaps)} slot "
+            f"swaps: {'identical to before (sampled sums)' if intact else 'CHANGED: the swap is broken'}\n\n"
             f"| what | seconds | share of a {default_every}-step expert block |\n|---|---|---|\n"
             f"| median training step (both experts, after each one's first step; {len(steps)} steps) | {step_s:.3f} | - |\n"
             f"| expert switch, page-locked slot, both directions at once (median of {len(swaps)}: "
@@ -170,7 +188,7 @@ def main() -> int:
     print(text)
     if args.out:
         args.out.write_text(text)
-    return 0
+    return 0 if intact else 1
 
 
 if __name__ == "__main__":
