@@ -534,7 +534,7 @@ class CacheConfig(Section):
     vae_batch_size: int = Field(
         1, ge=1, description="Clips of one bucket VAE-encoded together (1 suits 81-frame clips; more helps images)."
     )
-    decode_workers: int = Field(4, ge=0, description="Threads decoding clips ahead of the VAE (0: decode inline).")
+    decode_workers: int = Field(2, ge=0, description="Threads decoding clips ahead of the VAE (0: decode inline).")
     vae_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="VAE precision for caching latents on a GPU: bfloat16 is faster and its latents differ "
         "from float32's by about bfloat16 rounding (bench/RESULTS.md); float32 on a CPU either way."
