@@ -305,11 +305,12 @@ def cache_vae_dtype(cfg: WanforgeConfig, device: torch.device) -> torch.dtype:
 
 
 def encode_latent_entries(cfg: WanforgeConfig, todo: list[tuple[Path, LatentSpec]], device: torch.device,
-                    show_progress: bool) -> int:
-    """Encode clips of one bucket in batches of cache.vae_batch_size; a clip that fails to decode gets a .failed note."""
+                    show_progress: bool, vae=None) -> int:
+    """Encode clips of one bucket in batches of cache.vae_batch_size; a clip that fails to decode gets a .failed note.
+    `vae`: one already loaded (benchmarks); default the config's, in cache.vae_dtype."""
     if not todo:
         return 0
-    vae = load_vae(cfg.model, cache_vae_dtype(cfg, device)).to(device).eval()
+    vae = vae if vae is not None else load_vae(cfg.model, cache_vae_dtype(cfg, device)).to(device).eval()
     store = torch.bfloat16 if cfg.cache.compress_latents else torch.float32
     buckets = {lp: spec.bucket for lp, spec in todo}
     pending: list[tuple[Path, torch.Tensor]] = []
