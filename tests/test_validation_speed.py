@@ -8,8 +8,7 @@ import torch
 from trainer.components import load_transformer, load_vae
 from trainer.config import LoraConfig, ModelConfig
 from trainer.lora import add_lora, trainable_parameters
-from trainer.validation_videos import (ValidationPrompt, ValidationSettings, _generate, build_pipeline,
-                                       compiled_blocks)
+from trainer.validation_videos import ValidationPrompt, ValidationSettings, build_pipeline, compiled_blocks, generate
 
 
 def test_compiled_blocks_render_the_same_video():
@@ -24,7 +23,7 @@ def test_compiled_blocks_render_the_same_video():
     g = torch.Generator().manual_seed(0)
     prompt, negative = torch.randn(6, 32, generator=g), torch.randn(9, 32, generator=g)
     cpu = torch.device("cpu")
-    eager = _generate(pipe, settings, prompt, negative, cpu)
+    eager = generate(pipe, settings, prompt, negative, cpu)
     graphs = []
 
     def backend(gm, example_inputs):  # dynamo's graph of a block, run as traced (no C++ toolchain needed)
@@ -33,7 +32,7 @@ def test_compiled_blocks_render_the_same_video():
 
     with compiled_blocks([transformer], backend=backend):
         assert all(b._compiled_call_impl is not None for b in transformer.blocks)
-        compiled = _generate(pipe, settings, prompt, negative, cpu)
+        compiled = generate(pipe, settings, prompt, negative, cpu)
     assert all(b._compiled_call_impl is None for b in transformer.blocks)  # training runs its own compiled runner
     assert 1 <= len(graphs) <= 2  # the blocks ran through the compiled function, sharing its graph
     np.testing.assert_allclose(compiled, eager, atol=1e-5)

@@ -199,6 +199,7 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return (dynamo_exc.TorchDynamoException, dynamo_exc.BackendCompilerFailed)
 
 
+@torch.no_grad()
 def generate(
     pipe,
     settings: ValidationSettings,
@@ -208,56 +209,45 @@ def generate(
     autocast_dtype: torch.dtype | None = None,
     callback=None,
 ) -> np.ndarray:
-    """Frames [F,H,W,3] float in [0,1] for one prompt. On a GPU the blocks run compiled (not with skip-layer guidance,
-    whose hooks change the blocks mid-render) and cuDNN picks its fastest convolutions for the VAE decode."""
-    compiled = settings.compile and device.type == "cuda" and settings.skip_layers is None and not _COMPILE_FAILED
-    if compiled:
-        try:
-            with compiled_blocks([m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]):
-                return _generate(pipe, settings, prompt_embeds, negative_embeds, device, autocast_dtype, callback)
-        except _compile_errors() as err:
-            _COMPILE_FAILED.append(str(err))
-            log.warning("validation: torch.compile of the blocks failed (%s): rendering without it",
-                        str(err).splitlines()[0][:200])
-    return _generate(pipe, settings, prompt_embeds, negative_embeds, device, autocast_dtype, callback)
-
-
-@torch.no_grad()
-def _generate(
-    pipe,
-    settings: ValidationSettings,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-    callback=None,
-) -> np.ndarray:
-    """One render, with skip-layer guidance inside its window when configured."""
+    """Frames [F,H,W,3] float in [0,1] for one prompt, with skip-layer guidance inside its window when configured.
+    On a GPU the blocks run compiled (not with skip-layer guidance, whose hooks change the blocks mid-render; a failing
+    compile renders again without) and cuDNN picks its fastest convolutions for the VAE decode."""
     denoisers = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
     was_training = [m.training for m in denoisers]
     for m in denoisers:
         m.eval()
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    compile_first = settings.compile and device.type == "cuda" and settings.skip_layers is None and not _COMPILE_FAILED
+    extra = getattr(pipe, "wanforge_call_kwargs", {})
+    guidance = [settings.guidance_scale, extra.get("guidance_scale_2", settings.guidance_scale)]  # per expert
     try:
-        extra = getattr(pipe, "wanforge_call_kwargs", {})
-        guidance = [settings.guidance_scale, extra.get("guidance_scale_2", settings.guidance_scale)]  # per expert
-        with autocast, cudnn_benchmark(), skip_layer_guidance(denoisers, pipe.scheduler, settings.skip_layers, guidance):
-            return pipe(
-                prompt_embeds=pad_text([prompt_embeds], PIPELINE_TEXT_LENGTH).to(device),
-                negative_prompt_embeds=pad_text([negative_embeds], PIPELINE_TEXT_LENGTH).to(device),
-                num_frames=settings.num_frames,
-                height=settings.height,
-                width=settings.width,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                generator=torch.Generator(device="cpu").manual_seed(settings.seed),
-                output_type="np",
-                callback_on_step_end=callback,
-                **extra,  # image / guidance_scale_2 (trainer.pipelines)
-            ).frames[0]
+        for compiled in (True, False) if compile_first else (False,):
+            try:
+                with (compiled_blocks(denoisers) if compiled else nullcontext()), autocast, cudnn_benchmark(), \
+                        skip_layer_guidance(denoisers, pipe.scheduler, settings.skip_layers, guidance):
+                    return pipe(
+                        prompt_embeds=pad_text([prompt_embeds], PIPELINE_TEXT_LENGTH).to(device),
+                        negative_prompt_embeds=pad_text([negative_embeds], PIPELINE_TEXT_LENGTH).to(device),
+                        num_frames=settings.num_frames,
+                        height=settings.height,
+                        width=settings.width,
+                        num_inference_steps=settings.steps,
+                        guidance_scale=settings.guidance_scale,
+                        generator=torch.Generator(device="cpu").manual_seed(settings.seed),
+                        output_type="np",
+                        callback_on_step_end=callback,
+                        **extra,  # image / guidance_scale_2 (trainer.pipelines)
+                    ).frames[0]
+            except _compile_errors() as err:
+                if not compiled:
+                    raise
+                _COMPILE_FAILED.append(str(err))
+                log.warning("validation: torch.compile of the blocks failed (%s): rendering without it",
+                            str(err).splitlines()[0][:200])
     finally:
         for m, mode in zip(denoisers, was_training):
             m.train(mode)
+    raise AssertionError("unreachable")  # the eager attempt returns or raises
 
 
 def render(
