@@ -191,6 +191,7 @@ def compiled_blocks(denoisers: list, backend="inductor") -> Iterator[None]:
 
 
 _COMPILE_FAILED: list[str] = []  # a compile that failed once is not retried in this process
+COMPILE_ON = ("cuda",)  # device types whose renders compile the blocks (a CPU render is a test or a demo)
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -217,7 +218,8 @@ def generate(
     for m in denoisers:
         m.eval()
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-    compile_first = settings.compile and device.type == "cuda" and settings.skip_layers is None and not _COMPILE_FAILED
+    compile_first = (settings.compile and device.type in COMPILE_ON and settings.skip_layers is None
+                     and not _COMPILE_FAILED)
     extra = getattr(pipe, "wanforge_call_kwargs", {})
     guidance = [settings.guidance_scale, extra.get("guidance_scale_2", settings.guidance_scale)]  # per expert
     try:
