@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from trainer.components import load_transformer, load_vae
@@ -63,3 +64,14 @@ def test_a_failing_compile_renders_without_it(monkeypatch):
     np.testing.assert_allclose(frames, eager, atol=1e-6)
     assert vv._COMPILE_FAILED and all(b._compiled_call_impl is None for b in transformer.blocks)
     assert transformer.training  # left as it was found
+
+
+@pytest.mark.parametrize(("memory", "compiles"), [({}, True), ({"preset": "none"}, False),
+                                                   ({"preset": "none", "compile": True}, True),
+                                                   ({"preset": "balanced", "compile": False}, False)])
+def test_validation_compiles_when_training_does(memory, compiles, tmp_path):
+    from trainer.config import config_from_dict
+    from trainer.validation_videos import settings_for
+
+    cfg = config_from_dict({"model": {"flavour": "tiny"}, "memory": memory, "datasets": [{"path": str(tmp_path)}]})
+    assert settings_for(cfg, "a caption").compile is compiles

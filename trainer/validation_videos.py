@@ -129,7 +129,14 @@ def settings_for(cfg: WanforgeConfig, first_caption: str | None) -> ValidationSe
         seed=v.seed,
         fps=flavour.fps,
         skip_layers=skip,
+        compile=render_compiles(cfg.memory),
     )
+
+
+def render_compiles(memory) -> bool:
+    """Validation compiles the blocks when training compiles them: memory.compile, or a preset (every preset compiles)
+    unless memory.compile = false was set."""
+    return memory.compile or (memory.preset != "none" and "compile" not in memory.model_fields_set)
 
 
 def make_scheduler(kind: str, flow_shift: float):
