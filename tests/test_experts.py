@@ -140,3 +140,18 @@ def test_both_experts_share_one_offload_pool_and_never_offload_their_moved_weigh
         assert weights <= offloaders[stage]._excluded
         pair.train()
         pair(**_inputs())[0].square().mean().backward()  # a step through the offloading block runner
+
+
+def test_a_swap_cut_short_is_completed_by_the_next_one():
+    """An exchange that stopped halfway (an error mid-copy) leaves some tensors moved and some not: the next one moves
+    exactly the rest, so no expert ends up with the other's weights."""
+    pair, reference, _ = _pair()
+    low = frozen_tensors(pair.low)
+    for t in low[: len(low) // 2]:  # half of the idle expert already out of the slot
+        t.data = t.data.clone()
+    select_expert(pair, "low", CPU)
+    select_expert(pair, "high", CPU)
+    select_expert(pair, "low", CPU)
+    for stage in ("high", "low"):
+        expected = _state(reference[stage])
+        assert all(torch.equal(v, expected[k]) for k, v in _state(pair.expert(stage)).items()), stage

@@ -294,15 +294,13 @@ class _IdleSlot:
         return all(t.data_ptr() == v.data_ptr() for t, v in zip(tensors, self.views))
 
     def exchange(self, incoming: list[torch.Tensor], outgoing: list[torch.Tensor]) -> None:
-        """`incoming` to the device (from the slot, or wherever else it is), `outgoing` into the slot; each only where it
-        is not there already (validation puts both experts on the device)."""
-        upload = self.holds(incoming) or incoming[0].device.type != self.device.type
-        download = not self.holds(outgoing)
+        """`incoming` to the device (from the slot, or wherever else it is), `outgoing` into the slot; tensor by
+        tensor, each only where it is not there already (validation puts both experts on the device)."""
         if not self.cuda:
             for t_in, t_out, view in zip(incoming, outgoing, self.views):
-                if upload:
+                if t_in.data_ptr() == view.data_ptr():
                     t_in.data = t_in.data.clone()
-                if download:
+                if t_out.data_ptr() != view.data_ptr():
                     view.copy_(t_out.data)
                     t_out.data = view
             return
@@ -313,13 +311,13 @@ class _IdleSlot:
         chunks: list[torch.cuda.Event] = []
         in_chunk = 0
         for t_in, t_out, view in zip(incoming, outgoing, self.views):
-            if upload:
+            if t_in.data_ptr() == view.data_ptr() or t_in.device.type != "cuda":
                 arrived = torch.empty_like(view, device=self.device)
                 with torch.cuda.stream(up):
                     arrived.copy_(t_in.data, non_blocking=True)
                 down.wait_event(up.record_event())  # the slot view is read before it is overwritten
                 t_in.data = arrived
-            if download:
+            if t_out.data_ptr() != view.data_ptr():
                 leaving = t_out.data
                 with torch.cuda.stream(down):
                     view.copy_(leaving, non_blocking=True)
@@ -334,6 +332,7 @@ class _IdleSlot:
                     chunks[-3].synchronize()  # at most a few chunks of both experts on the device at once
         current.wait_stream(up)
         current.wait_stream(down)
+
 
 def setup_expert_pair(cfg, dtype: torch.dtype, device: torch.device, num_processes: int) -> ExpertPair:
     """Both experts with LoRA and the memory options; the flavour's own expert active on the device."""
