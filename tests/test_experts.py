@@ -155,3 +155,23 @@ def test_a_swap_cut_short_is_completed_by_the_next_one():
     for stage in ("high", "low"):
         expected = _state(reference[stage])
         assert all(torch.equal(v, expected[k]) for k, v in _state(pair.expert(stage)).items()), stage
+
+
+def test_the_estimate_and_auto_count_the_idle_expert_in_host_ram(tmp_path):
+    """train_both_experts keeps the other expert's weights in host RAM: the estimate adds them to the host peak and
+    leaves the offload only the rest of the node's RAM."""
+    from launcher.estimate import estimate
+    from trainer.config import config_from_dict
+    from trainer.sizing import flavour_shape, idle_expert_gib
+
+    def cfg(both: bool):
+        return config_from_dict({"model": {"flavour": "t2v-14b-2.2-high", "train_both_experts": both},
+                                 "datasets": [{"path": str(tmp_path)}]})
+
+    idle = flavour_shape("t2v-14b-2.2-high").params * 2 / 2**30  # bf16 weights
+    assert idle_expert_gib(cfg(False)) == 0 and idle_expert_gib(cfg(True)) == pytest.approx(idle)
+    one, both = estimate(cfg(False), "H100"), estimate(cfg(True), "H100")
+    assert both.memory_preset == one.memory_preset and both.vram_gib == one.vram_gib
+    assert both.host_gib == pytest.approx(one.host_gib + idle, abs=0.1)
+    assert "idle expert" in both.basis and "idle expert" not in one.basis
+    assert one.measured and not both.measured  # no row measured a two-expert run's host memory

@@ -31,7 +31,7 @@ from trainer.guard import NonFiniteError, StopSignals, TrainingGuard, likely_cau
 from trainer.lora import adapter_state_dict, trainable_parameters
 from trainer.distributed import noise_generator
 from trainer.memory_presets import host_memory_gib, memory_choice, resolve_memory
-from trainer.sizing import config_tokens
+from trainer.sizing import config_tokens, idle_expert_gib
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.resume import check_resume_settings
 from trainer.rundir import RunDir
@@ -131,7 +131,7 @@ def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | N
         )
     device = accelerator.device
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    host_gib = host_memory_gib() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # each local process offloads
+    host_gib = (host_memory_gib() - idle_expert_gib(cfg)) / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # offloaders
     memory = resolve_memory(cfg.memory, get_flavour(cfg.model.flavour), gpu_gib, tokens=config_tokens(cfg),
                             batch=cfg.train.train_batch_size, host_gib=host_gib)
     memory_record = memory_choice(cfg.memory, memory, gpu_gib, host_gib)
