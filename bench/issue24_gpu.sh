@@ -5,9 +5,10 @@
 #   B   train_both_experts switch cost at A14B 480p (bench/experts_bench.py)
 #   C   validation render vs plain WanPipeline, 1.3B 832x480x81, 40 steps (bench/validation_bench.py --baseline)
 #   D   latent caching vs plain AutoencoderKLWan.encode in bf16 (bench/cache_throughput.py)
+#   T   tests/test_experts.py's GPU test: expert swaps on the GPU give each expert its own weights (needs pytest)
 # Usage from the repo root on the GPU machine, wheels (diffusers, av, pydantic, ...) in $WHL:
 #   WHL=.whl-gpu bash bench/issue24_gpu.sh A5B-naive A5B-balanced B     # at most 9 minutes
-#   WHL=.whl-gpu bash bench/issue24_gpu.sh C D                          # at most 8 minutes
+#   WHL=.whl-gpu bash bench/issue24_gpu.sh T C D                        # at most 9 minutes
 #   WHL=.whl-gpu bash bench/issue24_gpu.sh A5B-fast                     # optional, at most 3 minutes
 #   TINY=1 bash bench/issue24_gpu.sh A5B-naive B C D                    # CPU check of the plumbing (tiny shapes)
 set -u
@@ -43,6 +44,7 @@ for part in "$@"; do
     B) run B 290 python3 bench/experts_bench.py --shape 832x480x81 --preset fast --every 2 --blocks 3 --out "$OUT/B.md" $TINY ;;
     C) run C 260 python3 bench/validation_bench.py --baseline --out "$OUT/C.md" $TINY ;;
     D) run D 200 python3 bench/cache_throughput.py --clips 6 --out "$OUT/D.md" $TINY ;;
-    *) echo "unknown part $part (A5B-naive A5B-balanced A5B-fast B C D)" ;;
+    T) run T 60 python3 -m pytest -q -p no:cacheprovider tests/test_experts.py -k gpu ;;  # the swap on a GPU
+    *) echo "unknown part $part (A5B-naive A5B-balanced A5B-fast B C D T)" ;;
   esac
 done
