@@ -8,9 +8,13 @@ as the ratio base: bf16 model, `add_adapter`, diffusers' default checkpointing a
 
     python3 bench/speed_bench.py --model 1.3b --variants all --out $OUT/speed-1.3b.md
     python3 bench/speed_bench.py --model 14b --shape 1280x720x81 --flavour t2v-14b-2.2-high --variants balanced-lean
+    python3 bench/speed_bench.py --model 5b --shape 1280x704x121 --flavour ti2v-5b-2.2 --variants naive,fast,balanced
+    python3 bench/speed_bench.py --tiny --model 5b --variants naive,full     # CPU check of the logic, tiny shapes
 
-`--shape` sets the clip (width x height x frames; latents /8 spatially, (frames-1)/4+1 in time), `--flavour` the model
-the trainer's step is configured for (its input channels: I2V adds 20 condition channels, Wan 2.1 I2V 257 CLIP tokens).
+`--shape` sets the clip (width x height x frames; latents /8 spatially, /16 with the Wan 2.2 VAE of TI2V-5B,
+(frames-1)/4+1 in time), `--flavour` the model the trainer's step is configured for (its input channels: I2V adds 20
+condition channels, Wan 2.1 I2V 257 CLIP tokens; TI2V-5B: 48-channel latents, per-token timesteps with the clean first
+latent frame at 0 and out of the loss, as diffusers' `expand_timesteps` pipelines feed it).
 Each row also reports host memory: the process's peak resident set (VmHWM) and the activation offload's pinned pool;
 run one variant per process (the peak is the process's).
 """
@@ -33,12 +37,16 @@ sys.path.insert(0, str(ROOT))
 SHAPES = {
     "1.3b": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
     "14b": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    "5b": dict(num_attention_heads=24, ffn_dim=14336, num_layers=30),
 }
+TINY = dict(num_attention_heads=2, ffn_dim=64, num_layers=2)  # --tiny: CPU logic check (head_dim 128 kept)
 COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
               freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 PROFILE = False
-FLAVOUR = {"1.3b": "t2v-480p-1.3b-2.1", "14b": "t2v-480p-14b-2.1"}
+FLAVOUR = {"1.3b": "t2v-480p-1.3b-2.1", "14b": "t2v-480p-14b-2.1", "5b": "ti2v-5b-2.2"}
+DEFAULT_SHAPE = {"1.3b": "832x480x81", "14b": "832x480x81", "5b": "1280x704x121"}
 SHAPE = (832, 480, 81)  # width, height, frames (--shape)
+DEVICE = torch.device("cuda")  # --tiny: cpu
 CLIP_TOKENS, CLIP_DIM = 257, 1280
 
 # name -> [memory] settings (anything not named keeps the schema default)
@@ -134,16 +142,18 @@ for _name, _values in __import__("trainer.memory_presets", fromlist=["PRESETS"])
     VARIANTS.setdefault(f"{_name}-fa4", {**_values, "attention_backend": "flash_4_hub"})
 
 
-def latent_shape() -> tuple[int, int, int]:
+def latent_shape(spatial: int = 8) -> tuple[int, int, int]:
+    """(frames, height, width) of the latent of SHAPE for a VAE with this spatial factor."""
     width, height, frames = SHAPE
-    return (frames - 1) // 4 + 1, height // 8, width // 8
+    return (frames - 1) // 4 + 1, height // spatial, width // spatial
 
 
-def step_flops(model: str, frames: int = 81, height: int = 480, width: int = 832, text_len: int = 512) -> float:
+def step_flops(model: str, frames: int = 81, height: int = 480, width: int = 832, text_len: int = 512,
+               spatial: int = 8) -> float:
     """Useful FLOPs of one training step (forward + input-gradient backward; frozen base, LoRA negligible, no recompute)."""
     s = SHAPES[model]
     d = s["num_attention_heads"] * 128
-    n = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    n = ((frames - 1) // 4 + 1) * (height // (2 * spatial)) * (width // (2 * spatial))
     linear = 2 * n * (4 * d * d + 2 * d * d + 2 * d * s["ffn_dim"]) + 2 * text_len * 2 * d * d
     attention = 4 * n * n * d + 4 * n * text_len * d
     forward = s["num_layers"] * (linear + attention)
@@ -157,12 +167,13 @@ def build_transformer(model: str, flavour: str):
     from trainer.flavours import get_flavour
 
     f = get_flavour(flavour)
-    extra = dict(in_channels=f.in_channels)
+    shape = SHAPES[model]
+    extra = dict(in_channels=f.in_channels, out_channels=f.latent_channels)
     if f.image_encoder:
-        extra.update(image_dim=CLIP_DIM, added_kv_proj_dim=SHAPES[model]["num_attention_heads"] * 128)
+        extra.update(image_dim=CLIP_DIM, added_kv_proj_dim=shape["num_attention_heads"] * 128)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = WanTransformer3DModel(**{**COMMON, **extra}, **SHAPES[model]).to(torch.bfloat16)
+    with torch.device(DEVICE):
+        model = WanTransformer3DModel(**{**COMMON, **extra}, **shape).to(torch.bfloat16)
     # as `from_pretrained(torch_dtype=bfloat16)` loads it in the trainer: diffusers keeps these modules in fp32
     for name, param in model.named_parameters():
         if any(part in model._keep_in_fp32_modules for part in name.split(".")):
@@ -174,15 +185,15 @@ def make_batch(flavour: str) -> dict:
     from trainer.flavours import get_flavour
 
     f = get_flavour(flavour)
-    frames, h, w = latent_shape()
+    frames, h, w = latent_shape(f.vae_spatial)
     g = torch.Generator().manual_seed(0)
-    batch = {"latents": torch.randn(1, 16, frames, h, w, generator=g).pin_memory(),
-             "text": torch.randn(1, 512, 4096, generator=g).to(torch.bfloat16).pin_memory()}
+    batch = {"latents": torch.randn(1, f.latent_channels, frames, h, w, generator=g),
+             "text": torch.randn(1, 512, 4096, generator=g).to(torch.bfloat16)}
     if f.task == "i2v":  # 4 mask + 16 first-frame latent channels, as the cache stores them
-        batch["condition"] = torch.randn(1, f.in_channels - 16, frames, h, w, generator=g).pin_memory()
+        batch["condition"] = torch.randn(1, f.in_channels - 16, frames, h, w, generator=g)
         if f.image_encoder:
-            batch["image_embeds"] = torch.randn(1, CLIP_TOKENS, CLIP_DIM, generator=g).to(torch.bfloat16).pin_memory()
-    return batch
+            batch["image_embeds"] = torch.randn(1, CLIP_TOKENS, CLIP_DIM, generator=g).to(torch.bfloat16)
+    return {k: v.pin_memory() for k, v in batch.items()} if DEVICE.type == "cuda" else batch
 
 
 def host_status() -> dict:
@@ -197,7 +208,16 @@ def host_status() -> dict:
 
 def timed_steps(step, warmup: int, steps: int) -> list[float]:
     """Seconds per step from CUDA events, with no host sync inside the loop (as in the trainer, which reads the loss only
-    at log intervals): the CPU runs ahead and each step's time is the GPU's, launch gaps included."""
+    at log intervals): the CPU runs ahead and each step's time is the GPU's, launch gaps included. CPU: wall clock."""
+    if DEVICE.type != "cuda":
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        return times
     events = [torch.cuda.Event(enable_timing=True) for _ in range(warmup + steps + 1)]
     for i in range(warmup + steps):
         events[i].record()
@@ -212,6 +232,16 @@ def timed_steps(step, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def reset_peak() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    """GPU peak allocated since reset_peak (nan on the CPU)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else float("nan")
+
+
 def run_trainer_variant(model: str, flavour: str, memory: dict, warmup: int, steps: int) -> dict:
     from accelerate import Accelerator
 
@@ -223,8 +253,8 @@ def run_trainer_variant(model: str, flavour: str, memory: dict, warmup: int, ste
 
     cfg = config_from_dict({"model": {"flavour": flavour}, "memory": {"preset": "none", **memory},
                             "datasets": [{"path": "/tmp"}], "lora": {"rank": 16}}, source="bench")
-    device = torch.device("cuda")
-    accelerator = Accelerator(mixed_precision="bf16")
+    device = DEVICE
+    accelerator = Accelerator(mixed_precision="bf16" if device.type == "cuda" else "no", cpu=device.type != "cuda")
     transformer = build_transformer(model, flavour)
     torch.manual_seed(0)  # the same LoRA init for every variant
     offloader = make_trainable(transformer, cfg.lora, cfg.memory, device)
@@ -234,7 +264,7 @@ def run_trainer_variant(model: str, flavour: str, memory: dict, warmup: int, ste
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     generator = torch.Generator(device=device).manual_seed(0)
     batch = make_batch(flavour)
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak()
     first: dict = {}
 
     def step() -> None:
@@ -247,7 +277,7 @@ def run_trainer_variant(model: str, flavour: str, memory: dict, warmup: int, ste
             first.update(loss=loss.item(), grad_norm=float(norm))
 
     times = timed_steps(step, warmup, steps)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = peak_gib()
     if PROFILE:
         from torch.profiler import ProfilerActivity, profile
 
@@ -269,6 +299,9 @@ def run_naive(model: str, flavour: str, warmup: int, steps: int) -> dict:
     from peft import LoraConfig
 
     from trainer.config import DEFAULT_TARGET_MODULES
+    from trainer.flavours import get_flavour
+
+    ti2v = get_flavour(flavour).expand_timesteps
 
     transformer = build_transformer(model, flavour)
     transformer.requires_grad_(False)
@@ -277,27 +310,34 @@ def run_naive(model: str, flavour: str, warmup: int, steps: int) -> dict:
     transformer.train()
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    batch = {k: v.cuda() for k, v in make_batch(flavour).items()}
-    torch.cuda.reset_peak_memory_stats()
+    batch = {k: v.to(DEVICE) for k, v in make_batch(flavour).items()}
+    reset_peak()
 
     def step() -> None:
         x0 = batch["latents"].to(torch.bfloat16)
         noise = torch.randn_like(x0)
-        s = torch.rand(1, device="cuda")
+        s = torch.rand(1, device=DEVICE)
         noisy = ((1 - s) * x0 + s * noise).to(torch.bfloat16)
+        timestep = s * 1000
         extra = {"encoder_hidden_states_image": batch["image_embeds"]} if "image_embeds" in batch else {}
         if "condition" in batch:
             noisy = torch.cat([noisy, batch["condition"].to(torch.bfloat16)], dim=1)
-        pred = transformer(hidden_states=noisy, timestep=s * 1000, encoder_hidden_states=batch["text"],
+        if ti2v:  # as WanPipeline's expand_timesteps: clean first latent frame, one timestep per patch token
+            mask = torch.ones_like(x0[:, :1])
+            mask[:, :, 0] = 0
+            noisy = (1 - mask) * x0 + mask * noisy
+            timestep = (mask[0, 0][:, ::2, ::2].flatten() * timestep).unsqueeze(0)
+        pred = transformer(hidden_states=noisy, timestep=timestep, encoder_hidden_states=batch["text"],
                            return_dict=False, **extra)[0]
-        loss = F.mse_loss(pred.float(), (noise - x0).float())
+        first = 1 if ti2v else 0  # the given first frame is not learned
+        loss = F.mse_loss(pred[:, :, first:].float(), (noise - x0)[:, :, first:].float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         loss.item()
 
     times = timed_steps(step, warmup, steps)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = peak_gib()
     del transformer, optimizer
     return {"times": times, "peak": peak, "offloaded": 0.0, "pinned": 0.0, "kept": 0.0, "budget": 0.0}
 
@@ -310,23 +350,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per variant")
-    parser.add_argument("--shape", default="832x480x81", help="clip width x height x frames")
-    parser.add_argument("--flavour", default=None, help="the flavour the step is configured for (default: 2.1 T2V)")
+    parser.add_argument("--shape", default=None, help="clip width x height x frames (default: the model's own)")
+    parser.add_argument("--flavour", default=None, help="the flavour the step is configured for (default: the model's)")
+    parser.add_argument("--tiny", action="store_true", help="CPU, 2 tiny blocks, 64x64x9: checks the logic only")
     args = parser.parse_args()
-    global PROFILE, SHAPE
+    global PROFILE, SHAPE, DEVICE
     PROFILE = args.profile
+    if args.tiny:
+        DEVICE = torch.device("cpu")
+        SHAPES[args.model] = TINY
+        args.shape = "64x64x9"
+        for values in VARIANTS.values():  # the GPU kernels do not run on the CPU: torch's own attention
+            values["attention_backend"] = "native"
+    args.shape = args.shape or DEFAULT_SHAPE[args.model]
     SHAPE = tuple(int(v) for v in args.shape.lower().split("x"))
     flavour = args.flavour or FLAVOUR[args.model]
     import diffusers
 
+    from trainer.flavours import get_flavour
     from trainer.sizing import host_memory_gib
 
     names = ["naive", *VARIANTS] if args.variants == "all" else args.variants.split(",")
     width, height, frames = SHAPE
-    flops = step_flops(args.model, frames, height, width)
-    device = torch.cuda.get_device_name()
+    spatial = get_flavour(flavour).vae_spatial
+    flops = step_flops(args.model, frames, height, width, spatial=spatial)
+    device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (--tiny: logic check, not a timing)"
+    tokens = "x".join(str(n // p) for n, p in zip(latent_shape(spatial), (1, 2, 2)))
     header = (f"device: {device}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
-              f"Wan {args.model} ({flavour}) {args.shape}, {(frames - 1) // 4 + 1}x{height // 16}x{width // 16} tokens, "
+              f"Wan {args.model} ({flavour}) {args.shape}, {tokens} tokens, "
               f"batch 1, LoRA r16, bf16; useful FLOP/step {flops:.3e}; median of {args.steps} steps after "
               f"{args.warmup} warm-up; host RAM available at start {host_memory_gib():.1f} GiB\n\n"
               "| variant | median s/step | peak GiB | offloaded GiB/step | TFLOP/s (useful) | vs naive | "
@@ -350,10 +401,11 @@ def main() -> None:
         except Exception as err:  # one failing variant must not lose the others' numbers
             traceback.print_exc()
             rows.append(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | "
-                        f"{torch.cuda.max_memory_allocated() / 2**30:.2f} (at failure) | | | | | "
+                        f"{peak_gib():.2f} (at failure) | | | | | "
                         f"{host_status()['VmHWM']:.2f} | | |")
         gc.collect()
-        torch.cuda.empty_cache()
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
         torch._dynamo.reset()
         print(rows[-1], flush=True)
         if args.out:

@@ -147,7 +147,7 @@ def memory_on(cfg: WanforgeConfig, card: Gpu, count: int = 1) -> MemoryConfig:
     RAM of the card's typical cloud node (`host_ram_gib`) and the `count` processes offloading at once, as the node
     does with its own."""
     return resolve_memory(cfg.memory, FLAVOURS[cfg.model.flavour], card.memory_gib, tokens=config_shape(cfg).tokens,
-                          batch=cfg.train.train_batch_size, host_gib=card.host_ram_gib,
+                          batch=cfg.train.train_batch_size, host_gib=card.host_ram_gib - sizing.idle_expert_gib(cfg),
                           warn=False, processes=count)  # "does not fit" is in the table
 
 
@@ -225,16 +225,17 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
         predicted = sizing.scale_row(row, want.model, want.tokens, batch, memory.base_quantization,
                                      cfg.model.base_dtype, offload=memory.activation_offload, lora_gib=lora_gib)
         predicted = dataclasses.replace(predicted, measured=False, gpu_measured=False)
-    vram, offload, host = predicted.gpu_gib, predicted.offload_gib, predicted.host_gib
+    idle = sizing.idle_expert_gib(cfg, memory.base_quantization)  # train_both_experts: the other expert in host RAM
+    vram, offload, host = predicted.gpu_gib, predicted.offload_gib, predicted.host_gib + idle
     on_card = predicted.gpu == card.name  # measured on another GPU model: scaled, so not "measured" here
-    measured, gpu_measured = predicted.measured and on_card, predicted.gpu_measured and on_card
+    measured, gpu_measured = predicted.measured and on_card and not idle, predicted.gpu_measured and on_card
     memory_basis = f"; memory: {'custom [memory] mix, ' if preset is None else ''}{predicted.label}, from {predicted.basis}"
 
     contention = sizing.offload_contention()
     extra = contention.seconds(offload, count)  # the count GPUs are taken as one machine's (H100:2, one node)
     s_per_step += extra
     parallel_measured = count == 1 or _parallel_measured(row, want, preset, count)
-    speed_measured = speed_measured and parallel_measured and not extra
+    speed_measured = speed_measured and parallel_measured and not extra and not idle  # + the expert switches
     contention_note = (f"; {count} processes offloading {offload:.1f} GiB/step each: +{extra:.2f} s/step host-memory "
                        f"contention ({contention.basis}"
                        f"{'' if parallel_measured else '; extrapolated to this model, shape, GPU or count'})"
@@ -242,14 +243,15 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
     fp8_runs = memory.base_quantization != "fp8" or (card.vendor == "nvidia" and card.arch in FP8_ARCHS)
     hours = s_per_step * cfg.train.max_train_steps / 3600
     per_hour = card.usd_per_hour * count
-    host_note = f"; host RAM {card.host_ram_gib:.0f} GiB assumed ({card.host_source})"
+    host_note = (f"; host RAM {card.host_ram_gib:.0f} GiB assumed ({card.host_source})"
+                 + (f"; host includes the idle expert's {idle:.1f} GiB (train_both_experts)" if idle else ""))
     speed_note = "" if speed_measured else (
         f"; s/step extrapolated (FLOPs{'' if row['gpu'] == card.name else f', {row_gpu.name} -> {card.name} by datasheet bf16 TFLOP/s'})")
     return Estimate(
         gpu=card.name, count=count, vram_gib=round(vram, 2), host_gib=round(host, 1), host_ram_gib=card.host_ram_gib,
         s_per_step=round(s_per_step, 3), total_hours=round(hours, 3), cost_usd_per_hour=round(per_hour, 2),
         cost_usd=round(hours * per_hour, 2),
-        fits=sizing.fits_gpu(vram, card.memory_gib) and sizing.fits_host(offload, card.host_ram_gib) and fp8_runs,
+        fits=sizing.fits_gpu(vram, card.memory_gib) and sizing.fits_host(offload, card.host_ram_gib - idle) and fp8_runs,
         memory_preset=preset or "custom", measured=measured, gpu_measured=gpu_measured, speed_measured=speed_measured,
         contention_s=round(extra, 3),
         basis=(f"memory preset {preset or 'custom'}; {row['trainer']} {row['flavour']} on {row['gpu']}: "

@@ -29,6 +29,7 @@ from trainer.discovery import Clip, cache_root, scan_dataset, target_fps
 from trainer.errors import UserError
 from trainer.flavours import get_flavour
 from trainer.fileio import atomic_write_json, temp_path_beside
+from trainer.memory import cudnn_benchmark
 from trainer.probe import MediaError
 from trainer.sources import quarantine
 from trainer.video import fit_to_size, read_frames_at, read_image, sample_times
@@ -298,12 +299,18 @@ def _decoded(todo: list[tuple[Path, LatentSpec]], workers: int) -> Iterator[tupl
             yield lp, future.result()
 
 
+def cache_vae_dtype(cfg: WanforgeConfig, device: torch.device) -> torch.dtype:
+    """cache.vae_dtype on a GPU; float32 on a CPU (bfloat16 convolutions are slow there)."""
+    return getattr(torch, cfg.cache.vae_dtype) if device.type == "cuda" else torch.float32
+
+
 def encode_latent_entries(cfg: WanforgeConfig, todo: list[tuple[Path, LatentSpec]], device: torch.device,
-                    show_progress: bool) -> int:
-    """Encode clips of one bucket in batches of cache.vae_batch_size; a clip that fails to decode gets a .failed note."""
+                    show_progress: bool, vae=None) -> int:
+    """Encode clips of one bucket in batches of cache.vae_batch_size; a clip that fails to decode gets a .failed note.
+    `vae`: one already loaded (benchmarks); default the config's, in cache.vae_dtype."""
     if not todo:
         return 0
-    vae = load_vae(cfg.model, torch.float32).to(device).eval()
+    vae = vae if vae is not None else load_vae(cfg.model, cache_vae_dtype(cfg, device)).to(device).eval()
     store = torch.bfloat16 if cfg.cache.compress_latents else torch.float32
     buckets = {lp: spec.bucket for lp, spec in todo}
     pending: list[tuple[Path, torch.Tensor]] = []
@@ -318,7 +325,8 @@ def encode_latent_entries(cfg: WanforgeConfig, todo: list[tuple[Path, LatentSpec
         pending.clear()
         return n
 
-    with tqdm(total=len(todo), desc="caching latents", unit="clip", disable=not show_progress) as bar:
+    with tqdm(total=len(todo), desc="caching latents", unit="clip", disable=not show_progress) as bar, \
+            cudnn_benchmark():  # one bucket, one shape: cuDNN's fastest 3D convolutions, timed once
         for lp, clip in _decoded(todo, cfg.cache.decode_workers):
             if isinstance(clip, MediaError):
                 lp.parent.mkdir(parents=True, exist_ok=True)

@@ -535,6 +535,10 @@ class CacheConfig(Section):
         1, ge=1, description="Clips of one bucket VAE-encoded together (1 suits 81-frame clips; more helps images)."
     )
     decode_workers: int = Field(2, ge=0, description="Threads decoding clips ahead of the VAE (0: decode inline).")
+    vae_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="VAE precision for caching latents on a GPU: bfloat16 is faster, float32 a little more "
+        "exact (the choice does not invalidate a cache); float32 on a CPU either way."
+    )
     compress_latents: bool = Field(
         False, description="Store latents as bfloat16: half the disk and RAM (its rounding is far below the VAE's own error)."
     )

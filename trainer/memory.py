@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
@@ -209,6 +210,18 @@ def place_base_model(transformer, cfg: MemoryConfig, device: torch.device) -> No
     if cfg.base_quantization == "fp8":
         check_float8_device(device)
         log.info("fp8 base weights: %d linear layers", convert_blocks_to_float8(transformer))
+
+
+@contextmanager
+def cudnn_benchmark() -> Iterator[None]:
+    """cuDNN times its convolution algorithms once per shape and keeps the fastest (the VAE's 3D convolutions, when
+    caching and in validation renders); the process's own setting comes back afterwards."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def offload_host_budget() -> int:

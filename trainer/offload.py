@@ -160,11 +160,18 @@ class ActivationOffloader:
         self.bytes_offloaded = 0  # this step's host copies (a shared tensor counts once)
         self.bytes_kept_for_lack_of_host = 0  # this step's tensors over max_host_bytes, left on the GPU
 
-    def exclude_parameters(self, module: torch.nn.Module) -> None:
+    def exclude_parameters(self, module: torch.nn.Module, replace: bool = False) -> None:
         """Never offload the model's own weights and buffers (backward saves frozen weights for input gradients),
-        including the plain tensors inside quantized ones (optimum-quanto's int8 data and scales)."""
+        including the plain tensors inside quantized ones (optimum-quanto's int8 data and scales). By storage address:
+        `replace` forgets the earlier ones, for weights that moved (a Wan 2.2 expert swapped onto the GPU)."""
+        if replace:
+            self._excluded.clear()
         for t in [*module.parameters(), *module.buffers()]:
             self._excluded.update(_storages(t))
+
+    def set_host_budget(self, max_host_bytes: int | None) -> None:
+        """A new cap on the host bytes a step may hold (the free host RAM changed)."""
+        self.max_host_bytes = self.pool.limit = max_host_bytes
 
     @contextlib.contextmanager
     def group(self, index: int) -> Iterator[None]:

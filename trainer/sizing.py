@@ -146,6 +146,16 @@ def bytes_per_weight(quantization: str, base_dtype: str = "bfloat16") -> int:
     return {"bfloat16": 2, "float16": 2, "float32": 4}[base_dtype]
 
 
+def idle_expert_gib(cfg, quantization: str | None = None) -> float:
+    """Host GiB the idle Wan 2.2 expert holds with model.train_both_experts (its frozen weights wait in page-locked host
+    memory, trainer/experts.py); 0 otherwise. `quantization`: the resolved base_quantization (default the config's)."""
+    if not cfg.model.train_both_experts:
+        return 0.0
+    weight = bytes_per_weight(quantization if quantization is not None else cfg.memory.base_quantization,
+                              cfg.model.base_dtype)
+    return flavour_shape(cfg.model.flavour).params * weight / 2**30
+
+
 # ---------------------------------------------------------------- measured rows
 
 

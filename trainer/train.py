@@ -38,7 +38,7 @@ from trainer.periodic import (CheckpointSave, CheckpointUpload, EvalLoss, Metric
                               Schedule, StepClock, StopAtSignal, ValidationVideos)
 from trainer.resume import check_resume_settings
 from trainer.rundir import RunDir
-from trainer.sizing import config_tokens
+from trainer.sizing import config_tokens, idle_expert_gib
 from trainer.step_extras import StepExtras
 from trainer.tracking import init_trackers, run_id_for
 from trainer.trainable import build_trainable_transformer
@@ -139,7 +139,7 @@ def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | N
         )
     device = accelerator.device
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    host_gib = host_memory_gib() / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # each local process offloads
+    host_gib = (host_memory_gib() - idle_expert_gib(cfg)) / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # offloaders
     flavour = get_flavour(cfg.model.flavour)  # resolved once for the whole run
     memory = resolve_memory(cfg.memory, flavour, gpu_gib, tokens=config_tokens(cfg),
                             batch=cfg.train.train_batch_size, host_gib=host_gib)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.attention import resolve_attention_backend, set_attention_backend
 from trainer.cache import text_embeds
 from trainer.components import load_transformer, load_vae
 from trainer.config import WanforgeConfig
@@ -107,7 +108,10 @@ def validate_lora(cfg: WanforgeConfig, lora: Path, out_dir: Path | None = None) 
     clips = scan_dataset(cfg.datasets[0]).clips if needs_caption else []
     settings = settings_for(cfg, clips[0].caption if clips else None)
     embeds = prompt_embeds(cfg, settings, device)
-    pipe = build_pipeline(load_transformer(cfg.model, dtype).to(device), load_vae(cfg.model).to(device), settings, cfg)
+    transformer = load_transformer(cfg.model, dtype).to(device)
+    backend = cfg.memory.attention_backend  # the kernel training would use (cuDNN / FlashAttention 4 on an H100)
+    set_attention_backend(transformer, resolve_attention_backend(backend, device), backend)
+    pipe = build_pipeline(transformer, load_vae(cfg.model).to(device), settings, cfg)
     try:
         pipe.load_lora_weights(str(lora), **lora_load_kwargs(cfg, pipe))
     except (ValueError, KeyError) as err:

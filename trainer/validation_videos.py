@@ -7,8 +7,10 @@ skip-layer guidance, written as mp4 at the model's fps plus one contact sheet pe
 
 from __future__ import annotations
 
+import functools
 import logging
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 from trainer.config import WanforgeConfig
 from trainer.dataset import pad_text
 from trainer.flavours import FLAVOURS
+from trainer.memory import cudnn_benchmark
 from trainer.prompts import TOKEN, fill_token, load_prompt_library, slug  # noqa: F401 - torch-free, checked by preflight
 from trainer.skip_layers import SkipLayerGuidance, skip_layer_guidance
 from trainer.video import write_mp4
@@ -47,6 +50,7 @@ class ValidationSettings:
     seed: int
     fps: int
     skip_layers: SkipLayerGuidance | None = None
+    compile: bool = True  # on a GPU, the blocks run compiled (`compiled_blocks`); a failing compile falls back to eager
 
     @property
     def prompt(self) -> str:
@@ -125,7 +129,14 @@ def settings_for(cfg: WanforgeConfig, first_caption: str | None) -> ValidationSe
         seed=v.seed,
         fps=flavour.fps,
         skip_layers=skip,
+        compile=render_compiles(cfg.memory),
     )
+
+
+def render_compiles(memory) -> bool:
+    """Validation compiles the blocks when training compiles them: memory.compile, or a preset (every preset compiles)
+    unless memory.compile = false was set."""
+    return memory.compile or (memory.preset != "none" and "compile" not in memory.model_fields_set)
 
 
 def make_scheduler(kind: str, flow_shift: float):
@@ -159,6 +170,43 @@ def build_pipeline(transformer, vae, settings: ValidationSettings, cfg: Wanforge
     return pipe
 
 
+def _block_call(block, *args, **kwargs):
+    return block._call_impl(*args, **kwargs)  # forward with the block's hooks, past its `_compiled_call_impl`
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_block_call(backend):
+    """One compiled function for every block of every render (the blocks share one graph; it compiles once)."""
+    return torch.compile(_block_call, backend=backend, dynamic=False)
+
+
+@contextmanager
+def compiled_blocks(denoisers: list, backend="inductor") -> Iterator[None]:
+    """The transformer blocks run through torch.compile during a render. Under no_grad diffusers calls each block
+    itself, so training's compiled block runner (trainer.memory) is not used: without this, validation runs eager."""
+    touched = []
+    for model in denoisers:
+        for block in getattr(model, "blocks", []):
+            if block._compiled_call_impl is None:
+                block._compiled_call_impl = functools.partial(_compiled_block_call(backend), block)
+                touched.append(block)
+    try:
+        yield
+    finally:
+        for block in touched:
+            block._compiled_call_impl = None
+
+
+_COMPILE_FAILED: list[str] = []  # a compile that failed once is not retried in this process
+COMPILE_ON = ("cuda",)  # device types whose renders compile the blocks (a CPU render is a test or a demo)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    import torch._dynamo.exc as dynamo_exc
+
+    return (dynamo_exc.TorchDynamoException, dynamo_exc.BackendCompilerFailed)
+
+
 @torch.no_grad()
 def generate(
     pipe,
@@ -169,32 +217,46 @@ def generate(
     autocast_dtype: torch.dtype | None = None,
     callback=None,
 ) -> np.ndarray:
-    """Frames [F,H,W,3] float in [0,1] for one prompt, with skip-layer guidance inside its window when configured."""
+    """Frames [F,H,W,3] float in [0,1] for one prompt, with skip-layer guidance inside its window when configured.
+    On a GPU the blocks run compiled (not with skip-layer guidance, whose hooks change the blocks mid-render; a failing
+    compile renders again without) and cuDNN picks its fastest convolutions for the VAE decode."""
     denoisers = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
     was_training = [m.training for m in denoisers]
     for m in denoisers:
         m.eval()
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    compile_first = (settings.compile and device.type in COMPILE_ON and settings.skip_layers is None
+                     and not _COMPILE_FAILED)
+    extra = getattr(pipe, "wanforge_call_kwargs", {})
+    guidance = [settings.guidance_scale, extra.get("guidance_scale_2", settings.guidance_scale)]  # per expert
     try:
-        extra = getattr(pipe, "wanforge_call_kwargs", {})
-        guidance = [settings.guidance_scale, extra.get("guidance_scale_2", settings.guidance_scale)]  # per expert
-        with autocast, skip_layer_guidance(denoisers, pipe.scheduler, settings.skip_layers, guidance):
-            return pipe(
-                prompt_embeds=pad_text([prompt_embeds], PIPELINE_TEXT_LENGTH).to(device),
-                negative_prompt_embeds=pad_text([negative_embeds], PIPELINE_TEXT_LENGTH).to(device),
-                num_frames=settings.num_frames,
-                height=settings.height,
-                width=settings.width,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                generator=torch.Generator(device="cpu").manual_seed(settings.seed),
-                output_type="np",
-                callback_on_step_end=callback,
-                **extra,  # image / guidance_scale_2 (trainer.pipelines)
-            ).frames[0]
+        for compiled in (True, False) if compile_first else (False,):
+            try:
+                with (compiled_blocks(denoisers) if compiled else nullcontext()), autocast, cudnn_benchmark(), \
+                        skip_layer_guidance(denoisers, pipe.scheduler, settings.skip_layers, guidance):
+                    return pipe(
+                        prompt_embeds=pad_text([prompt_embeds], PIPELINE_TEXT_LENGTH).to(device),
+                        negative_prompt_embeds=pad_text([negative_embeds], PIPELINE_TEXT_LENGTH).to(device),
+                        num_frames=settings.num_frames,
+                        height=settings.height,
+                        width=settings.width,
+                        num_inference_steps=settings.steps,
+                        guidance_scale=settings.guidance_scale,
+                        generator=torch.Generator(device="cpu").manual_seed(settings.seed),
+                        output_type="np",
+                        callback_on_step_end=callback,
+                        **extra,  # image / guidance_scale_2 (trainer.pipelines)
+                    ).frames[0]
+            except _compile_errors() as err:
+                if not compiled:
+                    raise
+                _COMPILE_FAILED.append(str(err))
+                log.warning("validation: torch.compile of the blocks failed (%s): rendering without it",
+                            str(err).splitlines()[0][:200])
     finally:
         for m, mode in zip(denoisers, was_training):
             m.train(mode)
+    raise AssertionError("unreachable")  # the eager attempt returns or raises
 
 
 def render(
