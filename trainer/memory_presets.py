@@ -101,6 +101,9 @@ def resolve_memory(cfg: MemoryConfig, f: Flavour, gpu_gib: float | None, tokens:
                                           name, gpu_gib, processes)
     explicit = {k: getattr(cfg, k) for k in cfg.model_fields_set if k != "preset"}
     values = dict(PRESETS[name])
+    if cfg.shard_base:  # trainer/sharding.py: bf16 base weights, no regional compile
+        values.pop("compile", None)
+        values.pop("base_quantization", None)
     if explicit.get("gradient_checkpointing") == "none":  # offload and sub-layers act on checkpointed blocks only
         values.pop("activation_offload", None)
         values.pop("checkpoint_sublayers", None)

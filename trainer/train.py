@@ -35,6 +35,7 @@ from trainer.sizing import config_tokens
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.resume import check_resume_settings
 from trainer.rundir import RunDir
+from trainer.sharding import full_tensors, prepare_sharded
 from trainer.step_extras import StepExtras
 from trainer.tracking import init_trackers, run_id_for
 from trainer.trainable import build_trainable_transformer
@@ -247,7 +248,10 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
         transformer.attach_optimizer(optimizer)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.train.max_train_steps)
     state = TrainState()
-    transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[not both, True])
+    if cfg.memory.shard_base:  # FSDP reduces the gradients: accelerate adds autocast only (trainer/sharding.py)
+        transformer, optimizer = prepare_sharded(accelerator, transformer, optimizer)
+    else:
+        transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[not both, True])
     ema = AdapterEMA(params, cfg.ema) if cfg.ema.use_ema else None
     resumable = {"train": state, "optimizer": OptimizerState(optimizer), "lr_scheduler": SchedulePosition(lr_scheduler)}
     if ema is not None:
@@ -314,6 +318,7 @@ def _train(cfg, run: RunDir, accelerator, device, base_dtype, resume_from, show_
                         grad_norm = guard.gradient_norm(params)  # before value clipping hides an inf
                         if cfg.train.max_grad_value is not None:
                             accelerator.clip_grad_value_(params, cfg.train.max_grad_value)
+                    grad_norm = full_tensors(grad_norm)  # sharded: gathered from every rank's part
                     guard.after_step(state.step + 1, grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
