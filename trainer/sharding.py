@@ -60,20 +60,21 @@ def check_shard_base(run) -> None:
 # ---------------------------------------------------------------- the model
 
 
-def shard_transformer(transformer, device, param_dtype=None) -> None:
+def shard_transformer(transformer, device) -> None:
     """Shard every transformer block, then the rest, over all processes (in place; the model may wait on the CPU: each
     block's slice moves to `device` as it is sharded, so no process ever holds the whole base model there).
-    `param_dtype`: the dtype weights are all-gathered and computed in (bf16 on GPU; None keeps each parameter's own)."""
-    import torch
+
+    Every parameter keeps its own dtype (bf16 base, the fp32 norms and modulation tables diffusers keeps, fp32 LoRA;
+    FSDP all-gathers mixed dtypes as bytes) and autocast picks the matmul dtype, exactly as unsharded training does:
+    the gradients are the LoRA's fp32 ones, reduce-scattered in fp32."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in transformer.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(transformer, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(transformer, mesh=mesh, reshard_after_forward=False)  # the root's few weights stay for backward
     transformer.to(device)  # buffers (rotary tables) that FSDP does not own
     transformer.register_load_state_dict_pre_hook(_take_local_slices)
     log.info("sharded the transformer over %d processes (%d blocks)", dist.get_world_size(), len(transformer.blocks))

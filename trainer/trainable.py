@@ -24,7 +24,7 @@ def make_trainable(transformer, lora: LoraConfig, memory: MemoryConfig, device: 
     if memory.shard_base:  # trainer/sharding.py: each process keeps 1/N of the weights on `device`
         from trainer.sharding import shard_transformer
 
-        shard_transformer(transformer, device, torch.bfloat16 if device.type == "cuda" else None)
+        shard_transformer(transformer, device)
     return offloader
 
 
