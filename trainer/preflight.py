@@ -117,8 +117,10 @@ def preflight(cfg: WanforgeConfig, *, resume: str | None = None, here: bool = Tr
     run = PreflightRun(cfg, PreflightReport(config=cfg), here, processes, resume)
     checks: list[Callable[[PreflightRun], None]] = [
         _numbers, _frames_and_sizes, check_prompts, check_webhook, check_hub_repo, check_lycoris, check_crepa, check_model_paths, check_dataset_paths,
-        check_target_modules, check_block_indices, check_attention_backend, check_experts, check_shard_base,
+        check_target_modules, check_block_indices, check_attention_backend, check_experts,
     ]
+    if training:  # `cache` is one process whatever the training layout
+        checks.append(check_shard_base)
     if training and here:
         checks += [check_output_dir, check_resume]
     if not torch_free:

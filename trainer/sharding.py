@@ -75,7 +75,6 @@ def shard_transformer(transformer, device) -> None:
     for block in transformer.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(transformer, mesh=mesh, reshard_after_forward=False)  # the root's few weights stay for backward
-    transformer.to(device)  # buffers (rotary tables) that FSDP does not own
     transformer.register_load_state_dict_pre_hook(_take_local_slices)
     log.info("sharded the transformer over %d processes (%d blocks)", dist.get_world_size(), len(transformer.blocks))
 
