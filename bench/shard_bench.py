@@ -214,7 +214,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/shard-bench"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--preset", default="balanced", help="[memory] preset of the sharded run")
+    ap.add_argument("--preset", default="low", help="[memory] preset of the sharded run (low: the unsharded 14B rows "
+                    "predict ~23 GiB a process, balanced ~25)")
     ap.add_argument("--cap-gib", type=float, default=24.0, help="CUDA memory cap per process (sharded runs)")
     ap.add_argument("--ddp", action="store_true", help="DDP with preset auto on 1 GPU, then 2 (no cap)")
     ap.add_argument("--tiny", action="store_true", help="the tiny model on CPU (gloo): checks this script")
