@@ -140,6 +140,24 @@ HEADER = ("| run | processes | cap GiB | memory preset ran | s/step (median afte
           "peak allocated/reserved GiB per process (loop on) | status |\n|---|---|---|---|---|---|---|---|")
 
 
+def calibration_row(r: dict, preset: str, date: str) -> str:
+    """The launcher/calibration.toml `[[measured]]` row of a sharded run, from its own numbers (the lead checks and
+    pastes it; `peak_gib` the larger of the ranks' peaks from the training loop on)."""
+    from trainer.sizing import flavour_shape, predict_memory
+
+    peak = max((p["max_allocated_gib"] for p in r["peaks"]), default=r["peak_gib_rank0_training"])
+    shape = flavour_shape("t2v-480p-14b-2.1")
+    offload = predict_memory(shape, preset, shape.tokens(81, 480, 832)).offload_gib  # sharding offloads the same
+    return "\n".join([
+        "[[measured]]", 'trainer = "wanforge"', 'gpu = "H100"', 'flavour = "t2v-480p-14b-2.1"', "num_frames = 81",
+        "width = 832", "height = 480", "batch = 1", "lora_rank = 16", f'preset = "{preset}"',
+        'gradient_checkpointing = "selective"', f"shards = {r['processes']}", f"s_per_step = {r['s_per_step']}",
+        f"peak_gib = {peak}", f"offload_gib = {offload}", f'date = "{date}"',
+        f'source = "bench/RESULTS.md: python3 bench/shard_bench.py --preset {preset} --cap-gib {r["cap_gib"]} (2x H100, '
+        "memory.shard_base = true, cuDNN attention, random weights; peak = max over ranks of max_memory_allocated; "
+        'offload_gib from the unsharded row of the preset: sharding offloads the same activations)"'])
+
+
 def _setup(work: Path, tiny: bool) -> None:
     if tiny:
         from trainer.demo import make_demo_dataset
@@ -228,6 +246,8 @@ def main() -> None:
     print(f"setup {time.time() - args.started:.0f} s", flush=True)
     results = ddp(args) if args.ddp else sharded(args)
     table = "\n".join([HEADER, *(_row(r) for r in results)])
+    if not args.ddp and results[0]["exit_code"] == 0:
+        table += "\n\n```toml\n" + calibration_row(results[0], args.preset, time.strftime("%Y-%m-%d")) + "\n```"
     print(table, flush=True)
     print(f"total {time.time() - args.started:.0f} s", flush=True)
     if args.out:

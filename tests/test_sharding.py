@@ -140,3 +140,33 @@ def test_presets_under_sharding_keep_bf16_weights_and_no_compile():
     resolved = resolve_memory(MemoryConfig(preset="low-int8", shard_base=True), get_flavour("t2v-480p-14b-2.1"), 24.0)
     assert resolved.shard_base and resolved.activation_offload
     assert resolved.base_quantization == "none" and not resolved.compile
+
+
+def test_sharded_sizing_is_extrapolated_until_a_sharded_row_is_measured(monkeypatch, clips, tmp_path):
+    """`wanforge estimate --gpu RTX4090:2` with shard_base: each GPU holds half the weights plus two gathered blocks,
+    labelled "not measured (extrapolated)"; a `[[measured]]` row with `shards = 2` at that shape makes it measured."""
+    from launcher.estimate import estimate
+    from trainer import sizing
+
+    shape = sizing.flavour_shape("t2v-480p-14b-2.1")
+    tokens = shape.tokens(81, 480, 832)
+    whole, half = (sizing.predict_memory(shape, "low", tokens, shards=n) for n in (1, 2))
+    saved = shape.params * 2 / 2 / 2**30 - 2 * shape.block_params * 2 / 2**30
+    assert half.gpu_gib == pytest.approx(whole.gpu_gib - saved, abs=0.02)
+    assert not half.gpu_measured and half.label == "not measured (extrapolated)"
+
+    cfg = tiny_config(clips, tmp_path / "run", model={"flavour": "t2v-480p-14b-2.1"},
+                      datasets={"num_frames": 81, "width": 832, "height": 480}, memory={"shard_base": True})
+    est = estimate(cfg, "RTX4090:2")
+    assert est.memory_preset.endswith("base sharded over 2") and not est.measured and not est.gpu_measured
+    assert est.fit_label in ("DOES NOT FIT", "not measured (extrapolated)")
+
+    data = dict(sizing.load_calibration())
+    row = {"trainer": "wanforge", "gpu": "H100", "flavour": "t2v-480p-14b-2.1", "num_frames": 81, "width": 832,
+           "height": 480, "batch": 1, "lora_rank": 16, "preset": "low", "gradient_checkpointing": "selective",
+           "shards": 2, "s_per_step": 10.0, "peak_gib": 21.5, "offload_gib": 49.73, "date": "2099-01-01",
+           "source": "test"}
+    monkeypatch.setattr(sizing, "load_calibration", lambda: {**data, "measured": [*data["measured"], row]})
+    measured = sizing.predict_memory(shape, "low", tokens, shards=2)
+    assert measured.gpu_measured and measured.gpu_gib == pytest.approx(21.5, abs=0.01)
+    assert sizing.predict_memory(shape, "low", tokens).gpu_gib == whole.gpu_gib  # unsharded keeps its own row
