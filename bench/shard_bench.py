@@ -10,8 +10,9 @@ script's `cli` wrapper before trainer.cli runs), so the run shows what a card of
     python3 bench/shard_bench.py --work /tmp/shard-tiny --out /tmp/o --tiny   # the same code on CPU (gloo)
 
 Sharded mode: `shard` trains --steps steps with memory.shard_base = true and preset --preset (a tiny validation render
-at the end, a checkpoint, the LoRA export), then `shard-resume` extends it by 2 steps with --resume latest (if the
-time budget allows). Prints one markdown row per run (median s/step after 2 warm-up steps, rank 0's training-loop
+at the end, a checkpoint, the LoRA export); if it ran out of memory under the cap, `shard-expandable` tries once more
+with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation); then `shard-resume` extends the run that
+trained by 2 steps with --resume latest (each only if the time budget allows). Prints one markdown row per run (median s/step after 2 warm-up steps, rank 0's training-loop
 peak from metrics.jsonl, every process's peak allocated / reserved from the training loop on, checkpoint and validation
 included) and writes summary-MODE.json, rows-MODE.md and logs-MODE.tar.gz to --out.
 """
@@ -23,6 +24,7 @@ import atexit
 import json
 import os
 import runpy
+import shutil
 import statistics
 import subprocess
 import sys
@@ -77,9 +79,10 @@ def capped_cli(argv: list[str]) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def _launch(config: Path, processes: int, cap_gib: float, log: Path, peaks: Path, extra: list[str]) -> int:
+def _launch(config: Path, processes: int, cap_gib: float, log: Path, peaks: Path, extra: list[str],
+            env_extra: dict[str, str]) -> int:
     peaks.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, CAP_ENV: str(cap_gib), PEAKS_ENV: str(peaks), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, CAP_ENV: str(cap_gib), PEAKS_ENV: str(peaks), "PYTHONUNBUFFERED": "1", **env_extra}
     if processes == 1:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
         cmd = [sys.executable, __file__, "cli", "train", str(config), *extra]
@@ -118,13 +121,18 @@ def _cache(work: Path, config: Path) -> None:
                        stderr=subprocess.STDOUT, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def _run(work: Path, name: str, config: Path, run: Path, processes: int, cap_gib: float,
-         extra: list[str] = ()) -> dict:
+def _run(args, name: str, config: Path, run: Path, processes: int, cap_gib: float,
+         extra: list[str] = (), env: dict[str, str] | None = None) -> dict:
+    """One training run; its result joins args.results and --out is rewritten."""
+    work = args.work
     log, peaks = work / f"{name}.log", work / f"peaks-{name}"
     started = time.time()
-    code = _launch(config, processes, cap_gib, log, peaks, list(extra))
+    code = _launch(config, processes, cap_gib, log, peaks, list(extra), env or {})
     result = _result(name, run, processes, cap_gib, peaks, code, time.time() - started, log)
+    result["env"] = env or {}
     print(_row(result), flush=True)
+    args.results.append(result)
+    save(args)
     return result
 
 
@@ -194,29 +202,34 @@ def _config(work: Path, name: str, steps: int, preset: str, memory: str, validat
     return path
 
 
-def sharded(args) -> list[dict]:
-    work, results = args.work, []
+def sharded(args) -> None:
+    work, results = args.work, args.results
     config = _config(work, "shard", args.steps, args.preset, "shard_base = true", SMALL_VALIDATION, args.tiny)
     _cache(work, config)
     print(f"cache built at {time.time() - args.started:.0f} s", flush=True)
-    results.append(_run(work, "shard", config, work / "run-shard", 2, args.cap_gib))
+    _run(args, "shard", config, work / "run-shard", 2, args.cap_gib)
+    out_of_memory = "out of memory" in (work / "shard.log").read_text(errors="replace").lower()
+    if out_of_memory and time.time() - args.started < args.budget - args.resume_s:
+        # the allocator's fragmentation under the cap, not the model: try once with expandable segments
+        shutil.rmtree(work / "run-shard", ignore_errors=True)
+        _run(args, "shard-expandable", config, work / "run-shard", 2, args.cap_gib,
+             env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
     if results[-1]["exit_code"] == 0 and time.time() - args.started < args.budget - args.resume_s:
-        results.append(_run(work, "shard-resume", config, work / "run-shard", 2, args.cap_gib,
-                            ["--resume", "latest", "--set", f"train.max_train_steps={args.steps + 2}",
-                             "--set", "validation.at_end=false"]))
-    return results
+        _run(args, "shard-resume", config, work / "run-shard", 2, args.cap_gib,
+             ["--resume", "latest", "--set", f"train.max_train_steps={args.steps + 2}",
+              "--set", "validation.at_end=false"], env=results[-1].get("env"))
 
 
-def ddp(args) -> list[dict]:
-    work, results = args.work, []
+def ddp(args) -> None:
+    work, results = args.work, args.results
     for name, processes in (("ddp-one", 1), ("ddp-pair", 2)):
         config = _config(work, name, args.steps, "auto", "", "at_end = false", args.tiny)
-        results.append(_run(work, name, config, work / f"run-{name}", processes, 0))
+        _run(args, name, config, work / f"run-{name}", processes, 0)
     one, pair = results
     if one["s_per_step"] and pair["s_per_step"]:
         pair["samples_per_s_vs_one_gpu"] = round(2 * one["s_per_step"] / pair["s_per_step"], 3)
         print(f"2 GPUs: {pair['samples_per_s_vs_one_gpu']}x the samples/s of one", flush=True)
-    return results
+        save(args)
 
 
 def main() -> None:
@@ -244,23 +257,30 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     _setup(args.work, args.tiny)
     print(f"setup {time.time() - args.started:.0f} s", flush=True)
-    results = ddp(args) if args.ddp else sharded(args)
-    table = "\n".join([HEADER, *(_row(r) for r in results)])
-    if not args.ddp and results[0]["exit_code"] == 0:
-        table += "\n\n```toml\n" + calibration_row(results[0], args.preset, time.strftime("%Y-%m-%d")) + "\n```"
-    print(table, flush=True)
+    args.results = []
+    ddp(args) if args.ddp else sharded(args)
+    print(save(args), flush=True)
     print(f"total {time.time() - args.started:.0f} s", flush=True)
+    if any(r["exit_code"] for r in args.results):
+        sys.exit(1)
+
+
+def save(args) -> str:
+    """The table so far (and --out's files, rewritten after every run: a command stopped at its limit keeps them)."""
+    table = "\n".join([HEADER, *(_row(r) for r in args.results)])
+    trained = [r for r in args.results if r["name"] in ("shard", "shard-expandable") and r["exit_code"] == 0]
+    if trained:
+        table += "\n\n```toml\n" + calibration_row(trained[0], args.preset, time.strftime("%Y-%m-%d")) + "\n```"
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         mode = "ddp" if args.ddp else "shard"
-        (args.out / f"summary-{mode}.json").write_text(json.dumps(results, indent=1))
+        (args.out / f"summary-{mode}.json").write_text(json.dumps(args.results, indent=1))
         (args.out / f"rows-{mode}.md").write_text(table + "\n")
         with tarfile.open(args.out / f"logs-{mode}.tar.gz", "w:gz") as tar:
             for path in sorted(args.work.glob("*.log")) + sorted(args.work.glob("run-*/metrics.jsonl")) \
                     + sorted(args.work.glob("run-*/run.json")) + sorted(args.work.glob("*.toml")):
                 tar.add(path, arcname=str(path.relative_to(args.work)))
-    if any(r["exit_code"] for r in results):
-        sys.exit(1)
+    return table
 
 
 if __name__ == "__main__":
