@@ -12,9 +12,10 @@ script's `cli` wrapper before trainer.cli runs), so the run shows what a card of
 Sharded mode: `shard` trains --steps steps with memory.shard_base = true and preset --preset (a tiny validation render
 at the end, a checkpoint, the LoRA export); if it ran out of memory under the cap, `shard-expandable` tries once more
 with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation); then `shard-resume` extends the run that
-trained by 2 steps with --resume latest (each only if the time budget allows). Prints one markdown row per run (median s/step after 2 warm-up steps, rank 0's training-loop
-peak from metrics.jsonl, every process's peak allocated / reserved from the training loop on, checkpoint and validation
-included) and writes summary-MODE.json, rows-MODE.md and logs-MODE.tar.gz to --out.
+trained by 2 steps with --resume latest (each only if the time budget allows). Prints one markdown row per run
+(median s/step after 2 warm-up steps, rank 0's training-loop peak from metrics.jsonl, every process's peak allocated /
+reserved from the training loop on, checkpoint and validation included) and writes summary-MODE.json, rows-MODE.md
+(with the launcher/calibration.toml row of the sharded run) and logs-MODE.tar.gz to --out, after every run.
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ def calibration_row(r: dict, preset: str, date: str) -> str:
         "width = 832", "height = 480", "batch = 1", "lora_rank = 16", f'preset = "{preset}"',
         'gradient_checkpointing = "selective"', f"shards = {r['processes']}", f"s_per_step = {r['s_per_step']}",
         f"peak_gib = {peak}", f"offload_gib = {offload}", f'date = "{date}"',
-        f'source = "bench/RESULTS.md: python3 bench/shard_bench.py --preset {preset} --cap-gib {r["cap_gib"]} (2x H100, '
+        f'source = "bench/RESULTS.md: python3 bench/shard_bench.py --preset {preset} --cap-gib {r["cap_gib"]} '
+        "(2x H100, "
         "memory.shard_base = true, cuDNN attention, random weights; peak = max over ranks of max_memory_allocated; "
         'offload_gib from the unsharded row of the preset: sharding offloads the same activations)"'])
 

@@ -1,6 +1,7 @@
 """The trainable Wan transformer, assembled in one order everywhere (the loop, the Wan 2.2 experts, the benches):
 load -> quantize and place the frozen base -> add the adapter -> memory options (attention, checkpointing, offload,
-compile) -> shard over the processes (`[memory] shard_base`). The order matters: quantization before the adapter, the adapter before checkpointing wraps the blocks."""
+compile) -> shard over the processes (`[memory] shard_base`). The order matters: quantization before the adapter, the
+adapter before checkpointing wraps the blocks, sharding last (FSDP then manages the LoRA weights inside each block)."""
 
 from __future__ import annotations
 
