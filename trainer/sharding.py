@@ -16,6 +16,7 @@ forward on every rank in step (each all-gather needs all ranks); only rank 0 kee
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ def shard_transformer(transformer, device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # diffusers' Wan forward returns a reshaped view; the warning is about in-place ops on it, and wanforge only reads
+    # the prediction out of place (trainer/flow.py; tests/test_sharding.py compares the gradients with DDP's)
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPWanTransformer3DModel\) returned a view",
+                            category=UserWarning)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in transformer.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
