@@ -25,9 +25,10 @@ sys.path.insert(0, str(ROOT))
 WAN_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_14B = {**WAN_13B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}  # Wan 2.1 T2V 14B
 
 
-def build_model(folder: Path) -> None:
+def build_model(folder: Path, shape: dict = WAN_13B) -> None:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -35,7 +36,11 @@ def build_model(folder: Path) -> None:
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        transformer = WanTransformer3DModel(**WAN_13B).to(torch.bfloat16)
+        torch.set_default_dtype(torch.bfloat16)  # built in bf16: a 14B model never exists in fp32 (57 GB)
+        try:
+            transformer = WanTransformer3DModel(**shape)
+        finally:
+            torch.set_default_dtype(torch.float32)
         vae = AutoencoderKLWan()
         encoder = UMT5EncoderModel(UMT5Config(vocab_size=384, d_model=4096, d_kv=64, d_ff=10240, num_layers=2,
                                               num_heads=64, pad_token_id=0, eos_token_id=1)).to(torch.bfloat16)
@@ -63,11 +68,12 @@ def make_clips(folder: Path, count: int = 4) -> None:
 
 
 def write_config(path: Path, work: Path, run_dir: Path, steps: int, preset: str, checkpoint_every: int,
-                 validation: str) -> None:
-    """The run's config: the smoke model and clips at 832x480x81, LoRA rank 16, `validation` as [validation] lines."""
+                 validation: str, flavour: str = "t2v-480p-1.3b-2.1", memory: str = "") -> None:
+    """The run's config: the smoke model and clips at 832x480x81, LoRA rank 16, `validation` as [validation] lines,
+    `memory` as more [memory] lines."""
     path.write_text(f"""
 [model]
-flavour = "t2v-480p-1.3b-2.1"
+flavour = "{flavour}"
 pretrained_model_name_or_path = "{work / 'model'}"
 
 [[datasets]]
@@ -89,6 +95,7 @@ log_every_n_steps = 1
 
 [memory]
 preset = "{preset}"
+{memory}
 
 [checkpoint]
 every_n_steps = {checkpoint_every}

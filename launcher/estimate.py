@@ -148,7 +148,7 @@ def memory_on(cfg: WanforgeConfig, card: Gpu, count: int = 1) -> MemoryConfig:
     does with its own."""
     return resolve_memory(cfg.memory, FLAVOURS[cfg.model.flavour], card.memory_gib, tokens=config_shape(cfg).tokens,
                           batch=cfg.train.train_batch_size, host_gib=card.host_ram_gib - sizing.idle_expert_gib(cfg),
-                          warn=False, processes=count)  # "does not fit" is in the table
+                          warn=False, processes=count, world_size=count)  # "does not fit" is in the table
 
 
 def expected_attention(memory: MemoryConfig, card: Gpu | None) -> str:
@@ -161,9 +161,11 @@ def expected_attention(memory: MemoryConfig, card: Gpu | None) -> str:
     return "flash_4_hub" if card.arch == "hopper" else "_native_cudnn"
 
 
-def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None, card: Gpu | None = None) -> dict[str, Any]:
+def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None, card: Gpu | None = None,
+             shards: int = 1) -> dict[str, Any]:
     """The measured row nearest the config: same model size, the same memory preset (else the same checkpointing),
-    the attention kernel the run gets on `card`, wanforge's own before the naive loop, newest first."""
+    the same sharding of the base, the attention kernel the run gets on `card`, wanforge's own before the naive loop,
+    newest first."""
     rows = sizing.load_calibration()["measured"]
     size = _size_of(cfg.model.flavour)
     memory = memory or cfg.memory
@@ -184,6 +186,7 @@ def pick_row(cfg: WanforgeConfig, memory: MemoryConfig | None = None, card: Gpu 
         return (
             0 if _size_of(row["flavour"]) == size else 1,
             setting,
+            sizing.row_shards(row) != shards,
             0 if row_shape(row) == model else 1,  # the same inputs (I2V condition channels, CLIP tokens)
             0 if row.get("base_quantization", "none") == memory.base_quantization else 1,
             0 if row.get("attention_backend", "_native_cudnn") == attention else 1,
@@ -204,7 +207,8 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
     card, count = parse_gpu(gpu)
     gpus = known_gpus()
     memory = memory_on(cfg, card, count)
-    row = pick_row(cfg, memory, card)
+    shards = count if memory.shard_base else 1  # trainer/sharding.py: the base sharded over every process
+    row = pick_row(cfg, memory, card, shards)
     row_gpu = gpus[row["gpu"]]
     want, ref = config_shape(cfg), _row_shape(row)
     micro = cfg.train.train_batch_size * cfg.train.gradient_accumulation_steps
@@ -214,16 +218,17 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
     s_per_step = (row["s_per_step"] * want.model.forward_flops(want.tokens) / ref.model.forward_flops(ref.tokens)
                   * row_gpu.bf16_tflops / card.bf16_tflops * micro / row["batch"])
     speed_measured = (row["gpu"] == card.name and row.get("preset") == preset and preset is not None
-                      and row_shape(row) == want.model
+                      and row_shape(row) == want.model and sizing.row_shards(row) == shards
                       and same_shape(want.tokens * micro, ref.tokens * row["batch"]))
 
     if preset is not None:  # the sizing model `auto` chose the preset with
         predicted = sizing.predict_memory(want.model, preset, want.tokens, batch, memory.base_quantization,
-                                          cfg.model.base_dtype)
+                                          cfg.model.base_dtype, shards)
     else:  # a custom [memory] mix: the nearest row by the same rule, never counted as measured
         lora_gib = (want.lora_params - ref.lora_params) * LORA_BYTES_PER_PARAM / 1024**3
         predicted = sizing.scale_row(row, want.model, want.tokens, batch, memory.base_quantization,
-                                     cfg.model.base_dtype, offload=memory.activation_offload, lora_gib=lora_gib)
+                                     cfg.model.base_dtype, offload=memory.activation_offload, lora_gib=lora_gib,
+                                     shards=shards)
         predicted = dataclasses.replace(predicted, measured=False, gpu_measured=False)
     idle = sizing.idle_expert_gib(cfg, memory.base_quantization)  # train_both_experts: the other expert in host RAM
     vram, offload, host = predicted.gpu_gib, predicted.offload_gib, predicted.host_gib + idle
@@ -252,7 +257,8 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
         s_per_step=round(s_per_step, 3), total_hours=round(hours, 3), cost_usd_per_hour=round(per_hour, 2),
         cost_usd=round(hours * per_hour, 2),
         fits=sizing.fits_gpu(vram, card.memory_gib) and sizing.fits_host(offload, card.host_ram_gib - idle) and fp8_runs,
-        memory_preset=preset or "custom", measured=measured, gpu_measured=gpu_measured, speed_measured=speed_measured,
+        memory_preset=(preset or "custom") + (f", base sharded over {shards}" if shards > 1 else ""),
+        measured=measured, gpu_measured=gpu_measured, speed_measured=speed_measured,
         contention_s=round(extra, 3),
         basis=(f"memory preset {preset or 'custom'}; {row['trainer']} {row['flavour']} on {row['gpu']}: "
                f"{row['s_per_step']} s/step, {row['peak_gib']} GiB ({row['source']}){memory_basis}{speed_note}{contention_note}{host_note}"

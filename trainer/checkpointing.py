@@ -31,6 +31,7 @@ from trainer.fileio import atomic_save_safetensors, atomic_write_json, atomic_wr
 from trainer.guard import require_finite
 from trainer.lora import adapter_state_dict, load_adapter_state_dict
 from trainer.rundir import CHECKPOINT_MARKER, RunDir
+from trainer.sharding import full_tensors, shard_optimizer_state
 
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.safetensors"
@@ -65,7 +66,7 @@ class OptimizerState:
 
     def load_state_dict(self, state: dict) -> None:
         settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state)
+        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, state))  # sharded params: own slices
         for group, kept in zip(self.optimizer.param_groups, settings):
             group.update(kept)
 
@@ -182,6 +183,7 @@ def save_checkpoint(accelerator, run: RunDir, step: int, keep: int | None, trans
     Refuses (NonFiniteTraining) when the adapter or `finite_extra` (EMA weights) hold NaN or inf."""
     adapter = adapter_state_dict(accelerator.unwrap_model(transformer))
     require_finite({**adapter, **{f"ema.{i}": t for i, t in enumerate(finite_extra)}}, f"the adapter at step {step}")
+    states = full_tensors({name: obj.state_dict() for name, obj in objects.items()})  # sharded: a collective
     rng = _gathered_rng(accelerator)  # every rank has reached the checkpoint
     final = run.checkpoint_dir(step)
     if accelerator.is_main_process:
@@ -189,7 +191,7 @@ def save_checkpoint(accelerator, run: RunDir, step: int, keep: int | None, trans
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         atomic_save_safetensors({k: v.detach().to("cpu", copy=True) for k, v in adapter.items()}, tmp / ADAPTER_FILE)
-        save_state_file(tmp / STATE_FILE, {name: obj.state_dict() for name, obj in objects.items()})
+        save_state_file(tmp / STATE_FILE, states)
         atomic_save_safetensors(rng, tmp / RNG_FILE)
         atomic_write_text(tmp / CONFIG_FILE, config_text)
         atomic_write_json(tmp / CHECKPOINT_MARKER,

@@ -496,6 +496,13 @@ class MemoryConfig(Section):
         'matmul). NF4 / int4 are refused: 4-bit base weights ruin Wan video quality.',
     )
 
+    shard_base: bool = Field(
+        False,
+        description="Shard the frozen base model over the training processes (FSDP2): each GPU holds 1/N of the "
+        "weights, so a model larger than one card trains on several (N >= 2 processes; bf16 base, peft LoRA). Costs "
+        "an all-gather of each block's weights per forward and backward; regional compile is not used with it.",
+    )
+
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
     def _bool_checkpointing(cls, v: Any) -> Any:

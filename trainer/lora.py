@@ -59,7 +59,9 @@ def adapter_state_dict(model, adapter_name: str = "default") -> dict[str, torch.
         return network.state_dict()
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model, adapter_name=adapter_name)
+    from trainer.sharding import full_tensors
+
+    return full_tensors(get_peft_model_state_dict(model, adapter_name=adapter_name))  # sharded: every rank calls this
 
 
 def load_adapter_state_dict(model, state: dict[str, torch.Tensor], adapter_name: str = "default") -> list[str]:

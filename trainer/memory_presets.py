@@ -10,6 +10,7 @@ by predicted s/step with that contention added (trainer/sizing.py offload_conten
 from __future__ import annotations
 
 import logging
+import os
 
 from trainer.config import MemoryConfig
 from trainer.flavours import Flavour
@@ -43,6 +44,8 @@ PRESETS: dict[str, dict] = {
                      "checkpoint_sublayers": True, "base_quantization": "fp8"},
 }
 OPT_IN = {"balanced-fp8"}
+# what a preset's values lose under `shard_base` (trainer/sharding.py: bf16 base weights, no regional compile)
+NOT_SHARDED = ("compile", "base_quantization")
 
 
 def flavour_tokens(f: Flavour) -> int:
@@ -63,14 +66,16 @@ def estimated_offload_gib(f: Flavour, preset: str, tokens: int, batch: int = 1) 
 
 def choose_preset(f: Flavour, gpu_gib: float, tokens: int | None = None, batch: int = 1,
                   host_gib: float | None = None, warn: bool = True, base_quantization: str | None = None,
-                  processes: int = 1) -> str:
+                  processes: int = 1, shards: int = 1) -> str:
     """The first (fastest) preset whose predicted GPU peak fits the GPU and whose offload fits the free host RAM
     (with the user's own `base_quantization` in place of the preset's, where set). With `processes` > 1 training
-    processes on the machine: the fitting preset with the least predicted s/step including offload contention."""
+    processes on the machine: the fitting preset with the least predicted s/step including offload contention.
+    `shards` > 1: the frozen base is sharded over that many processes (`shard_base`)."""
     tokens = tokens or flavour_tokens(f)
     shape = flavour_shape(f.name)
-    predicted = {name: predict_memory(shape, name, tokens, batch, base_quantization)
-                 for name in PRESETS if name not in OPT_IN}
+    predicted = {name: predict_memory(shape, name, tokens, batch, base_quantization, shards=shards)
+                 for name in PRESETS if name not in OPT_IN
+                 and not (shards > 1 and "base_quantization" in PRESETS[name])}  # sharded: bf16 weights only
     usable = [name for name, p in predicted.items() if fits_host(p.offload_gib, host_gib)]
     fitting = [name for name in usable if fits_gpu(predicted[name].gpu_gib, gpu_gib)]
     if fitting and processes > 1:
@@ -87,20 +92,25 @@ def choose_preset(f: Flavour, gpu_gib: float, tokens: int | None = None, batch: 
 
 def resolve_memory(cfg: MemoryConfig, f: Flavour, gpu_gib: float | None, tokens: int | None = None,
                    batch: int = 1, host_gib: float | None = None, warn: bool = True,
-                   processes: int | None = None) -> MemoryConfig:
+                   processes: int | None = None, world_size: int | None = None) -> MemoryConfig:
     """The [memory] settings to train with: the preset's values under the fields the user set explicitly.
-    `processes`: training processes on the machine (default: this process's LOCAL_WORLD_SIZE)."""
+    `processes`: training processes on the machine (default: this process's LOCAL_WORLD_SIZE); `world_size`: of the
+    whole run, what `shard_base` shards over (default: WORLD_SIZE, else `processes`)."""
     if cfg.preset == "none" or (cfg.preset == "auto" and not gpu_gib):
         return cfg
     name = cfg.preset
     if name == "auto":
         quantization = cfg.base_quantization if "base_quantization" in cfg.model_fields_set else None
         processes = local_processes() if processes is None else processes
-        name = choose_preset(f, gpu_gib, tokens, batch, host_gib, warn, quantization, processes)
+        world_size = world_size or int(os.environ.get("WORLD_SIZE", "0") or 0) or processes
+        name = choose_preset(f, gpu_gib, tokens, batch, host_gib, warn, quantization, processes,
+                             world_size if cfg.shard_base else 1)
         (log.info if warn else log.debug)("memory preset auto -> %s (%.0f GiB GPU, %d process(es) on this machine)",
                                           name, gpu_gib, processes)
     explicit = {k: getattr(cfg, k) for k in cfg.model_fields_set if k != "preset"}
     values = dict(PRESETS[name])
+    if cfg.shard_base:
+        values = {k: v for k, v in values.items() if k not in NOT_SHARDED}
     if explicit.get("gradient_checkpointing") == "none":  # offload and sub-layers act on checkpointed blocks only
         values.pop("activation_offload", None)
         values.pop("checkpoint_sublayers", None)
@@ -130,6 +140,8 @@ def memory_choice(requested: MemoryConfig, resolved: MemoryConfig, gpu_gib: floa
 def preset_of(memory: MemoryConfig) -> str | None:
     """The preset these settings are exactly (for picking measured rows), or None for a custom mix."""
     for name, values in PRESETS.items():
+        if memory.shard_base:
+            values = {k: v for k, v in values.items() if k not in NOT_SHARDED}
         if all(getattr(memory, k) == v for k, v in values.items()) and all(
                 getattr(memory, k) == MemoryConfig.model_fields[k].default
                 for k in {"checkpointed_blocks", "base_quantization", "feed_forward_chunk_size", "activation_offload",

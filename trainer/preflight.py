@@ -24,6 +24,7 @@ from trainer.flavours import FLAVOURS, Flavour
 from trainer.preflight_files import (check_crepa, check_dataset_paths, check_hub_repo, check_lycoris, check_model_paths,
                                      check_output_dir, check_prompts, check_resume, check_webhook)
 from trainer.preflight_machine import check_environment
+from trainer.sharding import check_shard_base
 from trainer.preflight_model import (check_adapter_saveable, check_attention_backend, check_block_indices, check_experts,
                                      check_target_modules)
 from trainer.wan_layout import block_count
@@ -118,6 +119,8 @@ def preflight(cfg: WanforgeConfig, *, resume: str | None = None, here: bool = Tr
         _numbers, _frames_and_sizes, check_prompts, check_webhook, check_hub_repo, check_lycoris, check_crepa, check_model_paths, check_dataset_paths,
         check_target_modules, check_block_indices, check_attention_backend, check_experts,
     ]
+    if training:  # `cache` is one process whatever the training layout
+        checks.append(check_shard_base)
     if training and here:
         checks += [check_output_dir, check_resume]
     if not torch_free:

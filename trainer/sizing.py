@@ -104,7 +104,13 @@ class ModelShape:
     def params(self) -> float:
         """Wan DiT parameters: per block self + cross attention (4 d x d each) and the FFN, plus embeddings."""
         d, f = self.dim, self.ffn
-        return self.layers * (8 * (d * d + d) + 2 * d * f + f + d) + TEXT_DIM * d + d * d + 256 * d + 7 * d * d
+        return self.layers * self.block_params + TEXT_DIM * d + d * d + 256 * d + 7 * d * d
+
+    @property
+    def block_params(self) -> float:
+        """One transformer block's parameters (what a sharded run all-gathers at a time)."""
+        d, f = self.dim, self.ffn
+        return 8 * (d * d + d) + 2 * d * f + f + d
 
     def tokens(self, frames: int, height: int, width: int) -> int:
         """Transformer tokens of one clip: latent frames x (height / 16) x (width / 16) (2x2 patches)."""
@@ -208,8 +214,23 @@ class MemoryPrediction:
         return "GPU measured; host RAM extrapolated" if self.gpu_measured else "not measured (extrapolated)"
 
 
-def _preset_row(shape: ModelShape, preset: str, tokens: int) -> dict[str, Any]:
-    """The wanforge row of `preset` nearest this model (same width and depth first), then nearest token count."""
+def row_shards(row: dict[str, Any]) -> int:
+    """Processes a row's frozen base was sharded over (`shards`; absent: 1, every process held all of it)."""
+    return int(row.get("shards", 1))
+
+
+def weights_gib(shape: ModelShape, quantization: str, base_dtype: str = "bfloat16", shards: int = 1) -> float:
+    """Base weights one process holds: all of them, or with `shards` > 1 its 1/shards slice plus two all-gathered
+    blocks (the one running and the one prefetched: trainer/sharding.py)."""
+    per_weight = bytes_per_weight(quantization, base_dtype)
+    if shards <= 1:
+        return shape.params * per_weight / 2**30
+    return (shape.params / shards + 2 * shape.block_params) * per_weight / 2**30
+
+
+def _preset_row(shape: ModelShape, preset: str, tokens: int, shards: int = 1) -> dict[str, Any]:
+    """The wanforge row of `preset` nearest this model (same width and depth first, then the same sharding), then
+    nearest token count."""
     import math
 
     rows = [r for r in measured_rows() if r.get("preset") == preset and r["trainer"] == "wanforge"]
@@ -219,7 +240,7 @@ def _preset_row(shape: ModelShape, preset: str, tokens: int) -> dict[str, Any]:
     def rank(row: dict[str, Any]) -> tuple:
         s = row_shape(row)
         has_host = "host_peak_gib" in row
-        return ((s.dim, s.layers) != (shape.dim, shape.layers), abs(s.dim - shape.dim),
+        return ((s.dim, s.layers) != (shape.dim, shape.layers), abs(s.dim - shape.dim), row_shards(row) != shards,
                 abs(math.log(row_tokens(row) / max(tokens, 1))), s != shape, not has_host,
                 "".join(chr(255 - ord(c)) for c in str(row["date"])))
 
@@ -227,26 +248,31 @@ def _preset_row(shape: ModelShape, preset: str, tokens: int) -> dict[str, Any]:
 
 
 def predict_memory(shape: ModelShape, preset: str, tokens: int, batch: int = 1,
-                   base_quantization: str | None = None, base_dtype: str = "bfloat16") -> MemoryPrediction:
+                   base_quantization: str | None = None, base_dtype: str = "bfloat16",
+                   shards: int = 1) -> MemoryPrediction:
     """GPU and host memory of `preset` for this model and clip, from its nearest measured row.
-    `base_quantization` is the user's own setting where it overrides the preset's."""
+    `base_quantization` is the user's own setting where it overrides the preset's; `shards` the processes the frozen
+    base is sharded over (`[memory] shard_base`: bf16 weights whatever the preset says)."""
     from trainer.memory_presets import PRESETS
 
-    quant = base_quantization or PRESETS[preset].get("base_quantization", "none")
-    return scale_row(_preset_row(shape, preset, tokens), shape, tokens, batch, quant, base_dtype)
+    quant = "none" if shards > 1 else base_quantization or PRESETS[preset].get("base_quantization", "none")
+    return scale_row(_preset_row(shape, preset, tokens, shards), shape, tokens, batch, quant, base_dtype,
+                     shards=shards)
 
 
 def scale_row(row: dict[str, Any], shape: ModelShape, tokens: int, batch: int, quantization: str,
-              base_dtype: str = "bfloat16", offload: bool | None = None, lora_gib: float = 0.0) -> MemoryPrediction:
+              base_dtype: str = "bfloat16", offload: bool | None = None, lora_gib: float = 0.0,
+              shards: int = 1) -> MemoryPrediction:
     """The scaling rule (module docstring): `row`'s memory moved to this model, clip, batch and base weights.
     `offload` False drops the row's activation offload (a custom mix without it); `lora_gib` adds the difference
-    between this run's LoRA state and the row's. Measured only at the row's own model, shape and weights."""
+    between this run's LoRA state and the row's; `shards` > 1: the base sharded over that many processes (weights_gib).
+    Measured only at the row's own model, shape, weights and sharding."""
     ref = row_shape(row)
     ref_tokens = row_tokens(row)
     scale = (tokens * batch * shape.dim * shape.layers) / (ref_tokens * row["batch"] * ref.dim * ref.layers)
     row_quant = row.get("base_quantization", "none")
-    activations = max(row["peak_gib"] - ref.params * bytes_per_weight(row_quant) / 2**30, 0.0)
-    gpu = shape.params * bytes_per_weight(quantization, base_dtype) / 2**30 + activations * scale + lora_gib
+    activations = max(row["peak_gib"] - weights_gib(ref, row_quant, shards=row_shards(row)), 0.0)
+    gpu = weights_gib(shape, quantization, base_dtype, shards) + activations * scale + lora_gib
     row_offload = row.get("offload_gib", 0.0)
     offloaded = row_offload * scale if offload is not False else 0.0
     if "host_peak_gib" in row:
@@ -256,9 +282,10 @@ def scale_row(row: dict[str, Any], shape: ModelShape, tokens: int, batch: int, q
         base = HOST_BASE_GIB
         host_basis = f"host base {HOST_BASE_GIB} GiB (not measured with this row)"
     gpu_measured = (ref == shape and quantization == row_quant and offload is None and not lora_gib
-                    and same_shape(tokens * batch, ref_tokens * row["batch"]))
+                    and same_shape(tokens * batch, ref_tokens * row["batch"]) and row_shards(row) == shards)
+    sharded = f", base sharded over {row_shards(row)}" if row_shards(row) > 1 else ""
     basis = (f"{row.get('preset', 'custom')} on {row['flavour']} {row['width']}x{row['height']}x{row['num_frames']} "
-             f"({row['gpu']}): {row['peak_gib']} GiB GPU, {host_basis} ({row['source']})")
+             f"({row['gpu']}{sharded}): {row['peak_gib']} GiB GPU, {host_basis} ({row['source']})")
     return MemoryPrediction(round(gpu, 2), round(offloaded, 2), round(base + offloaded, 2),
                             gpu_measured and "host_peak_gib" in row, basis, gpu_measured, row["gpu"])
 

@@ -38,6 +38,7 @@ from trainer.periodic import (CheckpointSave, CheckpointUpload, EvalLoss, Metric
                               Schedule, StepClock, StopAtSignal, ValidationVideos)
 from trainer.resume import check_resume_settings
 from trainer.rundir import RunDir
+from trainer.sharding import full_tensors, prepare_sharded
 from trainer.sizing import config_tokens, idle_expert_gib
 from trainer.step_extras import StepExtras
 from trainer.tracking import init_trackers, run_id_for
@@ -348,7 +349,10 @@ def _prepare_model(cfg: WanforgeConfig, accelerator, base_dtype: torch.dtype):
     if both:
         transformer.attach_optimizer(optimizer)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, cfg.train.max_train_steps)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[not both, True])
+    if cfg.memory.shard_base:  # FSDP reduces the gradients: accelerate adds autocast only (trainer/sharding.py)
+        transformer, optimizer = prepare_sharded(accelerator, transformer, optimizer)
+    else:
+        transformer, optimizer = accelerator.prepare(transformer, optimizer, device_placement=[not both, True])
     return transformer, extras, params, optimizer, lr_scheduler
 
 
@@ -450,6 +454,7 @@ def _clip_gradients(t: Training) -> torch.Tensor | None:
         grad_norm = t.guard.gradient_norm(t.params)  # before value clipping hides an inf
         if cfg.train.max_grad_value is not None:
             accelerator.clip_grad_value_(t.params, cfg.train.max_grad_value)
+    grad_norm = full_tensors(grad_norm)  # sharded: gathered from every rank's part
     t.guard.after_step(t.state.step + 1, grad_norm)
     return grad_norm
 

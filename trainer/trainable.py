@@ -1,6 +1,7 @@
 """The trainable Wan transformer, assembled in one order everywhere (the loop, the Wan 2.2 experts, the benches):
 load -> quantize and place the frozen base -> add the adapter -> memory options (attention, checkpointing, offload,
-compile). The order matters: quantization before the adapter, the adapter before checkpointing wraps the blocks."""
+compile) -> shard over the processes (`[memory] shard_base`). The order matters: quantization before the adapter, the
+adapter before checkpointing wraps the blocks, sharding last (FSDP then manages the LoRA weights inside each block)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,14 @@ def make_trainable(transformer, lora: LoraConfig, memory: MemoryConfig, device: 
     """Turn a loaded (or, in the benches, freshly built) transformer into the one that trains. `base_device`: where the
     frozen base waits (the idle Wan 2.2 expert waits in CPU RAM); default `device`. Returns the activation offloader,
     if any (its byte count is a metric)."""
-    place_base_model(transformer, memory, base_device or device)
+    place_base_model(transformer, memory, torch.device("cpu") if memory.shard_base else base_device or device)
     add_lora(transformer, lora)
-    return apply_memory_options(transformer, memory, device)
+    offloader = apply_memory_options(transformer, memory, device)
+    if memory.shard_base:  # trainer/sharding.py: each process keeps 1/N of the weights on `device`
+        from trainer.sharding import shard_transformer
+
+        shard_transformer(transformer, device)
+    return offloader
 
 
 def build_trainable_transformer(cfg: WanforgeConfig, dtype: torch.dtype, device: torch.device, *,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,8 @@ def validation_round(
 
 
 class TrainingValidator:
-    """Validation during training, on the main process; the others wait. When it is due: trainer.periodic."""
+    """Validation during training, on the main process; the others wait (with a sharded model they render along:
+    its forward needs every rank). When it is due: trainer.periodic."""
 
     def __init__(self, cfg: WanforgeConfig, run: RunDir, settings: ValidationSettings, device: torch.device,
                  base_dtype: torch.dtype, ema: AdapterEMA | None, webhooks: Webhooks):
@@ -70,20 +72,17 @@ class TrainingValidator:
         self.last: RoundResult | None = None
 
     def __call__(self, accelerator, transformer, step: int) -> list[Path]:
+        from trainer.sharding import is_sharded
         from trainer.tracking import log_validation
 
+        model = accelerator.unwrap_model(transformer)
         if not accelerator.is_main_process:
+            if is_sharded(model):  # each denoising step all-gathers the weights: render along, keep nothing
+                with tempfile.TemporaryDirectory() as scratch:
+                    self._render(model, Path(scratch))
             accelerator.wait_for_everyone()
             return []
-        embeds = prompt_embeds(self.cfg, self.settings, self.device)
-        vae = load_vae(self.cfg.model, torch.float32).to(self.device)
-        pipe = build_pipeline(accelerator.unwrap_model(transformer), vae, self.settings, self.cfg)
-        variants = [(v, weights_for(v, self.ema)) for v in validation_variants(self.ema, self.cfg.ema.validation)]
-        result = validation_round(pipe, self.settings, embeds, self.run.validation / f"step-{step}", self.device,
-                                  self.autocast, variants)
-        del pipe, vae
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        result = self._render(model, self.run.validation / f"step-{step}")
         rel = lambda p: str(p.relative_to(self.run.root))  # noqa: E731
         self.run.log_metrics({"step": step, "validation_videos": [rel(p) for p in result.paths],
                               "contact_sheet": rel(result.sheet)})
@@ -93,6 +92,17 @@ class TrainingValidator:
         self.last = result
         accelerator.wait_for_everyone()
         return result.paths
+
+    def _render(self, model, out_dir: Path) -> RoundResult:
+        embeds = prompt_embeds(self.cfg, self.settings, self.device)
+        vae = load_vae(self.cfg.model, torch.float32).to(self.device)
+        pipe = build_pipeline(model, vae, self.settings, self.cfg)
+        variants = [(v, weights_for(v, self.ema)) for v in validation_variants(self.ema, self.cfg.ema.validation)]
+        result = validation_round(pipe, self.settings, embeds, out_dir, self.device, self.autocast, variants)
+        del pipe, vae
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return result
 
 
 def validate_lora(cfg: WanforgeConfig, lora: Path, out_dir: Path | None = None) -> list[Path]:
