@@ -4,10 +4,11 @@
 
 Two stages, both seeded (the same machine and library versions give the same weights):
 1. the VAE (a random one decodes any latent to noise) learns to reconstruct flat coloured shapes on flat
-   backgrounds: random colours, sizes, positions and motions, so it can also draw what the base never saw. It is
-   trained as an autoencoder on the posterior mean (what the cache encodes) with a little relative latent noise:
-   sampling the posterior at its initial std (~1) hides the colours from the decoder, which then draws every clip
-   as its blurred, desaturated average. Its latent mean / std per channel go into its config, as the Wan pipeline
+   backgrounds: random colours, sizes, positions and motions, so it can also draw what the base never saw. It starts
+   from He-initialised convolutions (init_convolutions) and is trained at a moderate learning rate (1e-3 collapsed
+   it to one output for every input) as an autoencoder on the posterior mean (what the cache encodes) with a little
+   relative latent noise: sampling the posterior at its initial std (~1) hides the colours from the decoder,
+   which then draws every clip as its blurred, desaturated average. Its latent mean / std per channel go into its config, as the Wan pipeline
    expects, and a round trip of each demo colour (cache encode -> validation decode) is printed;
 2. the transformer learns flow matching (as trainer.flow) on the VAE's latents of every clip of the demo's world
    (trainer.demo.world_clips), conditioned on the captions through the tiny random UMT5, with 10 % empty captions
