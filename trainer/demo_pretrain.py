@@ -8,8 +8,8 @@ Two stages, both seeded (the same machine and library versions give the same wei
    from He-initialised convolutions (init_convolutions) and is trained at a moderate learning rate (1e-3 collapsed
    it to one output for every input) as an autoencoder on the posterior mean (what the cache encodes) with a little
    relative latent noise: sampling the posterior at its initial std (~1) hides the colours from the decoder,
-   which then draws every clip as its blurred, desaturated average. Its latent mean / std per channel go into its config, as the Wan pipeline
-   expects, and a round trip of each demo colour (cache encode -> validation decode) is printed;
+   which then draws every clip as its blurred, desaturated average. Its latent mean / std per channel go into its
+   config, as the Wan pipeline expects, and a round trip of each demo colour (cache encode -> validation decode) is printed;
 2. the transformer learns flow matching (as trainer.flow) on the VAE's latents of every clip of the demo's world
    (trainer.demo.world_clips), conditioned on the captions through the tiny random UMT5, with 10 % empty captions
    so classifier-free guidance works. The concept the demo's LoRA teaches is never shown.
@@ -225,13 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write (replaced if it exists)")
     parser.add_argument("--preview", type=Path, help="folder for preview contact sheets")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument("--vae-steps", type=int, default=1800)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=3e-4)
     parser.add_argument("--vae-noise", type=float, default=0.1, help="latent noise while training the decoder, "
                         "relative to the latents' spread")
     parser.add_argument("--vae-l2", type=float, default=1e-4, help="weight of the mean-square latent penalty")
-    parser.add_argument("--dit-steps", type=int, default=2500)
+    parser.add_argument("--dit-steps", type=int, default=3000)
     parser.add_argument("--dit-batch", type=int, default=48)
     parser.add_argument("--dit-lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
