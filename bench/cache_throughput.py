@@ -182,7 +182,8 @@ def main() -> int:
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (--tiny: logic check, not a timing)"
     text = (f"device: {gpu}; torch {torch.__version__}; {args.clips} clips {src['width']}x{src['height']}@{src['fps']}"
-            f" fps x {src['seconds']} s -> {bucket}; VAE: AutoencoderKLWan default config, random weights\n\n"
+            f" fps x {src['seconds']} s -> {bucket}; VAE: AutoencoderKLWan, {'tiny' if args.tiny else 'default'} "
+            "config, random weights\n\n"
             f"| caching {bucket} ({args.clips} clips) | clips/s | s/clip | note |\n|---|---|---|---|\n")
     text += "".join(f"| {what} | {rate:.2f} | {per:.2f} | {note} |\n" for what, rate, per, note in rows)
     text += (f"\nbfloat16 vs float32 VAE, the cached (normalised) latent of clip 0: max abs difference "

@@ -14,8 +14,9 @@
 set -u
 OUT=${OUT:-/tmp/issue24}
 mkdir -p "$OUT"
-TINY=${TINY:+--tiny}
-if [ -z "$TINY" ]; then
+EXTRA=()  # TINY=1: every part with --tiny (CPU, tiny shapes)
+[ -n "${TINY:-}" ] && EXTRA=(--tiny)
+if [ -z "${TINY:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
@@ -40,10 +41,10 @@ for part in "$@"; do
     A5B-*)
       variant=${part#A5B-}
       run "$part" "$([ "$variant" = naive ] && echo 90 || echo 160)" python3 bench/speed_bench.py --model 5b \
-        --shape 1280x704x121 --flavour ti2v-5b-2.2 --warmup 1 --steps 2 --variants "$variant" --out "$OUT/$part.md" $TINY ;;
-    B) run B 290 python3 bench/experts_bench.py --shape 832x480x81 --preset fast --every 2 --blocks 3 --out "$OUT/B.md" $TINY ;;
-    C) run C 260 python3 bench/validation_bench.py --baseline --out "$OUT/C.md" $TINY ;;
-    D) run D 200 python3 bench/cache_throughput.py --clips 6 --out "$OUT/D.md" $TINY ;;
+        --shape 1280x704x121 --flavour ti2v-5b-2.2 --warmup 1 --steps 2 --variants "$variant" --out "$OUT/$part.md" ${EXTRA[@]+"${EXTRA[@]}"} ;;
+    B) run B 290 python3 bench/experts_bench.py --shape 832x480x81 --preset fast --every 2 --blocks 3 --out "$OUT/B.md" ${EXTRA[@]+"${EXTRA[@]}"} ;;
+    C) run C 260 python3 bench/validation_bench.py --baseline --out "$OUT/C.md" ${EXTRA[@]+"${EXTRA[@]}"} ;;
+    D) run D 200 python3 bench/cache_throughput.py --clips 6 --out "$OUT/D.md" ${EXTRA[@]+"${EXTRA[@]}"} ;;
     T) run T 60 python3 -m pytest -q -p no:cacheprovider tests/test_experts.py -k gpu ;;  # the swap on a GPU
     *) echo "unknown part $part (A5B-naive A5B-balanced A5B-fast B C D T)" ;;
   esac
