@@ -18,6 +18,7 @@ convolutions in the render), first render (compiles) and second (every later val
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -65,12 +66,13 @@ def baseline(args, device: torch.device, dtype: torch.dtype) -> int:
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
     from trainer.config import config_from_dict
-    from trainer.memory import apply_memory_options
-    from trainer.validation_videos import PIPELINE_TEXT_LENGTH
     from trainer.dataset import pad_text
+    from trainer.trainable import make_trainable
+    from trainer.validation_videos import PIPELINE_TEXT_LENGTH
 
     cuda = device.type == "cuda"
     transformer, vae, text_dim = build(args.tiny, device, dtype)
+    trained = copy.deepcopy(transformer)  # wanforge's side, assembled by trainer.trainable below
     add_lora(transformer, LoraConfig(rank=16))
     with torch.no_grad():
         for p in trainable_parameters(transformer):
@@ -111,11 +113,13 @@ def baseline(args, device: torch.device, dtype: torch.dtype) -> int:
     # wanforge: the transformer as training leaves it (memory preset balanced), its validation path
     cfg = config_from_dict({"memory": {"preset": "balanced" if cuda else "none"}, "datasets": [{"path": "/tmp"}]},
                            source="bench")
-    apply_memory_options(transformer, cfg.memory, device)
-    transformer.train()
+    make_trainable(trained, LoraConfig(rank=16), cfg.memory, device)
+    lora = {k: v for k, v in transformer.state_dict().items() if "lora_" in k}
+    assert lora and not trained.load_state_dict(lora, strict=False).unexpected_keys  # the same adapter weights
+    trained.train()
     settings = ValidationSettings((ValidationPrompt("p", "p"),), "n", frames, height, width, 5.0, "unipc", 3.0,
                                   args.steps, 42, 16, None)
-    ours = build_pipeline(transformer, vae, settings)
+    ours = build_pipeline(trained, vae, settings)
     for which in ("first render: compiles the blocks", "second render: every later validation"):
         timed(f"wanforge validation ({which})",
               lambda: generate(ours, settings, prompt.to(device), negative.to(device), device, dtype if cuda else None))

@@ -246,6 +246,9 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
                        f"{'' if parallel_measured else '; extrapolated to this model, shape, GPU or count'})"
                        if extra else "")
     fp8_runs = memory.base_quantization != "fp8" or (card.vendor == "nvidia" and card.arch in FP8_ARCHS)
+    oom = sizing.sharded_out_of_memory(want.model, want.tokens, shards, card.memory_gib) if shards > 1 else None
+    oom_note = (f"; measured: preset {oom['preset']} with the base sharded over {oom['shards']} ran out of GPU memory "
+                f"under a {oom['cap_gib']} GiB cap per process ({oom['source']})" if oom else "")
     hours = s_per_step * cfg.train.max_train_steps / 3600
     per_hour = card.usd_per_hour * count
     host_note = (f"; host RAM {card.host_ram_gib:.0f} GiB assumed ({card.host_source})"
@@ -256,12 +259,14 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
         gpu=card.name, count=count, vram_gib=round(vram, 2), host_gib=round(host, 1), host_ram_gib=card.host_ram_gib,
         s_per_step=round(s_per_step, 3), total_hours=round(hours, 3), cost_usd_per_hour=round(per_hour, 2),
         cost_usd=round(hours * per_hour, 2),
-        fits=sizing.fits_gpu(vram, card.memory_gib) and sizing.fits_host(offload, card.host_ram_gib - idle) and fp8_runs,
+        fits=(sizing.fits_gpu(vram, card.memory_gib) and sizing.fits_host(offload, card.host_ram_gib - idle) and fp8_runs
+              and oom is None),
         memory_preset=(preset or "custom") + (f", base sharded over {shards}" if shards > 1 else ""),
         measured=measured, gpu_measured=gpu_measured, speed_measured=speed_measured,
         contention_s=round(extra, 3),
         basis=(f"memory preset {preset or 'custom'}; {row['trainer']} {row['flavour']} on {row['gpu']}: "
                f"{row['s_per_step']} s/step, {row['peak_gib']} GiB ({row['source']}){memory_basis}{speed_note}{contention_note}{host_note}"
+               f"{oom_note}"
                + ("" if fp8_runs else f"; fp8 base weights need an Ada, Hopper or Blackwell GPU, not {card.name}")),
     )
 

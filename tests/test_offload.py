@@ -176,6 +176,22 @@ def test_host_budget_keeps_the_rest_on_the_device_and_the_step_unchanged():
     assert capped.pool.bytes <= capped.max_host_bytes
 
 
+def test_a_full_host_budget_is_said_once(caplog):
+    """Saved tensors kept on the GPU for lack of host RAM are the first suspect when a run runs out of GPU memory, so
+    the next step says so, once per run; a budget that suffices says nothing."""
+    blocks = [torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()) for _ in range(4)]
+    x = torch.randn(32, 64)
+    capped = offload.ActivationOffloader(torch.device("cpu"), num_groups=4, keep_last=0, min_bytes=0,
+                                         max_host_bytes=3 * 32 * 64 * 4)
+    free = offload.ActivationOffloader(torch.device("cpu"), num_groups=4, keep_last=0, min_bytes=0)
+    with caplog.at_level("WARNING", logger="trainer.offload"):
+        for _ in range(3):
+            _mlp_step(capped, blocks, x)
+            _mlp_step(free, blocks, x)
+    said = [r.getMessage() for r in caplog.records if "host budget" in r.getMessage()]
+    assert len(said) == 1 and "stayed on the GPU" in said[0]
+
+
 def test_host_buffers_are_exact_size_and_reused_every_step():
     """The pool holds exactly the bytes one step offloads (no power-of-two rounding), and a second step with the same
     shapes reuses them instead of allocating more."""

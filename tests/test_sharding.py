@@ -178,3 +178,27 @@ def test_sharded_sizing_is_extrapolated_until_a_sharded_row_is_measured(monkeypa
     measured = sizing.predict_memory(shape, "low", tokens, shards=2)
     assert measured.gpu_measured and measured.gpu_gib == pytest.approx(21.5, abs=0.01)
     assert sizing.predict_memory(shape, "low", tokens).gpu_gib == whole.gpu_gib  # unsharded keeps its own row
+
+
+def test_a_measured_sharded_out_of_memory_rules_the_card_out(clips, tmp_path):
+    """The 14B base sharded over two processes ran out of memory under a 30 GiB cap (bench/RESULTS.md): a card with
+    at most that much per process is "does not fit" with the measurement named, whatever the sizing model predicts;
+    more memory, more processes or fewer tokens than the measured run are not ruled out by it."""
+    from launcher.estimate import estimate
+    from trainer import sizing
+
+    shape = sizing.flavour_shape("t2v-480p-14b-2.1")
+    tokens = shape.tokens(81, 480, 832)
+    row = sizing.sharded_out_of_memory(shape, tokens, 2, 24)
+    assert row is not None and row["cap_gib"] == 30 and "bench/RESULTS.md" in row["source"]
+    assert sizing.sharded_out_of_memory(shape, tokens, 2, 30) is row
+    assert sizing.sharded_out_of_memory(shape, tokens, 2, 32) is None
+    assert sizing.sharded_out_of_memory(shape, tokens, 4, 24) is None
+    assert sizing.sharded_out_of_memory(shape, shape.tokens(33, 480, 832), 2, 24) is None
+    assert sizing.sharded_out_of_memory(sizing.flavour_shape("t2v-480p-1.3b-2.1"), tokens, 2, 24) is None
+
+    cfg = tiny_config(clips, tmp_path / "run", model={"flavour": "t2v-480p-14b-2.1"},
+                      datasets={"num_frames": 81, "width": 832, "height": 480}, memory={"shard_base": True})
+    est = estimate(cfg, "RTX4090:2")
+    assert not est.fits and "ran out of GPU memory under a 30 GiB cap" in est.basis
+    assert "ran out of GPU memory" not in estimate(cfg, "H100:2").basis

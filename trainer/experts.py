@@ -275,11 +275,11 @@ class _IdleSlot:
     """
 
     def __init__(self, idle: list[torch.Tensor], device: torch.device) -> None:
-        from trainer.offload import _PinnedPool
+        from trainer.offload import PinnedPool
 
         self.device = device
         self.cuda = device.type == "cuda"
-        self._pool = _PinnedPool(self.cuda)  # owns the buffer (and unregisters it when the slot goes)
+        self._pool = PinnedPool(self.cuda)  # owns the buffer (and unregisters it when the slot goes)
         offsets, total = [], 0
         for t in idle:
             offsets.append(total)

@@ -8,7 +8,7 @@ current block's backward runs, so the GPU holds about one block's worth instead 
 Written here because torch's `save_on_cpu` copies synchronously (the forward waits for every copy and nothing is
 prefetched) and torchtune's `OffloadActivations` would pull the whole torchtune stack in for one class.
 
-Host RAM: the copies live in exact-size page-locked buffers reused step to step (`_PinnedPool`), never more than
+Host RAM: the copies live in exact-size page-locked buffers reused step to step (`PinnedPool`), never more than
 `max_host_bytes` a step; what does not fit stays on the GPU. torch's own pinned allocator rounds every buffer up to a
 power of two (a 774 MB block input at 14B 1280x720x81 takes 1 GiB), which is what OOM-killed 720p runs on 128 GiB nodes.
 """
@@ -51,7 +51,7 @@ def _storages(t: torch.Tensor) -> list[int]:
     return [ptr for name in names for ptr in _storages(getattr(t, name))]
 
 
-class _PinnedPool:
+class PinnedPool:
     """Page-locked host buffers of exact sizes, handed out again each step (a step saves the same shapes every time).
 
     Plain host allocations registered with `cudaHostRegister`: torch's pinned allocator would round each one up to a
@@ -156,9 +156,10 @@ class ActivationOffloader:
         self._prefetched: set[int] = set()
         self._current = -1
         self.max_host_bytes = max_host_bytes
-        self.pool = _PinnedPool(self.cuda, max_host_bytes)
+        self.pool = PinnedPool(self.cuda, max_host_bytes)
         self.bytes_offloaded = 0  # this step's host copies (a shared tensor counts once)
         self.bytes_kept_for_lack_of_host = 0  # this step's tensors over max_host_bytes, left on the GPU
+        self._warned_host = False
 
     def exclude_parameters(self, module: torch.nn.Module, replace: bool = False) -> None:
         """Never offload the model's own weights and buffers (backward saves frozen weights for input gradients),
@@ -185,6 +186,11 @@ class ActivationOffloader:
             yield
 
     def _new_step(self) -> None:
+        if self.bytes_kept_for_lack_of_host and not self._warned_host:  # said once: the GPU pays for the host's limit
+            self._warned_host = True
+            log.warning("activation offload: the host budget (%.1f GiB) was full; %.1f GiB of saved tensors stayed on "
+                        "the GPU last step (free host RAM or a smaller memory preset avoids it)",
+                        (self.max_host_bytes or 0) / 2**30, self.bytes_kept_for_lack_of_host / 2**30)
         self._groups.clear()
         self._by_key.clear()
         self._prefetched.clear()

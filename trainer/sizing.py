@@ -214,6 +214,17 @@ class MemoryPrediction:
         return "GPU measured; host RAM extrapolated" if self.gpu_measured else "not measured (extrapolated)"
 
 
+def sharded_out_of_memory(shape: ModelShape, tokens: int, shards: int, gpu_gib: float) -> dict[str, Any] | None:
+    """A measured `[[sharded_out_of_memory]]` row that rules this run out, or None: the same model, its base sharded
+    over as many processes, ran out of GPU memory at no more tokens under a per-process cap of at least `gpu_gib`
+    (every preset holds at least what that row's lowest-memory preset held)."""
+    for row in load_calibration().get("sharded_out_of_memory", []):
+        if (row_shape(row) == shape and int(row["shards"]) == shards and row_tokens(row) <= tokens * 1.01
+                and float(row["cap_gib"]) >= gpu_gib):
+            return row
+    return None
+
+
 def row_shards(row: dict[str, Any]) -> int:
     """Processes a row's frozen base was sharded over (`shards`; absent: 1, every process held all of it)."""
     return int(row.get("shards", 1))

@@ -9,6 +9,7 @@ import torch
 
 from trainer.config import WanforgeConfig
 from trainer.crepa import Crepa, install_crepa
+from trainer.flavours import Flavour, get_flavour
 from trainer.flow import timesteps_from_sigmas
 from trainer.scheduled_sampling import apply_rollout
 from trainer.tread import TokenRouter, install_tread
@@ -20,6 +21,7 @@ class StepExtras:
     router: TokenRouter | None = None
     crepa: Crepa | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    flavour: Flavour | None = None  # resolved once at install (scheduled sampling's predictor needs its inputs)
 
     @classmethod
     def install(cls, transformer, cfg: WanforgeConfig, device: torch.device, dtype: torch.dtype) -> StepExtras | None:
@@ -27,7 +29,7 @@ class StepExtras:
         optimizer is built (the CREPA head trains with the LoRA). None when nothing is enabled."""
         router = install_tread(transformer, cfg.tread)
         crepa = install_crepa(transformer, cfg.crepa, cfg.model, device, dtype, router)
-        extras = cls(cfg, router, crepa)
+        extras = cls(cfg, router, crepa, flavour=get_flavour(cfg.model.flavour))
         return extras if (router is not None or crepa is not None or extras.rollout_on) else None
 
     @property
@@ -42,7 +44,8 @@ class StepExtras:
                        generator, dtype):
         """(input, target) for the training forward; plans this step's token routing."""
         if self.rollout_on:
-            predict = _predictor(transformer, self.cfg, batch, latents, text, dtype)
+            predict = _predictor(transformer, self.cfg, self.flavour or get_flavour(self.cfg.model.flavour), batch,
+                                 latents, text, dtype)
             noisy, target, rolled = apply_rollout(predict, self.cfg.scheduled_sampling, step, latents, noise, sigmas, noisy,
                                                   target, generator)
             self.metrics["rollout_fraction"] = rolled / latents.shape[0]
@@ -61,12 +64,10 @@ class StepExtras:
         return loss + crepa_loss
 
 
-def _predictor(transformer, cfg: WanforgeConfig, batch: dict, latents, text, dtype):
+def _predictor(transformer, cfg: WanforgeConfig, flavour: Flavour, batch: dict, latents, text, dtype):
     """The model's velocity for a subset of the batch, with the flavour's inputs (I2V condition, TI2V first frame)."""
     from trainer.conditioning import transformer_inputs
-    from trainer.flavours import get_flavour
 
-    flavour = get_flavour(cfg.model.flavour)
     size = latents.shape[0]
 
     def predict(x, s, chosen):

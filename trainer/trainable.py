@@ -26,6 +26,13 @@ def make_trainable(transformer, lora: LoraConfig, memory: MemoryConfig, device: 
         from trainer.sharding import shard_transformer
 
         shard_transformer(transformer, device)
+        if offloader is not None:  # its host budget was taken while the whole base still sat in this process's RAM
+            import gc
+
+            from trainer.memory import offload_host_budget
+
+            gc.collect()
+            offloader.set_host_budget(offload_host_budget())
     return offloader
 
 
