@@ -422,6 +422,17 @@ def test_suggested_fix_is_valid(mistake, pattern, apply, env, capsys, tmp_path):
     assert code == 0, f"suggested {suggested!r} from {line!r} is refused too:\n{err}"
 
 
+def test_a_fix_named_as_a_field_path_applies_with_set(env, capsys, tmp_path):
+    """Messages name list items as `datasets[0].repeats = N`; pasted into --set as written, that fix applies."""
+    data, out, _ = env
+    config = write_toml(tmp_path / "c.toml", base_config(data, out))
+    code, err = run_check(capsys, config, "--set", "train.gradient_accumulation_steps=64")
+    assert code == 2, err
+    name, value = re.search(r"\((datasets\[0\]\.repeats) = (\d+)\)", err).groups()
+    code, err = run_check(capsys, config, "--set", "train.gradient_accumulation_steps=64", "--set", f"{name}={value}")
+    assert code == 0, err
+
+
 # ---------------------------------------------------------------- train, launch and the form call it
 
 

@@ -202,3 +202,22 @@ def test_a_measured_sharded_out_of_memory_rules_the_card_out(clips, tmp_path):
     est = estimate(cfg, "RTX4090:2")
     assert not est.fits and "ran out of GPU memory under a 30 GiB cap" in est.basis
     assert "ran out of GPU memory" not in estimate(cfg, "H100:2").basis
+
+
+def test_sharded_gradient_accumulation_matches_one_process(few_clips, tmp_path):
+    """Two sharded processes accumulating 2 micro-batches per step see the same 4 samples and noise per step as one
+    unsharded process accumulating 4: the same losses, gradient norms and LoRA up to fp32 summation order (FSDP
+    reduce-scatters every micro-batch's gradient; the one process sums all four locally)."""
+    steps = ["--set", "train.max_train_steps=2", "--set", "validation.at_end=false", "--set", "datasets[0].repeats=2"]
+    _train([str(_config(few_clips, tmp_path, "sharded", True)), *steps, "--set", "train.gradient_accumulation_steps=2"],
+           processes=2)
+    _train([str(_config(few_clips, tmp_path, "single", False)), *steps, "--set", "train.gradient_accumulation_steps=4"])
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    assert sorted(_losses(sharded)) == [1, 2]
+    for step in (1, 2):
+        assert _losses(sharded)[step] == pytest.approx(_losses(single)[step], rel=1e-6), step
+        assert _metric(sharded, "grad_norm")[step] == pytest.approx(_metric(single, "grad_norm")[step], rel=1e-5), step
+    a, b, tolerance = _lora(sharded), _lora(single), _tolerance(single)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= tolerance, key

@@ -845,11 +845,12 @@ def _override_problem(parts: list[str], value: Any) -> str | None:
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b=v` (or `datasets.0.path=v`) to raw config data, in place. A key the schema does not have, a
+    """Apply one `a.b=v` (or `datasets.0.path=v` / `datasets[0].path=v`) to raw config data, in place. A key the schema does not have, a
     value set into a section or a field set inside a value is a UserError naming the fix."""
     key, sep, value = assignment.partition("=")
     if not sep or not key.strip():
         raise UserError(f'--set "{assignment}": expected section.key=value, for example --set train.max_train_steps=500')
+    key = re.sub(r"\[\s*(\d+)\s*\]", r".\1", key)  # datasets[0].repeats, as the error messages name it
     parts = [p.strip() for p in key.strip().split(".")]
     parsed = parse_value(value.strip())
     problem = _override_problem(parts, parsed)
