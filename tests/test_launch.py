@@ -361,7 +361,7 @@ def _run_local_line() -> int:
     return next(i + 1 for i, line in enumerate(lines) if '["bash", "-c", task[part]]' in line)
 
 
-def test_sync_brings_back_folders_with_spaces_and_shell_syntax(state, tmp_path):
+def test_sync_brings_back_folders_with_spaces_and_shell_syntax(state, tmp_path, rsync):
     """rsync gets argument lists: a node folder and a local folder named with spaces, `;` and `$(...)` are just names."""
     node_copy = tmp_path / "node outputs; $(touch pwned)" / "r3"
     (node_copy / "lora").mkdir(parents=True)
