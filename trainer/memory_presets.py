@@ -48,6 +48,11 @@ OPT_IN = {"balanced-fp8"}
 NOT_SHARDED = ("compile", "base_quantization")
 
 
+def preset_values(name: str, shard_base: bool = False) -> dict:
+    """The [memory] fields preset `name` sets (without those sharding cannot keep)."""
+    return {k: v for k, v in PRESETS[name].items() if not (shard_base and k in NOT_SHARDED)}
+
+
 def flavour_tokens(f: Flavour) -> int:
     """Tokens of the flavour's default clip."""
     return flavour_shape(f.name).tokens(f.num_frames, f.height, f.width)
@@ -108,9 +113,7 @@ def resolve_memory(cfg: MemoryConfig, f: Flavour, gpu_gib: float | None, tokens:
         (log.info if warn else log.debug)("memory preset auto -> %s (%.0f GiB GPU, %d process(es) on this machine)",
                                           name, gpu_gib, processes)
     explicit = {k: getattr(cfg, k) for k in cfg.model_fields_set if k != "preset"}
-    values = dict(PRESETS[name])
-    if cfg.shard_base:
-        values = {k: v for k, v in values.items() if k not in NOT_SHARDED}
+    values = preset_values(name, cfg.shard_base)
     if explicit.get("gradient_checkpointing") == "none":  # offload and sub-layers act on checkpointed blocks only
         values.pop("activation_offload", None)
         values.pop("checkpoint_sublayers", None)
@@ -139,9 +142,8 @@ def memory_choice(requested: MemoryConfig, resolved: MemoryConfig, gpu_gib: floa
 
 def preset_of(memory: MemoryConfig) -> str | None:
     """The preset these settings are exactly (for picking measured rows), or None for a custom mix."""
-    for name, values in PRESETS.items():
-        if memory.shard_base:
-            values = {k: v for k, v in values.items() if k not in NOT_SHARDED}
+    for name in PRESETS:
+        values = preset_values(name, memory.shard_base)
         if all(getattr(memory, k) == v for k, v in values.items()) and all(
                 getattr(memory, k) == MemoryConfig.model_fields[k].default
                 for k in {"checkpointed_blocks", "base_quantization", "feed_forward_chunk_size", "activation_offload",

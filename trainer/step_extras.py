@@ -18,10 +18,10 @@ from trainer.tread import TokenRouter, install_tread
 @dataclass
 class StepExtras:
     cfg: WanforgeConfig
+    flavour: Flavour  # resolved once at install (scheduled sampling's predictor feeds the flavour's inputs)
     router: TokenRouter | None = None
     crepa: Crepa | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    flavour: Flavour | None = None  # resolved once at install (scheduled sampling's predictor needs its inputs)
 
     @classmethod
     def install(cls, transformer, cfg: WanforgeConfig, device: torch.device, dtype: torch.dtype) -> StepExtras | None:
@@ -29,7 +29,7 @@ class StepExtras:
         optimizer is built (the CREPA head trains with the LoRA). None when nothing is enabled."""
         router = install_tread(transformer, cfg.tread)
         crepa = install_crepa(transformer, cfg.crepa, cfg.model, device, dtype, router)
-        extras = cls(cfg, router, crepa, flavour=get_flavour(cfg.model.flavour))
+        extras = cls(cfg, get_flavour(cfg.model.flavour), router, crepa)
         return extras if (router is not None or crepa is not None or extras.rollout_on) else None
 
     @property
@@ -44,8 +44,7 @@ class StepExtras:
                        generator, dtype):
         """(input, target) for the training forward; plans this step's token routing."""
         if self.rollout_on:
-            predict = _predictor(transformer, self.cfg, self.flavour or get_flavour(self.cfg.model.flavour), batch,
-                                 latents, text, dtype)
+            predict = _predictor(transformer, self.cfg, self.flavour, batch, latents, text, dtype)
             noisy, target, rolled = apply_rollout(predict, self.cfg.scheduled_sampling, step, latents, noise, sigmas, noisy,
                                                   target, generator)
             self.metrics["rollout_fraction"] = rolled / latents.shape[0]
