@@ -30,7 +30,7 @@ def kernels() -> dict:
     found = {"cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "flash (FA2)": sdpa(SDPBackend.FLASH_ATTENTION),
              "efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
     try:
-        from trainer.attention import flash_attn_4, flash_attn_4_installed
+        from trainer.model.attention import flash_attn_4, flash_attn_4_installed
 
         if flash_attn_4_installed():
             found["flash-attn-4"] = flash_attn_4

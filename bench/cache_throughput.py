@@ -8,7 +8,7 @@ exactly as training caches them.
 Rows: decoding alone (CPU, per clip); plain diffusers `AutoencoderKLWan.encode` in fp32 and bf16 on clips already on
 the GPU (the reference: nothing but the VAE, after a warm-up call), and bf16 with the cache's channels-last input, without
 and with cuDNN benchmark; and the cache build
-(`trainer.cache.encode_latent_entries`: decode threads ahead of the VAE, the VAE in `cache.vae_dtype` with
+(`trainer.data.cache.encode_latent_entries`: decode threads ahead of the VAE, the VAE in `cache.vae_dtype` with
 cuDNN-benchmarked convolutions, safetensors writes): once with the defaults from scratch (loading the VAE included),
 then with the VAE loaded and warm (a real cache loads it once for the whole dataset) for the defaults (bf16, 2 decode
 workers), 4 workers, and the former default (fp32, 2 workers). Also printed: how far the bf16 latent is from fp32's.
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_clips(folder: Path, count: int, width: int, height: int, fps: int, seconds: float) -> None:
-    from trainer.video import write_mp4
+    from trainer.data.video import write_mp4
 
     folder.mkdir(parents=True, exist_ok=True)
     frames = int(fps * seconds)
@@ -71,11 +71,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the table here too")
     args = parser.parse_args()
 
-    from trainer.cache import encode_latent_entries, encode_videos, latent_spec, latent_path, read_sample
-    from trainer.components import load_vae
-    from trainer.config import config_from_dict
-    from trainer.discovery import scan_dataset
-    from trainer.memory import cudnn_benchmark
+    from trainer.config.files import config_from_dict
+    from trainer.data.cache import encode_latent_entries, encode_videos, latent_spec, latent_path, read_sample
+    from trainer.data.discovery import scan_dataset
+    from trainer.model.components import load_vae
+    from trainer.model.memory import cudnn_benchmark
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:

@@ -51,7 +51,7 @@ def main() -> None:
     if not (work / "model" / "model_index.json").exists():
         build_model(work / "model")
     make_clips(work / "clips")
-    from trainer.config import config_from_dict, save_config
+    from trainer.config.files import config_from_dict, save_config
 
     config = work / "rehearsal.toml"
     save_config(config_from_dict({

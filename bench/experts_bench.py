@@ -1,8 +1,8 @@
 """`train_both_experts`: what switching between the Wan 2.2 A14B experts costs against the average training step.
 
 Two experts at the real A14B shape (random weights, bf16, LoRA r16) are assembled as the trainer does
-(trainer.experts.ExpertPair: the trained expert on the GPU, the idle one in host RAM), and trained through
-trainer.training_step with `expert_switch_every_n_steps` = --every, so steps alternate high / low blocks. Per step the
+(trainer.model.experts.ExpertPair: the trained expert on the GPU, the idle one in host RAM), and trained through
+trainer.loop.training_step with `expert_switch_every_n_steps` = --every, so steps alternate high / low blocks. Per step the
 wall time with a GPU sync around it; per switch the time of `select_expert` alone (the swap as the trainer runs it:
 the idle expert's frozen weights from the page-locked slot to the GPU, the other's back, both directions at once).
 For comparison, the swap as the code did it before (`Module.to` through pageable memory, one direction after the
@@ -48,8 +48,8 @@ def timed(fn, device: torch.device) -> float:
 
 def build_pair(flavour: str, cfg, device: torch.device):
     """Both experts as setup_expert_pair assembles them (built here with random weights instead of loaded)."""
-    from trainer.experts import assemble_pair, frozen_tensors
-    from trainer.trainable import make_trainable
+    from trainer.model.experts import assemble_pair, frozen_tensors
+    from trainer.model.trainable import make_trainable
 
     experts, offloaders = {}, {}
     for stage in ("high", "low"):
@@ -71,7 +71,7 @@ FINGERPRINT_EVERY = 25  # every 25th frozen tensor of an expert (about 50 at 14B
 
 def fingerprint(expert) -> list[float]:
     """Sums of a sample of the expert's frozen tensors, wherever they are (GPU or the host slot)."""
-    from trainer.experts import frozen_tensors
+    from trainer.model.experts import frozen_tensors
 
     with torch.no_grad():
         return [float(t.float().sum()) for t in frozen_tensors(expert)[::FINGERPRINT_EVERY]]
@@ -80,7 +80,7 @@ def fingerprint(expert) -> list[float]:
 def legacy_swaps(pair, device: torch.device) -> list[float]:
     """The swap before the page-locked slot: `Module.to("cpu")` of the outgoing expert, then `Module.to(device)` of the
     incoming one, from pageable memory. Leaves the pair without its slot (run last)."""
-    from trainer.experts import frozen_tensors
+    from trainer.model.experts import frozen_tensors
 
     idle = pair.expert("low" if pair.active == "high" else "high")
     for t in frozen_tensors(idle):  # as the old code kept it: pageable memory
@@ -116,11 +116,12 @@ def main() -> int:
 
     from accelerate import Accelerator
 
-    from trainer.config import ModelConfig, config_from_dict
-    from trainer.experts import select_expert
-    from trainer.lora import trainable_parameters
-    from trainer.optim import make_optimizer
-    from trainer.training_step import training_step
+    from trainer.config.files import config_from_dict
+    from trainer.config.model import ModelConfig
+    from trainer.loop.optim import make_optimizer
+    from trainer.loop.training_step import training_step
+    from trainer.model.experts import select_expert
+    from trainer.model.lora import trainable_parameters
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     memory = {"preset": args.preset}
@@ -143,7 +144,7 @@ def main() -> int:
     model, optimizer = accelerator.prepare(pair, optimizer, device_placement=[False, True])
     generator = torch.Generator(device=device).manual_seed(0)
     batch = speed_bench.make_batch(args.flavour)
-    from trainer.experts import active_stage
+    from trainer.model.experts import active_stage
 
     before = {stage: fingerprint(pair.expert(stage)) for stage in ("high", "low")}
     steps, swaps, warm = [], [], set()

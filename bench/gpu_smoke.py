@@ -32,7 +32,7 @@ def build_model(folder: Path, shape: dict = WAN_13B) -> None:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from trainer.tiny import build_tokenizer
+    from trainer.model.tiny import build_tokenizer
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -52,7 +52,7 @@ def build_model(folder: Path, shape: dict = WAN_13B) -> None:
 
 
 def make_clips(folder: Path, count: int = 4) -> None:
-    from trainer.video import write_mp4
+    from trainer.data.video import write_mp4
 
     folder.mkdir(parents=True, exist_ok=True)
     h, w, frames = 480, 832, 132

@@ -3,7 +3,7 @@
 Rows: Wan 2.1 I2V 14B at 832x480x81 (36 input channels + CLIP tokens) and Wan 2.2 TI2V-5B at 1280x704x121 (48-channel
 latents, per-token timesteps, first frame out of the loss). Each row: the real-shape WanTransformer3DModel in bf16,
 the trainer's LoRA (rank 16, default targets), memory options (gradient checkpointing), AdamW, and per step the
-trainer's inputs (trainer.conditioning.transformer_inputs), timesteps (trainer.experts) and loss, batch 1.
+trainer's inputs (trainer.data.conditioning.transformer_inputs), timesteps (trainer.model.experts) and loss, batch 1.
 Latents / conditioning / text embeddings are random tensors of the cached shapes (the VAE, CLIP and UMT5 run only
 when caching, never per step).
 
@@ -48,14 +48,15 @@ def run_row(name: str, size: tuple[int, int, int], steps: int, checkpointing: st
             tiny: bool) -> dict:
     from diffusers import WanTransformer3DModel
 
-    from trainer.conditioning import loss_region, transformer_inputs
-    from trainer.config import FlowConfig, LoraConfig, MemoryConfig, ModelConfig, OptimConfig
-    from trainer.experts import sample_training_sigmas
+    from trainer.config.model import LoraConfig, MemoryConfig, ModelConfig
+    from trainer.config.training import FlowConfig, OptimConfig
+    from trainer.data.conditioning import loss_region, transformer_inputs
     from trainer.flavours import get_flavour
-    from trainer.flow import flow_loss, flow_target, noisy_input, timesteps_from_sigmas
-    from trainer.trainable import make_trainable
-    from trainer.lora import trainable_parameters
-    from trainer.optim import make_optimizer
+    from trainer.loop.flow import sample_training_sigmas
+    from trainer.loop.flow import flow_loss, flow_target, noisy_input, timesteps_from_sigmas
+    from trainer.loop.optim import make_optimizer
+    from trainer.model.lora import trainable_parameters
+    from trainer.model.trainable import make_trainable
 
     flavour = get_flavour(name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

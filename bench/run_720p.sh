@@ -9,8 +9,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 grep -E "MemTotal|MemAvailable" /proc/meminfo; cat /sys/fs/cgroup/memory.max 2>/dev/null
 # what `[memory] preset = "auto"` resolves to on this node (its GPU, its free host RAM) for the flavour's default clip
 python3 -c "
-import torch; from trainer.flavours import get_flavour; from trainer.config import MemoryConfig
-from trainer.memory_presets import resolve_memory, preset_of, host_memory_gib
+import torch; from trainer.flavours import get_flavour; from trainer.config.model import MemoryConfig
+from trainer.model.preset_choice import resolve_memory; from trainer.model.presets import preset_of; from trainer.model.sizing import host_memory_gib
 gpu = torch.cuda.get_device_properties(0).total_memory / 2**30; host = host_memory_gib()
 m = resolve_memory(MemoryConfig(), get_flavour('$FLAVOUR'), gpu, host_gib=host)
 print(f'auto on this node ({gpu:.1f} GiB GPU, {host:.1f} GiB host free): {preset_of(m)}')"

@@ -152,7 +152,7 @@ HEADER = ("| run | processes | cap GiB | memory preset ran | s/step (median afte
 def calibration_row(r: dict, preset: str, date: str) -> str:
     """The launcher/calibration.toml `[[measured]]` row of a sharded run, from its own numbers (the lead checks and
     pastes it; `peak_gib` the larger of the ranks' peaks from the training loop on)."""
-    from trainer.sizing import flavour_shape, predict_memory
+    from trainer.model.sizing import flavour_shape, predict_memory
 
     peak = max((p["max_allocated_gib"] for p in r["peaks"]), default=r["peak_gib_rank0_training"])
     shape = flavour_shape("t2v-480p-14b-2.1")
@@ -170,7 +170,7 @@ def calibration_row(r: dict, preset: str, date: str) -> str:
 
 def _setup(work: Path, tiny: bool) -> None:
     if tiny:
-        from trainer.demo import make_demo_dataset
+        from trainer.demo.world import make_demo_dataset
 
         if not (work / "clips").exists():
             make_demo_dataset(work / "clips")
@@ -187,8 +187,8 @@ def _config(work: Path, name: str, steps: int, preset: str, memory: str, validat
     if tiny:
         import tomli_w
 
-        from trainer.config import to_toml_dict
-        from trainer.demo import demo_config
+        from trainer.config.files import to_toml_dict
+        from trainer.demo.world import demo_config
 
         raw = to_toml_dict(demo_config(work / "clips", run, steps))
         raw["train"].update(train_batch_size=1, log_every_n_steps=1)

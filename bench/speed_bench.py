@@ -2,7 +2,7 @@
 
 Random weights at the real 1.3B / 14B configs (nothing can be downloaded on the GPU machine). Each trainer variant goes
 through the trainer's own code: `place_base_model` -> `add_lora` -> `apply_memory_options` -> accelerate prepare ->
-`trainer.training_step.training_step` with accelerate backward, clipping and the fused AdamW, on a cached-latent-shaped batch
+`trainer.loop.training_step.training_step` with accelerate backward, clipping and the fused AdamW, on a cached-latent-shaped batch
 (832x480x81 -> 16x21x60x104 latents, 512 x 4096 text states). The naive diffusers + peft loop runs in the same process
 as the ratio base: bf16 model, `add_adapter`, diffusers' default checkpointing and attention, torch AdamW, loss.item().
 
@@ -136,8 +136,8 @@ VARIANTS: dict[str, dict] = {
     "partial10-compile-fa4": dict(gradient_checkpointing="selective", checkpointed_blocks=10, compile=True,
                                   attention_backend="flash_4_hub"),
 }
-# the presets by name (trainer/memory_presets.py), cuDNN attention unless the name ends in -fa4
-for _name, _values in __import__("trainer.memory_presets", fromlist=["PRESETS"]).PRESETS.items():
+# the presets by name (trainer/model/presets.py), cuDNN attention unless the name ends in -fa4
+for _name, _values in __import__("trainer.model.presets", fromlist=["PRESETS"]).PRESETS.items():
     VARIANTS.setdefault(_name, {**_values, "attention_backend": "_native_cudnn"})
     VARIANTS.setdefault(f"{_name}-fa4", {**_values, "attention_backend": "flash_4_hub"})
 
@@ -245,11 +245,11 @@ def peak_gib() -> float:
 def run_trainer_variant(model: str, flavour: str, memory: dict, warmup: int, steps: int) -> dict:
     from accelerate import Accelerator
 
-    from trainer.config import config_from_dict
-    from trainer.lora import trainable_parameters
-    from trainer.optim import make_optimizer
-    from trainer.trainable import make_trainable
-    from trainer.training_step import training_step
+    from trainer.config.files import config_from_dict
+    from trainer.loop.optim import make_optimizer
+    from trainer.loop.training_step import training_step
+    from trainer.model.lora import trainable_parameters
+    from trainer.model.trainable import make_trainable
 
     cfg = config_from_dict({"model": {"flavour": flavour}, "memory": {"preset": "none", **memory},
                             "datasets": [{"path": "/tmp"}], "lora": {"rank": 16}}, source="bench")
@@ -298,7 +298,7 @@ def run_naive(model: str, flavour: str, warmup: int, steps: int) -> dict:
     import torch.nn.functional as F
     from peft import LoraConfig
 
-    from trainer.config import DEFAULT_TARGET_MODULES
+    from trainer.config.model import DEFAULT_TARGET_MODULES
     from trainer.flavours import get_flavour
 
     ti2v = get_flavour(flavour).expand_timesteps
@@ -368,7 +368,7 @@ def main() -> None:
     import diffusers
 
     from trainer.flavours import get_flavour
-    from trainer.sizing import host_memory_gib
+    from trainer.model.sizing import host_memory_gib
 
     names = ["naive", *VARIANTS] if args.variants == "all" else args.variants.split(",")
     width, height, frames = SHAPE

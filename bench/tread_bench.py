@@ -20,10 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import LoraConfig, MemoryConfig, TreadConfig
-from trainer.trainable import make_trainable
-from trainer.lora import trainable_parameters
-from trainer.tread import TokenRouter, kept_count
+from trainer.config.model import LoraConfig, MemoryConfig
+from trainer.config.training import TreadConfig
+from trainer.loop.tread import TokenRouter, kept_count
+from trainer.model.lora import trainable_parameters
+from trainer.model.trainable import make_trainable
 
 CONFIGS = {
     "no TREAD": [],
@@ -59,7 +60,7 @@ def tread_config(routes) -> TreadConfig:
 
 def mean_kept_fraction(routes, num_layers: int, tokens: int) -> float:
     """Token-layers processed, as a fraction of the full model's."""
-    from trainer.tread import resolve_routes
+    from trainer.loop.tread import resolve_routes
 
     work = float(num_layers)
     for r in resolve_routes(tread_config(routes), num_layers):

@@ -6,7 +6,7 @@ markdown table (seconds per video, peak GiB, the extra forward passes SLG cost).
 
 `--baseline` instead times plain diffusers beside wanforge's path in one process, each to the same mp4 writer: a
 `WanPipeline` as its model card sets it up (bf16 transformer, fp32 VAE, the default attention, UniPC with the 480p
-flow shift 3.0, CFG 5, 40 steps) and `trainer.validation_videos.generate` on the same transformer and LoRA after the
+flow shift 3.0, CFG 5, 40 steps) and `trainer.outputs.validation_videos.generate` on the same transformer and LoRA after the
 trainer's memory options (preset `balanced`: its attention backend; compiled blocks and cuDNN-benchmarked VAE
 convolutions in the render), first render (compiles) and second (every later validation of a run).
 
@@ -29,20 +29,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import EmaConfig, LoraConfig  # noqa: E402
-from trainer.ema import AdapterEMA  # noqa: E402
-from trainer.lora import add_lora, trainable_parameters  # noqa: E402
-from trainer.skip_layers import SkipLayerGuidance  # noqa: E402
-from trainer.validation_videos import ValidationPrompt, ValidationSettings, build_pipeline, generate  # noqa: E402
-from trainer.video import decode_frames, write_mp4  # noqa: E402
+from trainer.config.model import LoraConfig  # noqa: E402
+from trainer.config.training import EmaConfig
+from trainer.data.video import decode_frames, write_mp4  # noqa: E402
+from trainer.model.ema import AdapterEMA  # noqa: E402
+from trainer.model.lora import add_lora, trainable_parameters  # noqa: E402
+from trainer.outputs.skip_layers import SkipLayerGuidance  # noqa: E402
+from trainer.outputs.validation_videos import ValidationPrompt, ValidationSettings, build_pipeline, generate  # noqa: E402
 
 
 def build(tiny: bool, device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     if tiny:
-        from trainer.components import load_transformer, load_vae
-        from trainer.config import ModelConfig
+        from trainer.config.model import ModelConfig
+        from trainer.model.components import load_transformer, load_vae
 
         model = ModelConfig(flavour="tiny")
         return load_transformer(model).to(device), load_vae(model).to(device), 32
@@ -65,14 +66,14 @@ def baseline(args, device: torch.device, dtype: torch.dtype) -> int:
     """Plain WanPipeline vs wanforge's validation path, same transformer + LoRA, same mp4 writer."""
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
-    from trainer.config import config_from_dict
-    from trainer.dataset import pad_text
-    from trainer.trainable import make_trainable
-    from trainer.validation_videos import PIPELINE_TEXT_LENGTH
+    from trainer.config.files import config_from_dict
+    from trainer.data.dataset import pad_text
+    from trainer.model.trainable import make_trainable
+    from trainer.outputs.validation_videos import PIPELINE_TEXT_LENGTH
 
     cuda = device.type == "cuda"
     transformer, vae, text_dim = build(args.tiny, device, dtype)
-    trained = copy.deepcopy(transformer)  # wanforge's side, assembled by trainer.trainable below
+    trained = copy.deepcopy(transformer)  # wanforge's side, assembled by trainer.model.trainable below
     add_lora(transformer, LoraConfig(rank=16))
     with torch.no_grad():
         for p in trainable_parameters(transformer):
@@ -128,7 +129,7 @@ def baseline(args, device: torch.device, dtype: torch.dtype) -> int:
     gpu = torch.cuda.get_device_name() if cuda else "cpu (--tiny: logic check, not a timing)"
     text = (f"device: {gpu}; torch {torch.__version__}; Wan 2.1 1.3B shape{' (tiny)' if args.tiny else ''}, random "
             f"weights, LoRA r16 on both; {width}x{height}x{frames}, {args.steps} steps, CFG 5, UniPC flow shift 3, "
-            f"decoded and written to mp4 (trainer.video.write_mp4)\n\n"
+            f"decoded and written to mp4 (trainer.data.video.write_mp4)\n\n"
             "| render | s / video | vs plain | peak GiB | max abs frame difference vs plain |\n|---|---|---|---|---|\n")
     for name, seconds, peak, video in rows:
         diff = float(np.abs(video.astype(np.float32) - plain_frames.astype(np.float32)).max())

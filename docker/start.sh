@@ -181,7 +181,7 @@ if [ "$resume" = "auto" ]; then
     run_dir="$output_dir"
     if [ -z "$run_dir" ]; then  # the config's own train.output_dir, resolved as the trainer resolves it
         run_dir="$("${WANFORGE_PYTHON:-python3}" -c \
-            'import sys; from trainer.config import load_config; print(load_config(sys.argv[1]).train.output_dir)' \
+            'import sys; from trainer.config.files import load_config; print(load_config(sys.argv[1]).train.output_dir)' \
             "$config" 2>/dev/null || true)"
     fi
     if [ -n "$run_dir" ]; then

@@ -235,7 +235,7 @@ def gpu_preset(gpu: GpuInfo) -> dict[str, Any]:
 
 def quick_trial_config(env: Environment, dataset: str, work: Path, steps: int | None = None) -> dict[str, Any]:
     """Config data for the trial: the GPU's preset on a real 1.3B run, or the tiny CPU demo without a GPU."""
-    from launcher.form_start import starting_config
+    from launcher.form.start import starting_config
 
     if env.gpu is None:
         return starting_config(dataset, work, tiny=True, steps=steps or 10)

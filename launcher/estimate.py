@@ -1,6 +1,6 @@
 """`wanforge estimate`: GPU and host memory, s/step, total time and cost of a config on a GPU, from measured rows.
 
-Memory comes from trainer/sizing.py (the model `[memory] preset = "auto"` uses on the node), step time from the
+Memory comes from trainer/model/sizing.py (the model `[memory] preset = "auto"` uses on the node), step time from the
 nearest measured row (launcher/calibration.toml) scaled by FLOPs and, for another GPU, by datasheet bf16 TFLOP/s.
 Every estimate says what was measured and what is extrapolated. No torch: the notebook form and the launcher call it.
 
@@ -16,12 +16,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from trainer import sizing
-from trainer.config import MemoryConfig, WanforgeConfig
+from trainer.config.model import MemoryConfig
+from trainer.config.schema import WanforgeConfig
 from trainer.errors import UserError
 from trainer.flavours import FLAVOURS
-from trainer.memory_presets import preset_of, resolve_memory
-from trainer.sizing import ModelShape, config_tokens, flavour_shape, row_shape, row_tokens, same_shape
+from trainer.model import sizing
+from trainer.model.preset_choice import resolve_memory
+from trainer.model.presets import preset_of
+from trainer.model.sizing import ModelShape, config_tokens, flavour_shape, row_shape, row_tokens, same_shape
 
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + grad + AdamW's two moments
 
@@ -57,7 +59,7 @@ class Estimate:
     measured: bool = False  # GPU and host memory measured at this model, clip shape and preset (else scaled)
     gpu_measured: bool = False  # the GPU peak alone measured there (rows older than the host-memory column)
     speed_measured: bool = False  # s/step measured on this GPU at this shape and preset (else extrapolated)
-    contention_s: float = 0.0  # of s_per_step: the count processes offloading at once (derived, trainer/sizing.py)
+    contention_s: float = 0.0  # of s_per_step: the count processes offloading at once (derived, trainer/model/sizing.py)
 
     @property
     def fit_label(self) -> str:
@@ -152,7 +154,7 @@ def memory_on(cfg: WanforgeConfig, card: Gpu, count: int = 1) -> MemoryConfig:
 
 
 def expected_attention(memory: MemoryConfig, card: Gpu | None) -> str:
-    """The attention kernel the trainer image runs with on `card` (trainer/attention.py's `auto`: FlashAttention 4 on
+    """The attention kernel the trainer image runs with on `card` (trainer/model/attention.py's `auto`: FlashAttention 4 on
     Hopper, which the CUDA image installs; cuDNN SDPA on other NVIDIA GPUs)."""
     if memory.attention_backend != "auto":
         return memory.attention_backend
@@ -207,7 +209,7 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
     card, count = parse_gpu(gpu)
     gpus = known_gpus()
     memory = memory_on(cfg, card, count)
-    shards = count if memory.shard_base else 1  # trainer/sharding.py: the base sharded over every process
+    shards = count if memory.shard_base else 1  # trainer/model/sharding.py: the base sharded over every process
     row = pick_row(cfg, memory, card, shards)
     row_gpu = gpus[row["gpu"]]
     want, ref = config_shape(cfg), _row_shape(row)

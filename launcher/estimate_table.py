@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from trainer.config import WanforgeConfig
+from trainer.config.schema import WanforgeConfig
 
 if TYPE_CHECKING:
     from launcher.estimate import Estimate

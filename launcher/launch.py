@@ -19,13 +19,14 @@ from typing import Any
 
 from launcher import lifecycle, render
 from launcher.estimate import Estimate, cheapest_fitting, estimate, estimate_all, parse_gpu
-from trainer import sizing
 from launcher.estimate_table import cpu_trial_note
 from launcher.lifecycle import LaunchRecord
 from launcher.targets import TARGETS, Plan, check_output, check_request, check_run_name
-from trainer.config import WanforgeConfig, load_config, save_config
+from trainer.config.files import load_config, save_config
+from trainer.config.schema import WanforgeConfig
 from trainer.errors import UserError
-from trainer.preflight import preflight
+from trainer.model import sizing
+from trainer.preflight.check import preflight
 
 
 # ---------------------------------------------------------------- secrets

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from launcher.targets import check_output, check_run_name
-from trainer.config import load_config, save_config
+from trainer.config.files import load_config, save_config
 from trainer.errors import UserError
 
 MASTER_PORT = 29500
@@ -133,7 +133,7 @@ def _s3_listing(url: str) -> dict[str, int]:
 def upload_once(folder: Path, output: str, name: str, verify: bool = False) -> None:
     """Push the run folder to <output>/<name> once: a Hub repo subfolder (pruned checkpoints deleted there too) or an S3
     prefix; with verify, the files are then listed back and compared (path and size)."""
-    from trainer.hub import local_files, verify_uploaded
+    from trainer.outputs.hub import local_files, verify_uploaded
 
     if output.startswith("hf://"):
         from huggingface_hub import HfApi
@@ -155,7 +155,7 @@ def upload_once(folder: Path, output: str, name: str, verify: bool = False) -> N
             expected, listed = local_files(folder, "", _skipped), _s3_listing(url)
             missing = [k for k, size in expected.items() if listed.get(k) != size]
             if missing:
-                from trainer.hub import UploadNotVerified
+                from trainer.outputs.hub import UploadNotVerified
 
                 raise UploadNotVerified(f"{url} does not list {len(missing)} uploaded file(s), e.g. {missing[:3]}")
     else:
@@ -163,8 +163,8 @@ def upload_once(folder: Path, output: str, name: str, verify: bool = False) -> N
 
 
 def upload(folder: Path, output: str, name: str, verify: bool = False) -> None:
-    """upload_once with retries and exponential backoff (trainer.hub.with_retries)."""
-    from trainer.hub import with_retries
+    """upload_once with retries and exponential backoff (trainer.outputs.hub.with_retries)."""
+    from trainer.outputs.hub import with_retries
 
     with_retries(f"upload of {folder} to {output}", lambda: upload_once(folder, output, name, verify))
 
@@ -180,7 +180,7 @@ def download(output: str, name: str, folder: Path) -> None:
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as err:
-        from trainer.hub import first_line
+        from trainer.outputs.hub import first_line
 
         token = " (HF_TOKEN must be a token that can read and write it)" if output.startswith("hf://") else \
             " (check the AWS keys / AWS_ENDPOINT_URL)"
@@ -206,7 +206,7 @@ def _download(output: str, name: str, folder: Path) -> None:
 
 def _webhooks(name: str):
     """The config's webhooks (tracking.webhook_config) where that file is on the node; None otherwise."""
-    from trainer.webhooks import Webhooks
+    from trainer.outputs.webhooks import Webhooks
 
     try:
         path = load_config(node_config()).tracking.webhook_config
@@ -234,7 +234,7 @@ class Uploader:
 
     def push(self, why: str) -> str | None:
         """One upload (the final one retried and verified); returns the failure line, or None."""
-        from trainer.hub import first_line, local_files
+        from trainer.outputs.hub import first_line, local_files
 
         started = time.perf_counter()
         try:

@@ -3,7 +3,7 @@
 It reads only the run folder (docs/runs.md layout: run.json, metrics.jsonl, validation/step-N/*.mp4), so the same panel
 follows a local run as it trains and a remote one through `wanforge sync` (called every `sync_every_s`).
 
-    panel = ProgressPanel(run_dir, handle)    # handle: launcher.form_launch.RunHandle (optional)
+    panel = ProgressPanel(run_dir, handle)    # handle: launcher.form.launch.RunHandle (optional)
     panel.watch()                             # blocks until the run ends, updating in place
     panel.follow()                            # or: updates from a background thread (the form's Launch button)
 """

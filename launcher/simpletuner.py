@@ -18,8 +18,11 @@ from typing import Any
 
 import tomli_w
 
-from trainer.config import FLAVOURS, WanforgeConfig, config_from_dict, four_k_plus_one, resolve_flavour_name
+from trainer.config.data import four_k_plus_one
+from trainer.config.files import config_from_dict
+from trainer.config.schema import WanforgeConfig
 from trainer.errors import UserError
+from trainer.flavours import FLAVOURS, resolve_flavour_name
 
 DEFAULT_ST_FLAVOUR = "t2v-480p-1.3b-2.1"  # SimpleTuner's Wan default
 

@@ -47,7 +47,7 @@ def wanforge_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def clips(tmp_path_factory) -> Path:
-    from trainer.demo import make_demo_dataset
+    from trainer.demo.world import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("clips"))
 
@@ -75,8 +75,8 @@ def dataset_copy(clips, tmp_path) -> Path:
 
 def tiny_config(data: Path, out: Path, **sections):
     """The demo config with per-test overrides: tiny_config(data, out, train={"max_train_steps": 4})."""
-    from trainer.config import config_from_dict, to_toml_dict
-    from trainer.demo import demo_config
+    from trainer.config.files import config_from_dict, to_toml_dict
+    from trainer.demo.world import demo_config
 
     raw = to_toml_dict(demo_config(data, out))
     for section, values in sections.items():

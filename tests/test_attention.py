@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
-from trainer.attention import flash_attn_4
-from trainer.components import load_transformer
-from trainer.config import MemoryConfig
+from trainer.config.model import MemoryConfig
 from trainer.errors import UserError
-from trainer.lora import add_lora
-from trainer.memory import apply_memory_options, place_base_model
-from trainer.train import train
+from trainer.loop.train import train
+from trainer.model.attention import flash_attn_4
+from trainer.model.components import load_transformer
+from trainer.model.lora import add_lora
+from trainer.model.memory import apply_memory_options, place_base_model
 
 
 def _scores(q, k, scale):
@@ -152,7 +152,7 @@ def test_flash_4_trains_like_the_plain_path(clips, tmp_path, fake_fa4):
 
 
 def test_flash_4_without_the_package_says_how_to_get_it(tiny_model, monkeypatch):
-    monkeypatch.setattr("trainer.attention.flash_attn_4_installed", lambda: False)
+    monkeypatch.setattr("trainer.model.attention.flash_attn_4_installed", lambda: False)
     monkeypatch.setattr("diffusers.models.attention_dispatch.is_kernels_available", lambda: False)
     transformer = load_transformer(tiny_model.model, torch.float32)
     with pytest.raises(UserError, match=r'memory.attention_backend = "flash_4_hub".*pip install flash-attn-4'):
@@ -170,11 +170,11 @@ def tiny_model(clips, tmp_path):
     ((8, 0), True, "_native_cudnn"),
 ])
 def test_auto_takes_flash_attn_4_on_hopper_when_installed(fake_fa4, monkeypatch, capability, installed, expected):
-    from trainer.attention import resolve_attention_backend
+    from trainer.model.attention import resolve_attention_backend
 
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr("trainer.attention.flash_attn_4_installed", lambda: installed)
+    monkeypatch.setattr("trainer.model.attention.flash_attn_4_installed", lambda: installed)
     assert resolve_attention_backend("auto", torch.device("cuda", 0)) == expected
     assert resolve_attention_backend("_native_flash", torch.device("cuda", 0)) == "_native_flash"
     assert resolve_attention_backend("auto", torch.device("cpu")) == "native"
@@ -182,7 +182,7 @@ def test_auto_takes_flash_attn_4_on_hopper_when_installed(fake_fa4, monkeypatch,
 
 def test_a_broken_flash_attn_4_install_falls_back_under_auto_and_is_named_when_asked_for(
         fake_fa4, monkeypatch, tiny_model, caplog):
-    from trainer.attention import resolve_attention_backend
+    from trainer.model.attention import resolve_attention_backend
 
     monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", None)  # its import now fails, as without the DSL
     monkeypatch.setattr(torch.version, "cuda", "13.0")

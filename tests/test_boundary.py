@@ -8,10 +8,10 @@ import shutil
 import torch
 
 from conftest import tiny_config
-from trainer import experts, train as train_module, training_step as training_step_module
-from trainer.components import base_model_path
-from trainer.config import ModelConfig
-from trainer.experts import expert_boundary
+from trainer.config.model import ModelConfig
+from trainer.loop import flow, train as train_module, training_step as training_step_module
+from trainer.model.components import base_model_path
+from trainer.model.experts import expert_boundary
 
 
 def _model_with_boundary(tmp_path, flavour: str, boundary) -> str:
@@ -42,7 +42,7 @@ def test_training_draws_noise_on_the_models_side_of_its_boundary(few_clips, tmp_
     seen = []
 
     def recording(*args, **kwargs):  # the real sampler; only records what it was asked and drew
-        sigmas = experts.sample_training_sigmas(*args, **kwargs)
+        sigmas = flow.sample_training_sigmas(*args, **kwargs)
         seen.append((args[5] if len(args) > 5 else kwargs.get("boundary"), sigmas))
         return sigmas
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.buckets import Bucket, frame_size, plan_batches, step_problems
-from trainer.config import DatasetConfig
-from trainer.dataset import BucketBatchSampler, DatasetStream
+from trainer.config.data import DatasetConfig
+from trainer.data.buckets import Bucket, frame_size, plan_batches, step_problems
+from trainer.data.dataset import BucketBatchSampler, DatasetStream
 from trainer.flavours import FLAVOURS
 
 WAN = FLAVOURS["t2v-480p-1.3b-2.1"]
@@ -122,8 +122,8 @@ def test_bucket_key_round_trip():
 def test_dropped_captions_load_the_empty_caption(tmp_path):
     from safetensors.torch import save_file
 
-    from trainer.cache import Sample
-    from trainer.dataset import CachedDataset, Collate
+    from trainer.data.cache import Sample
+    from trainer.data.dataset import CachedDataset, Collate
 
     save_file({"latents": torch.ones(16, 3, 2, 2)}, str(tmp_path / "z.safetensors"))
     save_file({"embeds": torch.full((5, 4), 2.0)}, str(tmp_path / "t.safetensors"))

@@ -4,10 +4,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from trainer.cache import build_caches, text_path
-from trainer.components import load_text_encoder, load_tokenizer, load_vae
+from trainer.data.cache import build_caches, text_path
+from trainer.data.video import load_clip
 from trainer.flavours import FLAVOURS
-from trainer.video import load_clip
+from trainer.model.components import load_text_encoder, load_tokenizer, load_vae
 
 
 def test_latents_are_normalised_posterior_mode(dataset_copy, tmp_path):
@@ -48,7 +48,7 @@ def test_clips_are_resampled_to_the_model_fps(tmp_path):
     """A 32 fps source: frames are picked at 1/16 s steps (every second source frame), not consecutive."""
     import numpy as np
 
-    from trainer.video import write_mp4
+    from trainer.data.video import write_mp4
 
     frames = np.zeros((40, 32, 32, 3), dtype=np.uint8)
     for i in range(40):

@@ -7,10 +7,10 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from safetensors.torch import save_file
 
-from trainer.components import base_model_path, component_id, load_transformer, load_vae
-from trainer.config import ModelConfig
+from trainer.config.model import ModelConfig
 from trainer.errors import UserError
-from trainer.tiny import ensure_tiny_model
+from trainer.model.components import base_model_path, component_id, load_transformer, load_vae
+from trainer.model.tiny import ensure_tiny_model
 
 
 def test_tiny_model_is_a_diffusers_pipeline_folder():

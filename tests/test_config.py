@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from trainer.config import apply_override, config_from_dict, load_config, save_config
+from trainer.config.files import apply_override, config_from_dict, load_config, save_config
 from trainer.errors import UserError
 
 

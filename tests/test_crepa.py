@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from trainer.config import CrepaConfig, LoraConfig, ModelConfig
-from trainer.crepa import Crepa, alignment_score, frames_for_latents, load_encoder
+from trainer.config.model import LoraConfig, ModelConfig
+from trainer.config.training import CrepaConfig
 from trainer.errors import UserError
+from trainer.loop.crepa import Crepa, alignment_score, frames_for_latents, load_encoder
 
 IMAGE = 28  # 2 x 2 DINO patches
 
@@ -73,8 +74,8 @@ def test_tiny_encoder_gives_patch_tokens(tiny_dino):
 
 def test_crepa_loss_falls_when_features_are_learnable(tiny_dino):
     """Train only on the CREPA loss for a fixed clip: the LoRA + head learn to predict the frozen DINO features."""
-    from trainer.components import load_transformer, load_vae
-    from trainer.lora import add_lora, trainable_parameters
+    from trainer.model.components import load_transformer, load_vae
+    from trainer.model.lora import add_lora, trainable_parameters
 
     model_cfg = ModelConfig(flavour="tiny")
     transformer = load_transformer(model_cfg)
@@ -106,7 +107,7 @@ def test_crepa_loss_falls_when_features_are_learnable(tiny_dino):
 
 def test_training_with_crepa_tread_and_rollout(clips, tmp_path, tiny_dino):
     """All three through the real loop: metrics are logged, the head is in checkpoints, and a resume continues."""
-    from trainer.train import train
+    from trainer.loop.train import train
 
     settings = dict(
         train={"max_train_steps": 3}, validation={"at_end": False}, checkpoint={"every_n_steps": 2},
@@ -123,7 +124,7 @@ def test_training_with_crepa_tread_and_rollout(clips, tmp_path, tiny_dino):
     assert all(0 < r["crepa_loss"] < 2 and r["rollout_fraction"] >= 0 for r in steps)
     assert any(r["rollout_fraction"] > 0 for r in steps)
     checkpoint = result.run_dir / "checkpoints" / "step-2"
-    from trainer.checkpointing import STATE_FILE, load_state_file
+    from trainer.loop.checkpointing import STATE_FILE, load_state_file
 
     assert load_state_file(checkpoint / STATE_FILE)["crepa_head"]  # the trained head, beside the optimizer
     cfg.train.max_train_steps = 4

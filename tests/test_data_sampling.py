@@ -5,13 +5,14 @@ import logging
 import numpy as np
 import pytest
 
-from trainer.buckets import frame_count
-from trainer.cache import latent_spec, read_sample
-from trainer.config import DatasetConfig, config_from_dict
-from trainer.discovery import scan_dataset
+from trainer.config.data import DatasetConfig
+from trainer.config.files import config_from_dict
+from trainer.data.buckets import frame_count
+from trainer.data.cache import latent_spec, read_sample
+from trainer.data.discovery import scan_dataset
+from trainer.data.probe import probe
+from trainer.data.video import read_frames_at, sample_times, write_mp4
 from trainer.flavours import FLAVOURS
-from trainer.probe import probe
-from trainer.video import read_frames_at, sample_times, write_mp4
 
 BITS = 8  # the frame index as 8 black/white 16x16 blocks (2 rows x 4): survives H.264 at its default quality
 
@@ -55,7 +56,7 @@ def counter_clips(tmp_path_factory):
 
 
 def test_counter_survives_encoding(counter_clips):
-    from trainer.video import decode_frames
+    from trainer.data.video import decode_frames
 
     frames, _ = decode_frames(counter_clips / "count_30fps.mp4")
     assert read_counter(np.stack(frames)) == list(range(60))

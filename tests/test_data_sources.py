@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from trainer.cache import build_caches
-from trainer.config import DatasetConfig, config_from_dict
-from trainer.demo import make_demo_dataset
-from trainer.discovery import scan_dataset
+from trainer.config.data import DatasetConfig
+from trainer.config.files import config_from_dict
+from trainer.data.cache import build_caches
+from trainer.data.discovery import scan_dataset
+from trainer.data.video import write_mp4
+from trainer.demo.world import make_demo_dataset
 from trainer.errors import UserError
-from trainer.video import write_mp4
 
 
 def gradient(h: int, w: int, frames: int = 1) -> np.ndarray:
@@ -87,7 +88,7 @@ def test_images_and_videos_train_together_and_broken_files_do_not_stop_training(
     cfg = tiny_config(data, tmp_path / "run", train={"max_train_steps": 5},
                       datasets={"width": None, "height": None, "resolution": 64, "delete_problematic": True},
                       validation={"at_end": False, "eval_every_n_steps": 0})
-    from trainer import dataset as dataset_module
+    from trainer.data import dataset as dataset_module
 
     shapes = []
     collate = dataset_module.Collate.__call__
@@ -99,7 +100,7 @@ def test_images_and_videos_train_together_and_broken_files_do_not_stop_training(
 
     dataset_module.Collate.__call__ = recording
     try:
-        from trainer.train import train
+        from trainer.loop.train import train
 
         result = train(cfg, show_progress=True)
     finally:
@@ -135,7 +136,7 @@ def test_corrupt_file_listed_while_training_goes_on(dataset_copy, tmp_path):
 
 
 def _save(cfg, tmp_path):
-    from trainer.config import save_config
+    from trainer.config.files import save_config
 
     save_config(cfg, tmp_path / "cfg.toml")
     return tmp_path / "cfg.toml"
@@ -174,7 +175,7 @@ def test_cache_split_across_processes_writes_disjoint_entries(dataset_copy, tmp_
     """Two 'ranks' build their halves (no file written twice); then both see every sample."""
     cfg = tiny_config(dataset_copy, tmp_path / "run")
     written = []
-    from trainer import cache as cache_module
+    from trainer.data import cache as cache_module
 
     save = cache_module._save_atomic
 

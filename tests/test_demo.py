@@ -10,14 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.cache import encode_video
-from trainer.components import load_text_encoder, load_tokenizer, load_transformer, load_vae
-from trainer.config import ModelConfig
-from trainer.demo import (BACKGROUNDS, CONCEPT_BACKGROUND, DEMO_FRAMES, DEMO_MODEL_DIR, DEMO_SIZE, TRIGGER,
-                          concept_clips, world_clips)
-from trainer.demo_pretrain import colour_check_clips, init_convolutions, round_trip
-from trainer.tiny import demo_transformer, demo_vae
-from trainer.video import decode_frames, write_mp4
+from trainer.config.model import ModelConfig
+from trainer.data.cache import encode_video
+from trainer.data.video import decode_frames, write_mp4
+from trainer.demo.pretrain import colour_check_clips, init_convolutions, round_trip
+from trainer.demo.world import DEMO_FRAMES, DEMO_SIZE, BACKGROUNDS, CONCEPT_BACKGROUND, DEMO_MODEL_DIR, TRIGGER, concept_clips, world_clips
+from trainer.model.components import load_text_encoder, load_tokenizer, load_transformer, load_vae
+from trainer.model.tiny import demo_transformer, demo_vae
 
 
 def test_the_base_world_never_shows_the_concept():

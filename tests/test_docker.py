@@ -224,7 +224,7 @@ def test_dockerignore_sends_only_the_source():
         line.strip() for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
-    needed = ["pyproject.toml", "constraints.txt", "README.md", "docker/start.sh", "trainer/config.py",
+    needed = ["pyproject.toml", "constraints.txt", "README.md", "docker/start.sh", "trainer/config/",
               "launcher/images.py", "launcher/images.toml"]
     for path in needed:
         assert not _dockerignored(path, patterns), f"{path} must reach the build context"
@@ -335,8 +335,8 @@ def _fake_nvidia_smi(folder: Path, script: str) -> Path:
 
 @pytest.fixture
 def config_file(tmp_path) -> Path:
-    from trainer.config import save_config
-    from trainer.demo import demo_config, make_demo_dataset
+    from trainer.config.files import save_config
+    from trainer.demo.world import demo_config, make_demo_dataset
 
     data = make_demo_dataset(tmp_path / "data", num_clips=4)
     cfg = demo_config(data, tmp_path / "config-run", max_train_steps=4)

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from trainer.components import load_transformer, load_vae
-from trainer.config import EmaConfig
-from trainer.ema import AdapterEMA, validation_variants, weights_for
-from trainer.export import read_lora
-from trainer.lora import add_lora, trainable_parameters
-from trainer.train import train
-from trainer.validation_round import validation_round
-from trainer.validation_videos import ValidationPrompt, ValidationSettings, build_pipeline, generate
+from trainer.config.training import EmaConfig
+from trainer.loop.train import train
+from trainer.model.components import load_transformer, load_vae
+from trainer.model.ema import AdapterEMA, validation_variants, weights_for
+from trainer.model.lora import add_lora, trainable_parameters
+from trainer.outputs.export import read_lora
+from trainer.outputs.validation_round import validation_round
+from trainer.outputs.validation_videos import ValidationPrompt, ValidationSettings, build_pipeline, generate
 
 
 class Crash(RuntimeError):

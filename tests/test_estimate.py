@@ -7,7 +7,7 @@ import pytest
 from launcher import estimate as est_mod
 from launcher.cli import main
 from launcher.estimate import cheapest_fitting, estimate, estimate_all, known_gpus, parse_gpu
-from trainer.config import config_from_dict, save_config
+from trainer.config.files import config_from_dict, save_config
 from trainer.errors import UserError
 
 
@@ -59,7 +59,7 @@ def test_model_size_and_checkpointing_pick_their_own_rows():
 
 def test_new_measured_row_takes_over(monkeypatch):
     """Adding a newer wanforge row (what the lead does after a benchmark) changes the estimate at once."""
-    from trainer import sizing
+    from trainer.model import sizing
 
     cal = dict(sizing.load_calibration())
     row = next(r for r in cal["measured"] if r["flavour"] == "t2v-480p-1.3b-2.1" and r["trainer"] == "wanforge"
@@ -94,7 +94,7 @@ def test_cheapest_fitting_and_ordering():
 def test_gpu_auto_picks_among_measured_gpus_unless_asked_otherwise():
     """MI300X is cheaper per step by its datasheet TFLOP/s, but nothing was ever measured on it: `--gpu auto` takes the
     measured GPU, and refuses a list with no measured GPU instead of picking a datasheet guess."""
-    from trainer.sizing import measured_gpus
+    from trainer.model.sizing import measured_gpus
 
     cfg = cfg_for("t2v-480p-14b-2.1", gc=False)
     assert "MI300X" not in measured_gpus() and "H100" in measured_gpus()
@@ -151,7 +151,7 @@ def test_estimate_and_auto_agree_where_no_row_measured_the_preset():
     """TI2V-5B has no preset rows: on a 24 GB card `auto` picks the preset its table says fits, and the estimate's
     VRAM is that same table's number (not the 5B no-offload row's), so it says it fits too."""
     from trainer.flavours import get_flavour
-    from trainer.memory_presets import estimated_peak_gib
+    from trainer.model.preset_choice import estimated_peak_gib
 
     cfg = config_from_dict({"model": {"flavour": "ti2v-5b-2.2"}, "datasets": [{"path": "/nonexistent"}]})
     rtx = estimate(cfg, "RTX4090")
@@ -166,8 +166,8 @@ def test_estimate_and_auto_agree_where_no_row_measured_the_preset():
 def test_every_preset_has_measured_rows_and_every_row_names_its_command():
     """The one table `auto` and the estimate share: each preset `auto` can pick has a row at both model sizes; every
     row says where it was measured; a row comes back exactly at its own shape."""
-    from trainer.memory_presets import PRESETS
-    from trainer.sizing import measured_rows, predict_memory, row_shape, row_tokens
+    from trainer.model.presets import PRESETS
+    from trainer.model.sizing import measured_rows, predict_memory, row_shape, row_tokens
 
     rows = measured_rows()
     for row in rows:

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from trainer.config import LoraConfig
-from trainer.experts import ExpertPair, frozen_tensors, select_expert
-from trainer.lora import add_lora, trainable_parameters
-from trainer.tiny import _tiny_transformer
+from trainer.config.model import LoraConfig
+from trainer.model.experts import ExpertPair, frozen_tensors, select_expert
+from trainer.model.lora import add_lora, trainable_parameters
+from trainer.model.tiny import _tiny_transformer
 
 CPU = torch.device("cpu")
 
@@ -121,9 +121,9 @@ def test_swaps_on_the_gpu_match_the_cpu_reference():
 def test_both_experts_share_one_offload_pool_and_never_offload_their_moved_weights():
     """With activation offload, each swap re-registers the incoming expert's weights (new addresses) as never to be
     offloaded (compiled backward graphs save them), and both experts draw on one pinned pool under one host cap."""
-    from trainer.config import MemoryConfig
-    from trainer.experts import assemble_pair
-    from trainer.trainable import make_trainable
+    from trainer.config.model import MemoryConfig
+    from trainer.model.experts import assemble_pair
+    from trainer.model.trainable import make_trainable
 
     memory = MemoryConfig(gradient_checkpointing="selective", activation_offload=True)
     experts, offloaders = {}, {}
@@ -161,8 +161,8 @@ def test_the_estimate_and_auto_count_the_idle_expert_in_host_ram(tmp_path):
     """train_both_experts keeps the other expert's weights in host RAM: the estimate adds them to the host peak and
     leaves the offload only the rest of the node's RAM."""
     from launcher.estimate import estimate
-    from trainer.config import config_from_dict
-    from trainer.sizing import flavour_shape, idle_expert_gib
+    from trainer.config.files import config_from_dict
+    from trainer.model.sizing import flavour_shape, idle_expert_gib
 
     def cfg(both: bool):
         return config_from_dict({"model": {"flavour": "t2v-14b-2.2-high", "train_both_experts": both},

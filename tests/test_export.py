@@ -12,13 +12,15 @@ from safetensors.torch import load_file, save_file
 
 from comfyui_rules import load_like_comfyui, transformer_inputs
 from conftest import tiny_config
-from trainer.components import load_transformer, load_vae
-from trainer.config import DEFAULT_TARGET_MODULES, LoraConfig, ModelConfig, config_from_dict
-from trainer.export import (DIFFUSERS_FILE, INTERCHANGE_FILE, LoRAFileError, check_lora_file, convert_lora, read_lora,
-                            save_adapter)
-from trainer.lora import add_lora
-from trainer.lora_names import interchange_problems, wan_modules
-from trainer.train import train
+from trainer.config.files import config_from_dict
+from trainer.config.model import DEFAULT_TARGET_MODULES, LoraConfig, ModelConfig
+from trainer.loop.train import train
+from trainer.model.components import load_transformer, load_vae
+from trainer.model.lora import add_lora
+from trainer.model.lora_names import LoRAFileError
+from trainer.model.lora_names import interchange_problems, wan_modules
+from trainer.outputs.export import (DIFFUSERS_FILE, INTERCHANGE_FILE, check_lora_file, convert_lora, read_lora,
+                                    save_adapter)
 
 RANK, ALPHA = 8, 4.0  # alpha != rank so a loader that ignores alpha gives a different output
 
@@ -206,7 +208,7 @@ def test_preflight_names_every_target_that_cannot_be_saved(tmp_path):
 
 
 def test_preflight_side_needs_no_torch():
-    code = ("import sys, trainer.export, trainer.lora_names; from trainer.export import interchange_problems; "
+    code = ("import sys, trainer.outputs.export, trainer.model.lora_names; from trainer.model.lora_names import interchange_problems; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
@@ -229,7 +231,7 @@ def test_self_check_refuses_files_a_loader_would_reject(tmp_path):
     for tensors in bad:
         with pytest.raises(LoRAFileError):
             check_lora_file(tensors)
-    from trainer.export import _save
+    from trainer.outputs.export import _save
 
     with pytest.raises(LoRAFileError):  # nothing is published, not even a temp file
         _save(bad[0], tmp_path / INTERCHANGE_FILE, {})

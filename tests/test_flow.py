@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from trainer.config import FlowConfig
-from trainer.flow import flow_loss, flow_target, noisy_input, sample_sigmas, timesteps_from_sigmas
+from trainer.config.training import FlowConfig
+from trainer.loop.flow import flow_loss, flow_target, noisy_input, sample_sigmas, timesteps_from_sigmas
 
 
 def test_interpolation_and_target():

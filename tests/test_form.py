@@ -12,8 +12,8 @@ import ipywidgets as w
 import pytest
 from conftest import tiny_config
 
-from launcher.form import ConfigForm
-from trainer.config import load_config, save_config
+from launcher.form.config_form import ConfigForm
+from trainer.config.files import load_config, save_config
 
 
 @pytest.fixture
@@ -254,11 +254,11 @@ def test_colab_helpers_outside_colab(tmp_path):
     assert colab.gpu_preset(t4)["model"]["base_dtype"] == "float16"
     assert colab.gpu_preset(a100)["train"]["mixed_precision"] == "bf16"
     gpu_env = colab.Environment(True, colab.GpuInfo("NVIDIA L4", (8, 9), 22.5))
-    from trainer.config import config_from_dict
+    from trainer.config.files import config_from_dict
 
     cfg = config_from_dict(colab.quick_trial_config(gpu_env, "", tmp_path))  # the presets are valid configs
     assert cfg.model.flavour == "t2v-480p-1.3b-2.1" and cfg.dataset_shape() == (33, 480, 832)
-    from launcher.form_panels import scan_config
+    from launcher.form.panels import scan_config
 
     assert scan_config(cfg).clips == 8  # the generated demo clips are long enough for the preset's frames
     # pinned installs: only what differs from the constraints is planned
@@ -275,7 +275,7 @@ def test_colab_helpers_outside_colab(tmp_path):
 
 def test_remote_run_is_followed_through_sync(clips, tmp_path, monkeypatch, rsync):
     """A remote run is watched through `wanforge sync` (real rsync): here the node's run folder is a local folder."""
-    from launcher.form_launch import RunHandle
+    from launcher.form.launch import RunHandle
     from launcher.lifecycle import LaunchRecord, save_record
     from launcher.progress import ProgressPanel
 
@@ -301,7 +301,7 @@ def test_remote_run_is_followed_through_sync(clips, tmp_path, monkeypatch, rsync
 
 
 def test_notebook_starting_configs(tmp_path):
-    from launcher.form_start import starting_config
+    from launcher.form.start import starting_config
 
     data = starting_config("", tmp_path, tiny=True, steps=5)  # generated clips, the tiny CPU model
     form = ConfigForm(data)

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from tests.conftest import tiny_config
-from trainer.config import MemoryConfig
+from trainer.config.model import MemoryConfig
 from trainer.errors import UserError
-from trainer.fp8 import FP8, Float8FrozenLinear, check_float8_device, quantize_rows, to_float8
-from trainer.train import train
+from trainer.loop.train import train
+from trainer.model.fp8 import FP8, Float8FrozenLinear, check_float8_device, quantize_rows, to_float8
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,9 +62,9 @@ def test_fp8_linear_forward_and_input_gradient_are_the_quantized_matmuls():
 
 
 def test_fp8_layers_in_bf16_give_bf16_outputs_and_adapters_stay_fp32(clips, tmp_path):
-    from trainer.components import load_transformer
-    from trainer.lora import add_lora, trainable_parameters
-    from trainer.memory import apply_memory_options, place_base_model
+    from trainer.model.components import load_transformer
+    from trainer.model.lora import add_lora, trainable_parameters
+    from trainer.model.memory import apply_memory_options, place_base_model
 
     cfg = tiny_config(clips, tmp_path / "unused", memory={"base_quantization": "fp8"})
     transformer = load_transformer(cfg.model, torch.bfloat16)
@@ -122,7 +122,7 @@ def test_fp8_with_lycoris_is_refused_with_the_fix(clips, tmp_path):
 
 def test_auto_never_picks_fp8_and_counts_fp8_weights_at_two_bytes():
     from trainer.flavours import get_flavour
-    from trainer.memory_presets import choose_preset, estimated_peak_gib, resolve_memory
+    from trainer.model.preset_choice import choose_preset, estimated_peak_gib, resolve_memory
 
     big = get_flavour("t2v-480p-14b-2.1")
     for gpu in (24.0, 48.0, 80.0, 141.0):
@@ -142,7 +142,7 @@ def test_auto_never_picks_fp8_and_counts_fp8_weights_at_two_bytes():
 
 def test_estimate_uses_the_fp8_rows_and_refuses_gpus_without_fp8():
     from launcher.estimate import estimate
-    from trainer.config import config_from_dict
+    from trainer.config.files import config_from_dict
 
     def cfg(flavour):
         return config_from_dict({"model": {"flavour": flavour}, "memory": {"preset": "balanced-fp8"},
@@ -164,7 +164,7 @@ def test_estimate_uses_the_fp8_rows_and_refuses_gpus_without_fp8():
 def test_fp8_trains_resumes_and_renders_other_architectures(few_clips, tmp_path, monkeypatch, model):
     """I2V (image key/value projections too) and both Wan 2.2 experts (quantized on the CPU, moved to the GPU later):
     fp8 layers in every block, a checkpoint resumes, validation renders through the fp8 layers."""
-    import trainer.memory as memory
+    import trainer.model.memory as memory
 
     converted = []
     original = memory.convert_blocks_to_float8

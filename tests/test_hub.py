@@ -9,11 +9,11 @@ from huggingface_hub import ModelCard
 from conftest import tiny_config
 from hub_server import FakeHub
 from test_webhooks import Receiver
-from trainer.config import config_from_dict
+from trainer.config.files import config_from_dict
 from trainer.errors import UserError
-from trainer.model_card import build_model_card
-from trainer.train import train
-from trainer.validation_videos import settings_for
+from trainer.loop.train import train
+from trainer.outputs.model_card import build_model_card
+from trainer.outputs.validation_videos import settings_for
 
 TOKEN = "hf_wanforge_test_token_123"
 
@@ -130,7 +130,7 @@ def test_a_flaky_hub_is_retried_until_the_upload_verifies(hub_factory, clips, tm
 
 def test_upload_failures_reach_the_tracker():
     """tracker_note: a W&B alert and a TensorBoard text, and a tracker that itself fails does not raise."""
-    from trainer.hub import tracker_note
+    from trainer.outputs.hub import tracker_note
 
     seen = []
 
@@ -150,7 +150,7 @@ def test_upload_failures_reach_the_tracker():
 
 
 def test_with_retries_backs_off_exponentially():
-    from trainer.hub import with_retries
+    from trainer.outputs.hub import with_retries
 
     waits, calls = [], []
 
@@ -253,7 +253,7 @@ def test_node_periodic_upload_failures_reach_the_log_and_the_webhook(hub_factory
     import time
 
     from launcher import node
-    from trainer.config import save_config
+    from trainer.config.files import save_config
 
     hub = hub_factory(fail_commits=True)
     _node_env(monkeypatch, tmp_path)

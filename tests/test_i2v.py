@@ -5,11 +5,11 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from trainer.cache import build_caches
-from trainer.components import base_model_path
-from trainer.conditioning import build_conditioning, ti2v_first_frame_mask, transformer_inputs
+from trainer.data.cache import build_caches
+from trainer.data.conditioning import build_conditioning, ti2v_first_frame_mask, transformer_inputs
+from trainer.data.video import load_clip
 from trainer.flavours import get_flavour
-from trainer.video import load_clip
+from trainer.model.components import base_model_path
 
 CPU = torch.device("cpu")
 
@@ -93,11 +93,11 @@ def test_ti2v_first_frame_is_the_encoded_image(few_clips, tmp_path):
 def test_wanforge_cache_builds_the_image_conditioning_so_train_encodes_none(few_clips, tmp_path, monkeypatch):
     """The conditioning is one of the caches: `wanforge cache` builds it (split across ranks like the latents), and
     the training run after it finds every entry on disk and loads no VAE for it."""
-    from trainer import conditioning
     from trainer.cli import main
-    from trainer.conditioning import conditioning_path
-    from trainer.config import save_config
-    from trainer.train import train
+    from trainer.config.files import save_config
+    from trainer.data import conditioning
+    from trainer.data.conditioning import conditioning_path
+    from trainer.loop.train import train
 
     cfg = tiny_config(few_clips, tmp_path / "run", model={"flavour": "tiny-i2v-2.1"},
                       train={"max_train_steps": 1}, validation={"at_end": False, "eval_every_n_steps": 0})

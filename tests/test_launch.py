@@ -18,7 +18,7 @@ from launcher.lifecycle import LaunchRecord
 from launcher.node import train_command
 from launcher.sync import sync_run
 from launcher.targets import TARGETS, check_request, feasibility_table
-from trainer.config import save_config
+from trainer.config.files import save_config
 from trainer.errors import UserError
 
 from conftest import RSYNC_HINT, system_tool, tiny_config
@@ -82,7 +82,7 @@ def test_gpu_too_small_by_the_estimate(config_file, state, capsys, tmp_path):
 
 def test_gpu_auto_picks_the_cheapest_that_fits(config_file, state, capsys):
     from launcher.estimate import cheapest_fitting
-    from trainer.config import load_config
+    from trainer.config.files import load_config
 
     assert launch(config_file, "--target", "runpod", "--gpu", "auto", "--output", "hf://u/r", "--dryrun") == 0
     out = capsys.readouterr().out

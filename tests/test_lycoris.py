@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 
 from comfyui_rules import load_like_comfyui, transformer_inputs
 from conftest import tiny_config
-from trainer.components import load_transformer
-from trainer.config import DEFAULT_TARGET_MODULES, LoraConfig, ModelConfig, config_from_dict
+from trainer.config.files import config_from_dict
+from trainer.config.model import DEFAULT_TARGET_MODULES, LoraConfig, ModelConfig
 from trainer.errors import UserError
-from trainer.export import save_adapter
-from trainer.lora_names import flavour_modules, interchange_problems, lycoris_targets, to_original
-from trainer.lycoris_adapter import add_lycoris, network_of, to_comfyui
-from trainer.train import train
+from trainer.loop.train import train
+from trainer.model.components import load_transformer
+from trainer.model.lora_names import flavour_modules, interchange_problems, lycoris_targets, to_original
+from trainer.model.lycoris import add_lycoris, network_of, to_comfyui
+from trainer.outputs.export import save_adapter
 
 # ComfyUI's model_lora_keys_unet maps "lora_unet_<module with dots as underscores>" for every
 # diffusion_model.<module>.weight; its LoKr / LoHa / LoCon adapters read these suffixes.
@@ -169,7 +170,7 @@ def test_preflight_predicts_the_modules_lycoris_adapts(preset, tmp_path):
     transformer = load_transformer(ModelConfig(flavour="tiny-i2v-2.1"))
     add_lycoris(transformer, _config(tmp_path, **kwargs), DEFAULT_TARGET_MODULES)
     real = sorted(lora.lora_name for lora in network_of(transformer).loras)
-    from trainer.lora_names import default_lycoris_preset
+    from trainer.model.lora_names import default_lycoris_preset
 
     predicted = lycoris_targets(kwargs, preset if preset is not None else default_lycoris_preset(DEFAULT_TARGET_MODULES),
                                 flavour_modules("tiny-i2v-2.1", num_layers=len(transformer.blocks)))

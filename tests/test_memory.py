@@ -10,12 +10,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.conftest import tiny_config
-from trainer.components import load_transformer
-from trainer.config import MemoryConfig
+from trainer.config.model import MemoryConfig
 from trainer.errors import UserError
-from trainer.lora import add_lora
-from trainer.memory import apply_memory_options, place_base_model
-from trainer.train import train
+from trainer.loop.train import train
+from trainer.model.components import load_transformer
+from trainer.model.lora import add_lora
+from trainer.model.memory import apply_memory_options, place_base_model
 
 
 def _losses(run_dir) -> list[float]:
@@ -109,7 +109,8 @@ def tiny_model(clips, tmp_path):
 
 def test_auto_preset_picks_by_gpu_memory_host_ram_and_keeps_explicit_fields():
     from trainer.flavours import get_flavour
-    from trainer.memory_presets import preset_of, resolve_memory
+    from trainer.model.preset_choice import resolve_memory
+    from trainer.model.presets import preset_of
 
     big = get_flavour("t2v-480p-14b-2.1")
     on_80 = resolve_memory(MemoryConfig(preset="auto"), big, 80.0)
@@ -133,14 +134,14 @@ def test_auto_preset_picks_by_gpu_memory_host_ram_and_keeps_explicit_fields():
 
 def test_auto_preset_changes_nothing_on_cpu():
     from trainer.flavours import get_flavour
-    from trainer.memory_presets import resolve_memory
+    from trainer.model.preset_choice import resolve_memory
 
     cfg = MemoryConfig()
     assert cfg.preset == "auto" and resolve_memory(cfg, get_flavour("t2v-480p-1.3b-2.1"), None) == cfg
 
 
 def test_feed_forward_chunking_runs_the_ff_per_chunk_and_keeps_keys(tiny_model):
-    from trainer.memory import enable_feed_forward_chunking
+    from trainer.model.memory import enable_feed_forward_chunking
 
     transformer = load_transformer(tiny_model.model, torch.float32)
     keys = list(transformer.state_dict())
@@ -161,7 +162,7 @@ def test_sublayer_block_forward_is_diffusers_block_forward(tiny_model, temb_dims
     """The sub-layer forward repeats diffusers' WanTransformerBlock math: same output and input gradients, exactly."""
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
-    from trainer.memory import enable_sublayer_checkpointing
+    from trainer.model.memory import enable_sublayer_checkpointing
 
     transformer = load_transformer(tiny_model.model, torch.float32)
     block = transformer.blocks[0]
@@ -189,7 +190,7 @@ def test_sublayers_without_checkpointing_are_refused():
 def test_host_memory_is_capped_by_the_container_cgroup(tmp_path):
     """A pod sees the whole machine in /proc/meminfo but is OOM-killed at its cgroup limit: the smaller one counts,
     with the cgroup's reclaimable page cache given back (v2 and v1 layouts; no limit set: meminfo alone)."""
-    from trainer.sizing import _cgroup_free, host_memory_gib
+    from trainer.model.sizing import _cgroup_free, host_memory_gib
 
     gib = 2**30
     v2 = tmp_path / "v2"
@@ -218,8 +219,8 @@ def test_auto_at_720p_14b_fits_the_host_ram_of_a_128_gib_node():
     OOM-killed it on a 128 GiB node), so `auto` takes balanced-lean there (measured: 60 GiB host, 54 GiB GPU), and
     balanced only where the host has room for it."""
     from trainer.flavours import get_flavour
-    from trainer.memory_presets import choose_preset, flavour_tokens
-    from trainer.sizing import HOST_SHARE, flavour_shape, predict_memory
+    from trainer.model.preset_choice import choose_preset, flavour_tokens
+    from trainer.model.sizing import HOST_SHARE, flavour_shape, predict_memory
 
     for name in ("t2v-14b-2.2-high", "i2v-14b-2.2-low"):
         f = get_flavour(name)
@@ -235,9 +236,9 @@ def test_auto_at_720p_14b_fits_the_host_ram_of_a_128_gib_node():
 
 def test_run_json_records_which_memory_preset_ran_and_why():
     """run.json's `memory`: the preset asked for, the one that ran, and why (the node may choose unlike the laptop)."""
-    from trainer.config import MemoryConfig
+    from trainer.config.model import MemoryConfig
     from trainer.flavours import get_flavour
-    from trainer.memory_presets import memory_choice, resolve_memory
+    from trainer.model.preset_choice import memory_choice, resolve_memory
 
     f = get_flavour("t2v-480p-1.3b-2.1")
     auto = MemoryConfig(preset="auto")

@@ -7,14 +7,16 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from trainer.components import base_model_path, component_id, load_transformer, load_vae
-from trainer.config import FlowConfig, ModelConfig, config_from_dict
+from trainer.config.files import config_from_dict
+from trainer.config.model import ModelConfig
+from trainer.config.training import FlowConfig
+from trainer.data.video import decode_frames
 from trainer.errors import UserError
-from trainer.experts import stage_sigmas
 from trainer.flavours import FLAVOURS, get_flavour
-from trainer.flow import sample_sigmas, timesteps_from_sigmas
-from trainer.train import train
-from trainer.video import decode_frames
+from trainer.loop.flow import stage_sigmas
+from trainer.loop.flow import sample_sigmas, timesteps_from_sigmas
+from trainer.loop.train import train
+from trainer.model.components import base_model_path, component_id, load_transformer, load_vae
 
 
 def test_flavour_table_and_simpletuner_aliases(tmp_path):
@@ -59,11 +61,11 @@ def test_stage_sigmas_stay_on_their_side_and_keep_the_shape(sampling, boundary):
 def test_two_expert_run_routes_timesteps_and_writes_two_loras(few_clips, tmp_path, monkeypatch):
     """train_both_experts on the tiny Wan 2.2: every forward of the high expert (training steps and validation) is at
     t >= 875, of the low expert below; each LoRA loads into its slot of WanPipeline."""
-    import trainer.experts as experts
+    import trainer.model.experts as experts
     from diffusers import WanPipeline
     from peft.utils import get_peft_model_state_dict
 
-    from trainer.export import read_lora
+    from trainer.outputs.export import read_lora
 
     seen = {"high": [], "low": []}
     pairs = []
@@ -79,7 +81,7 @@ def test_two_expert_run_routes_timesteps_and_writes_two_loras(few_clips, tmp_pat
         return pair
 
     monkeypatch.setattr(experts, "setup_expert_pair", recording)
-    monkeypatch.setattr("trainer.train.setup_expert_pair", recording)
+    monkeypatch.setattr("trainer.loop.train.setup_expert_pair", recording)
     cfg = tiny_config(few_clips, tmp_path / "run",
                       model={"flavour": "tiny-t2v-2.2-high", "train_both_experts": True, "expert_switch_every_n_steps": 2},
                       train={"max_train_steps": 4}, validation={"num_inference_steps": 4, "eval_every_n_steps": 0},

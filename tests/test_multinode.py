@@ -10,11 +10,12 @@ import pytest
 
 from launcher.estimate import estimate
 from launcher.node import train_command
-from trainer import sizing
-from trainer.config import MemoryConfig, config_from_dict
+from trainer.config.files import config_from_dict
+from trainer.config.model import MemoryConfig
 from trainer.errors import UserError
 from trainer.flavours import get_flavour
-from trainer.memory_presets import choose_preset, resolve_memory
+from trainer.model import sizing
+from trainer.model.preset_choice import choose_preset, resolve_memory
 
 
 def _cfg(flavour: str, preset: str = "auto"):

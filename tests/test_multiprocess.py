@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
-from trainer.config import save_config
+from trainer.config.files import save_config
 
 
 def _metric(run: Path, name: str) -> dict[int, float]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import trainer.offload as offload
+import trainer.model.offload as offload
 from tests.conftest import tiny_config
-from trainer.components import load_transformer
-from trainer.config import MemoryConfig
-from trainer.lora import add_lora, trainable_parameters
-from trainer.memory import apply_memory_options, place_base_model
+from trainer.config.model import MemoryConfig
+from trainer.model.components import load_transformer
+from trainer.model.lora import add_lora, trainable_parameters
+from trainer.model.memory import apply_memory_options, place_base_model
 
 
 @pytest.fixture
@@ -184,7 +184,7 @@ def test_a_full_host_budget_is_said_once(caplog):
     capped = offload.ActivationOffloader(torch.device("cpu"), num_groups=4, keep_last=0, min_bytes=0,
                                          max_host_bytes=3 * 32 * 64 * 4)
     free = offload.ActivationOffloader(torch.device("cpu"), num_groups=4, keep_last=0, min_bytes=0)
-    with caplog.at_level("WARNING", logger="trainer.offload"):
+    with caplog.at_level("WARNING", logger="trainer.model.offload"):
         for _ in range(3):
             _mlp_step(capped, blocks, x)
             _mlp_step(free, blocks, x)

@@ -1,4 +1,4 @@
-"""The periodic actions of a run (trainer/periodic.py): each is due exactly at its configured steps and at the end, the
+"""The periodic actions of a run (trainer/loop/periodic.py): each is due exactly at its configured steps and at the end, the
 ranks sync only where something is due, a stop saves a checkpoint before anything else, and a resumed run never
 repeats what was already done at the step it resumes from."""
 
@@ -8,13 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 
-import trainer.periodic as periodic
+import trainer.loop.periodic as periodic
 from conftest import tiny_config
 from trainer.errors import RunStopped
-from trainer.periodic import (CheckpointSave, CheckpointUpload, PeriodicActions, Schedule, ScheduledAction, StepClock,
+from trainer.loop.periodic import (CheckpointSave, CheckpointUpload, PeriodicActions, Schedule, ScheduledAction, StepClock,
                               StopAtSignal, Tick)
+from trainer.loop.train import train
 from trainer.rundir import RunDir
-from trainer.train import train
 
 
 class Recorded(ScheduledAction):

@@ -15,7 +15,7 @@ import pytest
 import tomli_w
 
 from launcher.cli import main
-from trainer.wan_layout import module_layout
+from trainer.model.wan_layout import module_layout
 
 # ---------------------------------------------------------------- helpers
 
@@ -90,14 +90,14 @@ def _file(section: str, key: str, name: str, content):
 
 
 def _tiny_t2v() -> Path:
-    from trainer.tiny import ensure_tiny_model
+    from trainer.model.tiny import ensure_tiny_model
 
     return ensure_tiny_model("t2v-2.1")
 
 
 def _metadata_dataset(files: Path) -> Path:
     """A copy of two clips with a metadata.jsonl whose caption column is called "text"."""
-    from trainer.demo import make_demo_dataset
+    from trainer.demo.world import make_demo_dataset
 
     folder = make_demo_dataset(files / "meta", num_clips=2)
     for caption in folder.glob("*.txt"):
@@ -333,7 +333,7 @@ def test_byte_order_mark_is_accepted(env, capsys, tmp_path):
 
 
 def test_tilde_in_paths_is_the_home_folder(env, monkeypatch, tmp_path):
-    from trainer.config import load_config
+    from trainer.config.files import load_config
 
     data, _, _ = env
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -475,8 +475,8 @@ def test_launch_refuses_before_rendering(env, capsys, tmp_path, monkeypatch):
 
 
 def test_form_check_lists_preflight_problems(env, tmp_path):
-    from launcher.form import ConfigForm
-    from trainer.config import config_from_dict
+    from launcher.form.config_form import ConfigForm
+    from trainer.config.files import config_from_dict
 
     data, out, _ = env
     cfg = base_config(data, out)
@@ -509,7 +509,7 @@ def test_wan_layout_matches_diffusers(flavour):
 def test_attention_backend_names_are_diffusers_own():
     from diffusers.models.attention_dispatch import AttentionBackendName
 
-    from trainer.preflight_model import attention_backend_names
+    from trainer.preflight.model import attention_backend_names
 
     assert attention_backend_names() == [b.value for b in AttentionBackendName]
 
@@ -517,7 +517,7 @@ def test_attention_backend_names_are_diffusers_own():
 def test_lycoris_algorithms_are_lycoris_own():
     from lycoris.wrapper import network_module_dict
 
-    from trainer.preflight_files import LYCORIS_ALGOS
+    from trainer.preflight.files import LYCORIS_ALGOS
 
     assert set(LYCORIS_ALGOS) == set(network_module_dict)
 

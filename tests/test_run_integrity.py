@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_config
-from trainer.config import save_config
+from trainer.config.files import save_config
 from trainer.errors import UserError
-from trainer.export import read_lora, save_lora
-from trainer.guard import NonFiniteError
-from trainer.train import train
+from trainer.loop.train import train
+from trainer.outputs.export import read_lora, save_lora
+from trainer.outputs.finite import NonFiniteError
 
 FAST = {"validation": {"at_end": False, "eval_every_n_steps": 0}}
 
@@ -79,7 +79,7 @@ def test_diverging_run_fails_and_keeps_the_last_good_checkpoint(few_clips, tmp_p
                     next(p for n, p in transformer.named_parameters() if "lora_B" in n).mul_(1e38).add_(1e38)
         return on_step
 
-    import trainer.trainable as trainable
+    import trainer.model.trainable as trainable
 
     real_add_lora = trainable.add_lora
     hooks = []
@@ -123,7 +123,7 @@ def test_export_and_hub_refuse_non_finite_tensors(tmp_path):
     assert done.returncode == 2 and "NaN or inf" in done.stderr and "Traceback" not in done.stderr
     assert not any((tmp_path / "exported").glob("*.safetensors")) if (tmp_path / "exported").exists() else True
     # the Hub publisher refuses before anything is queued
-    from trainer.hub import HubPublisher
+    from trainer.outputs.hub import HubPublisher
     from trainer.rundir import RunDir
 
     class NoNetwork:  # the refusal must come before any call reaches the Hub client
@@ -285,21 +285,21 @@ def test_torn_metrics_stale_temp_and_a_kill_before_the_first_checkpoint(few_clip
 
 
 def test_a_kill_during_the_final_validation_is_rendered_on_resume(few_clips, tmp_path, monkeypatch):
-    import trainer.validation_round
+    import trainer.outputs.validation_round
 
     run = tmp_path / "run"
     cfg = _cfg(few_clips, run, train={"max_train_steps": 2},
                validation={"at_end": True, "num_inference_steps": 2, "eval_every_n_steps": 0})
-    real_round = trainer.validation_round.validation_round
+    real_round = trainer.outputs.validation_round.validation_round
 
     def killed(*args, **kwargs):
         raise Crash("killed while rendering")
 
-    monkeypatch.setattr(trainer.validation_round, "validation_round", killed)
+    monkeypatch.setattr(trainer.outputs.validation_round, "validation_round", killed)
     with pytest.raises(Crash):
         train(cfg, show_progress=False)
     assert _status(run)["status"] == "failed" and _checkpoints(run) == ["step-2"]
-    monkeypatch.setattr(trainer.validation_round, "validation_round", real_round)
+    monkeypatch.setattr(trainer.outputs.validation_round, "validation_round", real_round)
     result = train(cfg, resume="latest", show_progress=False)
     status = _status(run)
     assert status["status"] == "completed" and status["videos"] and result.videos
@@ -383,8 +383,8 @@ def test_atomic_writes_follow_any_umask(tmp_path):
 # ---------------------------------------------------------------- checkpoints under DDP (two gloo processes)
 _KILLER = '''
 import os, signal, sys
-import trainer.checkpointing as ck
-import trainer.periodic as tt
+import trainer.loop.checkpointing as ck
+import trainer.loop.periodic as tt
 
 def arm(kill_rank, step, where):
     """SIGKILL this rank at checkpoint `step`: before it contributes its part, or (rank 0) after writing every part

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import ScheduledSamplingConfig
-from trainer.flow import flow_target, noisy_input
-from trainer.scheduled_sampling import MIN_SIGMA, apply_rollout, rollout_probability
+from trainer.config.training import ScheduledSamplingConfig
+from trainer.loop.flow import flow_target, noisy_input
+from trainer.loop.scheduled_sampling import MIN_SIGMA, apply_rollout, rollout_probability
 
 
 class Oracle:
@@ -93,8 +93,8 @@ def test_probability_selects_a_fraction_of_samples():
 def test_tiny_wan_rollout_through_the_step_extras(clips, tmp_path):
     """The real predictor (flavour inputs, tiny Wan): no gradient, shapes kept, target consistent with the input."""
     from conftest import tiny_config
-    from trainer.components import load_transformer
-    from trainer.step_extras import StepExtras
+    from trainer.loop.step_extras import StepExtras
+    from trainer.model.components import load_transformer
 
     cfg = tiny_config(clips, tmp_path / "run", scheduled_sampling={"probability": 1.0, "steps": 2})
     model = load_transformer(cfg.model).train()
@@ -117,11 +117,11 @@ def test_tiny_wan_rollout_through_the_step_extras(clips, tmp_path):
 def test_rollout_and_tread_with_image_conditioned_inputs(flavour, tmp_path):
     """I2V (condition channels, CLIP tokens) and TI2V (per-token timesteps): the rollout feeds the flavour's inputs,
     and a TREAD route gathers TI2V's per-token time embeddings with the tokens."""
-    from trainer.components import load_transformer
-    from trainer.conditioning import transformer_inputs
-    from trainer.config import config_from_dict
+    from trainer.config.files import config_from_dict
+    from trainer.data.conditioning import transformer_inputs
     from trainer.flavours import get_flavour
-    from trainer.step_extras import StepExtras
+    from trainer.loop.step_extras import StepExtras
+    from trainer.model.components import load_transformer
 
     cfg = config_from_dict({
         "model": {"flavour": flavour}, "datasets": [{"path": str(tmp_path)}],
@@ -153,7 +153,7 @@ def test_rollout_and_tread_with_image_conditioned_inputs(flavour, tmp_path):
 def test_the_old_rollout_section_name_still_loads(clips, tmp_path, caplog):
     """`[rollout]` was the section's first name: such configs load as [scheduled_sampling], with a warning."""
     from conftest import tiny_config
-    from trainer.config import config_from_dict, to_toml_dict
+    from trainer.config.files import config_from_dict, to_toml_dict
 
     data = to_toml_dict(tiny_config(clips, tmp_path / "run"))
     data.pop("scheduled_sampling", None)

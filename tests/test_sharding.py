@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import tiny_config
 from tests.test_multiprocess import UPDATE_NOISE, _losses, _metric, _train
-from trainer.config import save_config
-from trainer.export import INTERCHANGE_FILE, check_lora_file, read_lora
+from trainer.config.files import save_config
+from trainer.outputs.export import INTERCHANGE_FILE, check_lora_file, read_lora
 
 STEPS = 4
 
@@ -129,7 +129,7 @@ def test_sharded_checkpoint_resumes_like_the_uninterrupted_run(runs, resume):
     ({}, {"ema": {"use_ema": True}}, "ema.use_ema"),
 ])
 def test_preflight_refuses_what_sharding_cannot_train(clips, tmp_path, memory, other, field):
-    from trainer.preflight import preflight
+    from trainer.preflight.check import preflight
 
     cfg = tiny_config(clips, tmp_path / "run", memory={"shard_base": True, **memory}, **other)
     errors = preflight(cfg, here=False, scan=False, num_processes=1 if not memory and not other else 2).errors
@@ -141,9 +141,9 @@ def test_preflight_refuses_what_sharding_cannot_train(clips, tmp_path, memory, o
 
 
 def test_presets_under_sharding_keep_bf16_weights_and_no_compile():
-    from trainer.config import MemoryConfig
+    from trainer.config.model import MemoryConfig
     from trainer.flavours import get_flavour
-    from trainer.memory_presets import resolve_memory
+    from trainer.model.preset_choice import resolve_memory
 
     resolved = resolve_memory(MemoryConfig(preset="low-int8", shard_base=True), get_flavour("t2v-480p-14b-2.1"), 24.0)
     assert resolved.shard_base and resolved.activation_offload
@@ -154,7 +154,7 @@ def test_sharded_sizing_is_extrapolated_until_a_sharded_row_is_measured(monkeypa
     """`wanforge estimate --gpu RTX4090:2` with shard_base: each GPU holds half the weights plus two gathered blocks,
     labelled "not measured (extrapolated)"; a `[[measured]]` row with `shards = 2` at that shape makes it measured."""
     from launcher.estimate import estimate
-    from trainer import sizing
+    from trainer.model import sizing
 
     shape = sizing.flavour_shape("t2v-480p-14b-2.1")
     tokens = shape.tokens(81, 480, 832)
@@ -185,7 +185,7 @@ def test_a_measured_sharded_out_of_memory_rules_the_card_out(clips, tmp_path):
     at most that much per process is "does not fit" with the measurement named, whatever the sizing model predicts;
     more memory, more processes or fewer tokens than the measured run are not ruled out by it."""
     from launcher.estimate import estimate
-    from trainer import sizing
+    from trainer.model import sizing
 
     shape = sizing.flavour_shape("t2v-480p-14b-2.1")
     tokens = shape.tokens(81, 480, 832)

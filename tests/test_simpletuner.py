@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from launcher.simpletuner import import_simpletuner
-from trainer.config import config_from_dict, four_k_plus_one, load_config
+from trainer.config.data import four_k_plus_one
+from trainer.config.files import config_from_dict, load_config
 from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

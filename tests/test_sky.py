@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_config
-from trainer.config import save_config
+from trainer.config.files import save_config
 
 REPO = Path(__file__).resolve().parent.parent
 

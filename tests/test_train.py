@@ -8,13 +8,13 @@ import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from conftest import tiny_config
-from trainer.cache import build_caches
-from trainer.components import load_transformer
+from trainer.data.cache import build_caches
 from trainer.errors import UserError
-from trainer.eval_loss import fixed_eval_loss
-from trainer.export import read_lora
-from trainer.lora import add_lora
-from trainer.train import train
+from trainer.loop.eval_loss import fixed_eval_loss
+from trainer.loop.train import train
+from trainer.model.components import load_transformer
+from trainer.model.lora import add_lora
+from trainer.outputs.export import read_lora
 
 
 def test_training_loss_falls_on_demo_clips(clips, tmp_path):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import LoraConfig, MemoryConfig, TreadConfig
+from trainer.config.model import LoraConfig, MemoryConfig
+from trainer.config.training import TreadConfig
 from trainer.errors import UserError
-from trainer.tread import (
+from trainer.loop.tread import (
     TokenRouter,
     draw_kept_indices,
     gather_tokens,
@@ -149,8 +150,8 @@ def test_off_without_gradients_and_after_clear():
 
 
 def _lora_model(checkpointing: str | None):
-    from trainer.lora import add_lora
-    from trainer.memory import apply_memory_options
+    from trainer.model.lora import add_lora
+    from trainer.model.memory import apply_memory_options
 
     model = _model()
     add_lora(model, LoraConfig(rank=2))
@@ -216,8 +217,8 @@ def test_gradients_reach_every_adapter_weight(adapter, tmp_path):
     """LyCORIS modules and quantised base layers live inside the blocks: routing around them must not cut gradients."""
     import json
 
-    from trainer.lora import add_lora
-    from trainer.memory import quantize_base_weights
+    from trainer.model.lora import add_lora
+    from trainer.model.memory import quantize_base_weights
 
     model = _model()
     if adapter == "lycoris-lokr":

@@ -10,24 +10,24 @@ from PIL import Image
 
 from conftest import tiny_config
 from launcher.cli import main as cli
-from trainer.components import load_transformer, load_vae
-from trainer.config import config_from_dict, save_config
-from trainer.contact_sheet import LABEL_HEIGHT, contact_sheet, frame_indices
+from trainer.config.files import config_from_dict, save_config
+from trainer.data.video import decode_frames
 from trainer.errors import UserError
-from trainer.export import save_lora
-from trainer.lora import add_lora
-from trainer.skip_layers import SkipLayerGuidance
-from trainer.validation_videos import (
+from trainer.model.components import load_transformer, load_vae
+from trainer.model.lora import add_lora
+from trainer.outputs.contact_sheet import LABEL_HEIGHT, contact_sheet, frame_indices
+from trainer.outputs.export import save_lora
+from trainer.outputs.skip_layers import SkipLayerGuidance
+from trainer.outputs.validation_videos import (
     ValidationPrompt, ValidationSettings, build_pipeline, generate, make_scheduler, settings_for, validation_prompts,
 )
-from trainer.video import decode_frames
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def tiny_parts():
-    from trainer.config import ModelConfig
+    from trainer.config.model import ModelConfig
 
     model = ModelConfig(flavour="tiny")
     return load_transformer(model), load_vae(model)
@@ -89,7 +89,7 @@ def test_skip_layer_guidance_matches_the_guider_formula(tiny_parts):
     pipe = build_pipeline(transformer, vae, settings)
     generate(pipe, settings, prompt, negative, CPU, callback=record)
 
-    from trainer.validation_videos import PIPELINE_TEXT_LENGTH, pad_text
+    from trainer.outputs.validation_videos import PIPELINE_TEXT_LENGTH, pad_text
 
     shape = (1, 16, 2, 4, 4)
     latents = pipe.prepare_latents(1, 16, 32, 32, 5, torch.float32, CPU, torch.Generator().manual_seed(0))
@@ -153,11 +153,11 @@ def test_resolution_wan_was_not_trained_at_warns(tmp_path, caplog):
     def cfg(**validation):
         return config_from_dict({"datasets": [{"path": str(tmp_path)}], "validation": validation})
 
-    with caplog.at_level(logging.WARNING, logger="trainer.validation_videos"):
+    with caplog.at_level(logging.WARNING, logger="trainer.outputs.validation_videos"):
         settings_for(cfg(), "x")
         settings_for(cfg(width=480, height=832), "x")  # portrait 480p is fine
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="trainer.validation_videos"):
+    with caplog.at_level(logging.WARNING, logger="trainer.outputs.validation_videos"):
         settings = settings_for(cfg(width=640, height=640), "x")
     assert "640x640" in caplog.text and "832x480" in caplog.text
     assert (settings.width, settings.height, settings.fps, settings.scheduler) == (640, 640, 16, "unipc")

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from conftest import tiny_config
-from trainer.cache import Sample
-from trainer.eval_loss import bucket_label, bucket_sigmas, split_eval_samples
-from trainer.train import train
+from trainer.data.cache import Sample
+from trainer.loop.eval_loss import bucket_label, bucket_sigmas, split_eval_samples
+from trainer.loop.train import train
 
 BUCKETS = ["eval_loss/t0-200", "eval_loss/t200-400", "eval_loss/t400-600", "eval_loss/t600-800", "eval_loss/t800-1000"]
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.components import load_transformer, load_vae
-from trainer.config import LoraConfig, ModelConfig
-from trainer.lora import add_lora, trainable_parameters
-from trainer.validation_videos import ValidationPrompt, ValidationSettings, build_pipeline, compiled_blocks, generate
+from trainer.config.model import LoraConfig, ModelConfig
+from trainer.model.components import load_transformer, load_vae
+from trainer.model.lora import add_lora, trainable_parameters
+from trainer.outputs.validation_videos import ValidationPrompt, ValidationSettings, build_pipeline, compiled_blocks, generate
 
 
 def _tiny_pipe():
@@ -45,7 +45,7 @@ def test_compiled_blocks_render_the_same_video():
 
 def test_a_failing_compile_renders_without_it(monkeypatch):
     """torch.compile failing inside a render (no C++ compiler, an unsupported op) costs a warning, not the video."""
-    import trainer.validation_videos as vv
+    import trainer.outputs.validation_videos as vv
 
     pipe, settings, transformer, prompt, negative = _tiny_pipe()
     cpu = torch.device("cpu")
@@ -70,8 +70,8 @@ def test_a_failing_compile_renders_without_it(monkeypatch):
                                                    ({"preset": "none", "compile": True}, True),
                                                    ({"preset": "balanced", "compile": False}, False)])
 def test_validation_compiles_when_training_does(memory, compiles, tmp_path):
-    from trainer.config import config_from_dict
-    from trainer.validation_videos import settings_for
+    from trainer.config.files import config_from_dict
+    from trainer.outputs.validation_videos import settings_for
 
     cfg = config_from_dict({"model": {"flavour": "tiny"}, "memory": memory, "datasets": [{"path": str(tmp_path)}]})
     assert settings_for(cfg, "a caption").compile is compiles

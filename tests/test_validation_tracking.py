@@ -5,11 +5,11 @@ import re
 import numpy as np
 import pytest
 
-from trainer.config import config_from_dict
-from trainer.contact_sheet import contact_sheet
+from trainer.config.files import config_from_dict
+from trainer.data.video import write_mp4
+from trainer.outputs.contact_sheet import contact_sheet
+from trainer.outputs.tracking import init_trackers, log_validation, run_id_for, tracker_init_kwargs
 from trainer.rundir import RunDir
-from trainer.tracking import init_trackers, log_validation, run_id_for, tracker_init_kwargs
-from trainer.video import write_mp4
 
 
 def test_run_id_comes_from_skypilot_then_stays(tmp_path, monkeypatch):

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import tiny_config
 from trainer.errors import UserError
-from trainer.train import train
-from trainer.webhooks import Webhooks, load_webhook_config
+from trainer.loop.train import train
+from trainer.outputs.webhooks import Webhooks, load_webhook_config
 
 
 class Receiver:

@@ -9,7 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from trainer.config import WanforgeConfig, load_config
+from trainer.config.files import load_config
+from trainer.config.schema import WanforgeConfig
 from trainer.errors import UserError
 
 UPLOAD_FAILED_EXIT = 3  # trained, but the final upload did not verify (run.json status upload_failed)
@@ -20,7 +21,7 @@ def _load(args: argparse.Namespace) -> WanforgeConfig:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from trainer.demo import run_demo
+    from trainer.demo.run import run_demo
 
     started = time.perf_counter()
     result = run_demo(Path(args.out).resolve(), args.steps)
@@ -30,7 +31,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.train import train
+    from trainer.loop.train import train
 
     from trainer.rundir import RunDir
 
@@ -47,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from trainer.preflight import check_config_file
+    from trainer.preflight.check import check_config_file
 
     report = check_config_file(args.config, args.set, resume=args.resume)
     if report.buckets:
@@ -65,8 +66,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from trainer.cache import build_caches
-    from trainer.preflight import preflight
+    from trainer.data.cache import build_caches
+    from trainer.preflight.check import preflight
     from trainer.rundir import RunDir
 
     cfg = _load(args)
@@ -94,7 +95,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from trainer.validation_round import validate_lora
+    from trainer.outputs.validation_round import validate_lora
 
     cfg = _load(args)
     for path in validate_lora(cfg, Path(args.lora), Path(args.out) if args.out else None):
@@ -103,7 +104,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from trainer.export import convert_lora
+    from trainer.outputs.export import convert_lora
 
     src = Path(args.lora)
     out = Path(args.out) if args.out else src.parent / f"export-{args.format}"

@@ -53,7 +53,7 @@ class Flavour:
     ffn_dim: int = 8960
     num_heads: int = 12
     num_layers: int = 30
-    tiny: str | None = None  # which locally built tiny model (trainer.tiny) stands in for the Hub repo
+    tiny: str | None = None  # which locally built tiny model (trainer.model.tiny) stands in for the Hub repo
 
     @property
     def is_expert(self) -> bool:
@@ -128,7 +128,7 @@ FLAVOURS: dict[str, Flavour] = {
             num_frames=121, flow_shift=5.0, guidance_scale=5.0,
             description="Wan 2.2 text-image-to-video 5B (Wan 2.2 VAE, 24 fps, first-frame conditioning)", **_TI2V, **_5B,
         ),
-        # ---- tiny random models with the real classes, for CPU trials and tests (trainer.tiny builds them)
+        # ---- tiny random models with the real classes, for CPU trials and tests (trainer.model.tiny builds them)
         Flavour(
             name="tiny", hub_id=None, fps=16, width=64, height=64, num_frames=9, flow_shift=3.0, guidance_scale=5.0,
             description="random-initialised tiny Wan with the real classes, for CPU trials and tests", tiny="t2v-2.1",

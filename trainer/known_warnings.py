@@ -8,7 +8,7 @@ import logging
 # logger name -> the start of the one message dropped, with why it is harmless for wanforge
 KNOWN_HARMLESS = {
     # diffusers says this on every `set_attention_backend`; wanforge always sets the backend explicitly
-    # (trainer/attention.py) against the diffusers version pinned in constraints.txt.
+    # (trainer/model/attention.py) against the diffusers version pinned in constraints.txt.
     "diffusers.models.modeling_utils": "Attention backends are an experimental feature",
     # diffusers' Wan I2V pipeline module imports CLIPImageProcessor; without torchvision (the CPU install has none)
     # transformers hands out the PIL image processor, which gives the same CLIP input for the one frame I2V encodes.

@@ -1,0 +1,113 @@
+"""[validation], [tracking] and [hub]: what a run renders, where it reports, and where its LoRA goes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from trainer.config.data import DatasetConfig
+from trainer.config.section import SEED_MAX, Section
+from trainer.flavours import WAN_NEGATIVE_PROMPT
+
+
+HUB_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ValidationConfig(Section):
+    every_n_steps: int = Field(0, ge=0, description="Render validation every N steps (0: only at the end).")
+    at_end: bool = Field(True, description="Render validation after the last step.")
+    prompt: str | None = Field(
+        None, description="Validation prompt (default: the first training caption, unless prompt_library is set)."
+    )
+    prompt_library: Path | None = Field(
+        None, description='JSON file {"nickname": "prompt", ...}: every prompt is rendered, named by its nickname.'
+    )
+    instance_prompt: str | None = Field(
+        None, description="Your trigger word(s): replaces <token> in the prompts; also the model card's trigger words."
+    )
+    negative_prompt: str = Field(WAN_NEGATIVE_PROMPT, description="Negative prompt (default: the official Wan one).")
+    guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance (default: the flavour's).")
+    num_inference_steps: int = Field(40, ge=1, description="Sampling steps (40 is the common Wan setting).")
+    scheduler: Literal["unipc", "flow_match_euler"] = Field(
+        "unipc", description="unipc: what the official Wan inference uses; flow_match_euler: the plain flow-matching sampler."
+    )
+    flow_shift: float | None = Field(
+        None, gt=0, description="Scheduler flow shift (default: the flavour's; 5.0 at 480p, 7-12 at 720p)."
+    )
+    num_frames: int | None = Field(None, description="Frames to render, 4k+1 (default: the first dataset's).")
+    width: int | None = Field(None, description="Width to render, a multiple of 16 (default: the first dataset's).")
+    height: int | None = Field(None, description="Height to render, a multiple of 16 (default: the first dataset's).")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed of the validation noise (the same every validation, so videos compare).")
+    skip_layers: list[int] = Field(
+        default_factory=list,
+        description="Skip-layer guidance: transformer blocks skipped in an extra guidance pass (empty: off; 9 is a common pick for Wan 1.3B).",
+    )
+    skip_layer_start: float = Field(
+        0.1, ge=0.0, le=1.0, description="Skip-layer guidance starts at this fraction of the sampling steps (0: the first, noisiest)."
+    )
+    skip_layer_stop: float = Field(
+        0.9, ge=0.0, le=1.0, description="Skip-layer guidance stops at this fraction of the sampling steps (exclusive)."
+    )
+    skip_layer_scale: float = Field(3.0, ge=0.0, description="Strength of skip-layer guidance.")
+    eval_every_n_steps: int = Field(
+        250, ge=0, description="Log the fixed-noise eval loss every N steps and at the end (0: off); comparable across steps and runs."
+    )
+    eval_samples: int = Field(4, ge=1, description="How many fixed samples the eval loss uses (the last clips of the first dataset).")
+    eval_holdout: bool = Field(
+        False, description="Keep the eval samples out of training, so the eval loss is a held-out loss."
+    )
+    eval_buckets: int = Field(5, ge=1, le=50, description="Noise-level buckets the eval loss is reported for (one fixed level each).")
+    eval_seed: int = Field(1234, ge=0, le=SEED_MAX, description="Seed of the eval noise.")
+
+    @field_validator("num_frames")
+    @classmethod
+    def _frames_four_k_plus_one(cls, v: int | None) -> int | None:
+        return DatasetConfig._four_k_plus_one(v)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _size_multiple_of_16(cls, v: int | None) -> int | None:
+        return DatasetConfig._multiple_of_16(v)
+
+    @model_validator(mode="after")
+    def _skip_window(self) -> ValidationConfig:
+        if self.skip_layers and self.skip_layer_start >= self.skip_layer_stop:
+            raise ValueError("skip_layer_start must be below skip_layer_stop (fractions of the sampling steps)")
+        if any(i < 0 for i in self.skip_layers):
+            raise ValueError("skip_layers are block indices, 0 or more")
+        return self
+
+
+class TrackingConfig(Section):
+    report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="Tracker besides metrics.jsonl.")
+    project: str = Field("wanforge", description="Tracker project name.")
+    run_name: str | None = Field(None, description="Tracker run name (default: the run folder's name).")
+    entity: str | None = Field(None, description="W&B entity (team or user; default: your W&B default).")
+    webhook_config: Path | None = Field(
+        None, description='JSON file: {"url": ..., "format": "discord"|"raw", "levels": [...]}: progress, videos, errors.'
+    )
+
+
+class HubConfig(Section):
+    push_to_hub: bool = Field(False, description="Upload the final LoRA, a model card and a preview to the Hugging Face Hub.")
+    hub_model_id: str | None = Field(
+        None, description='Hub repo to upload to, "user/name" or a bare "name" in the token owner\'s account (created if missing).'
+    )
+    push_checkpoints_to_hub: bool = Field(False, description="Also upload each checkpoint as it is saved (for resuming elsewhere).")
+    private: bool = Field(True, description="Create the repo as private.")
+    trigger_words: list[str] = Field(
+        default_factory=list, description="Trigger words for the model card (default: validation.instance_prompt)."
+    )
+
+    @model_validator(mode="after")
+    def _needs_repo(self) -> HubConfig:
+        if (self.push_to_hub or self.push_checkpoints_to_hub) and not self.hub_model_id:
+            raise ValueError('uploading needs hub_model_id = "your-user/your-lora"')
+        if self.hub_model_id is not None and (not HUB_REPO_ID.match(self.hub_model_id) or ".." in self.hub_model_id
+                                              or self.hub_model_id.endswith((".git", "."))):
+            raise ValueError('hub_model_id must be "name" (in your account) or "user/name": letters, digits, ".", "_" '
+                             'and "-"')
+        return self

@@ -1,0 +1,53 @@
+"""The base of every config section: unknown keys refused, nan/inf refused, "none" read as null, `~` as home."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
+# str fields that name a file or folder when they are not a Hub id (a Hub id never starts with "~")
+PATH_STRINGS = ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
+                "pretrained_vae_model_name_or_path", "encoder_path")
+
+
+class Section(BaseModel):
+    # nan / inf are refused everywhere: no library underneath trains on them
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_word_is_null(cls, data: Any) -> Any:
+        """TOML has no null: `key = "none"` turns an optional setting off (fields that allow None only). A path
+        starting with `~` is the user's home, as in a shell."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            if field is None or not isinstance(value, str):
+                continue
+            if value.lower() == "none" and _allows_none(field.annotation):
+                out[name] = None
+            elif value.startswith("~") and (name in PATH_STRINGS or _is_path(field.annotation)):
+                out[name] = os.path.expanduser(value)
+        return out
+
+
+def _allows_none(annotation: Any) -> bool:
+    return type(None) in getattr(annotation, "__args__", ())
+
+
+def not_empty(value: Any, what: str) -> Any:
+    """An empty path would silently mean the config's own folder."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"is empty: give {what}")
+    return value
+
+
+def _is_path(annotation: Any) -> bool:
+    return annotation is Path or Path in getattr(annotation, "__args__", ())

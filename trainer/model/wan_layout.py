@@ -1,0 +1,112 @@
+"""The module layout of diffusers' WanTransformer3DModel and the number of blocks a run's transformer has, torch-free.
+
+Preflight resolves model-dependent names (LoRA target modules, skip layers, TREAD routes, the CREPA block) against
+this without loading weights. The layout is diffusers' own (tests/test_preflight.py compares it with the real class
+for every flavour's architecture); the block count comes from the model's config.json where it is on disk (a local
+folder, the Hub cache, the built tiny model) and from the flavour otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.errors import UserError
+from trainer.flavours import Flavour
+from trainer.model.lora_names import wan_modules
+
+ADAPTABLE = ("Linear", "Conv3d")  # the module kinds of this model peft puts a LoRA on
+
+
+def module_layout(flavour: Flavour, blocks: int) -> dict[str, str]:
+    """Every named module of the transformer (path -> class name), as diffusers builds it for this flavour (the one
+    table of it is trainer.model.lora_names.wan_modules)."""
+    return {name: kind for name, kind in wan_modules(flavour.image_encoder, blocks) if name}
+
+
+def matching_modules(layout: dict[str, str], target: str) -> dict[str, str]:
+    """The modules a target name selects, by peft's rule for a list of names: the full path or its dotted suffix."""
+    return {path: kind for path, kind in layout.items() if path == target or path.endswith("." + target)}
+
+
+def _config_json(folder: Path, subfolder: str | None) -> Path | None:
+    path = (folder / subfolder if subfolder else folder) / "config.json"
+    return path if path.is_file() else None
+
+
+def _cached_hub_config(repo: str, subfolder: str, revision: str | None) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo, f"{subfolder}/config.json", revision=revision)
+    except Exception:  # an id that is no valid repo id: its own check reports it
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def transformer_config_file(model, flavour: Flavour) -> Path | None:
+    """config.json of the transformer the run trains, when it is on this machine (nothing is downloaded)."""
+    override = model.pretrained_transformer_model_name_or_path
+    if override and not override.endswith(".safetensors") and Path(override).is_dir():
+        return _config_json(Path(override), model.pretrained_transformer_subfolder)
+    base = model.pretrained_model_name_or_path
+    if base is None and flavour.tiny is not None:
+        from trainer.model.tiny import tiny_model_dir
+
+        return _config_json(tiny_model_dir(flavour.tiny), flavour.expert_subfolder)
+    base = base or flavour.hub_id
+    if base is None:
+        return None
+    if Path(base).is_dir():
+        return _config_json(Path(base), flavour.expert_subfolder)
+    return _cached_hub_config(base, flavour.expert_subfolder, model.revision)
+
+
+def block_count(model, flavour: Flavour) -> int:
+    """Transformer blocks of the run's model: its config.json where present, else the flavour's (tiny: trainer.model.tiny)."""
+    file = transformer_config_file(model, flavour)
+    if file is not None:
+        try:
+            return int(json.loads(file.read_text(encoding="utf-8"))["num_layers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if flavour.tiny is not None:
+        from trainer.model.tiny import TINY_NUM_LAYERS
+
+        return TINY_NUM_LAYERS
+    return flavour.num_layers
+
+
+# ---------------------------------------------------------------- TREAD routes (block ranges; trainer.loop.tread routes them)
+
+
+@dataclass(frozen=True)
+class Route:
+    start: int  # first routed block, resolved to 0..L-1
+    end: int  # last routed block, inclusive
+    ratio: float  # fraction of video tokens routed around start..end
+
+
+def resolve_routes(cfg, num_layers: int) -> list[Route]:
+    """Routes of a TreadConfig with negative indices resolved; they must lie inside the model and must not overlap."""
+    routes = []
+    for i, r in enumerate(cfg.routes):
+        start = r.start_layer_idx + num_layers if r.start_layer_idx < 0 else r.start_layer_idx
+        end = r.end_layer_idx + num_layers if r.end_layer_idx < 0 else r.end_layer_idx
+        where = f"tread.routes[{i}]"
+        if not (0 <= start < num_layers and 0 <= end < num_layers):
+            raise UserError(f"{where}: layers {r.start_layer_idx}..{r.end_layer_idx} are outside the model's "
+                            f"{num_layers} blocks (use 0..{num_layers - 1}, or negative indices from the end)")
+        if start > end:
+            raise UserError(f"{where}: start_layer_idx {r.start_layer_idx} resolves after end_layer_idx "
+                            f"{r.end_layer_idx}: swap them")
+        routes.append(Route(start, end, r.selection_ratio))
+    routes.sort(key=lambda r: r.start)
+    for a, b in zip(routes, routes[1:]):
+        if b.start <= a.end:
+            raise UserError(f"tread.routes: blocks {a.start}..{a.end} and {b.start}..{b.end} overlap: routes must be "
+                            f"disjoint (end the first before block {b.start})")
+    return [r for r in routes if r.ratio > 0]

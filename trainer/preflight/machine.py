@@ -1,0 +1,134 @@
+"""Preflight checks of this machine, for a run that happens here: writable folders, GPU and packages the options
+need, tracker logins, Hub token, offline caches, attention kernels."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trainer.preflight.model import attention_backend_names
+
+if TYPE_CHECKING:
+    from trainer.preflight.report import PreflightRun
+
+def _writable(path: Path) -> bool:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.access(path, os.W_OK)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "WANFORGE_OFFLINE"))
+
+
+def _torch_hub_dir() -> Path:
+    """torch.hub.get_dir() without importing torch."""
+    if os.environ.get("TORCH_HOME"):
+        return Path(os.environ["TORCH_HOME"]) / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch" / "hub"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_environment(run: PreflightRun) -> None:
+    cfg = run.cfg
+    if not _writable(cfg.train.output_dir):
+        run.error(f"train.output_dir: {cfg.train.output_dir} is not writable here: choose a folder you can write")
+    for i, ds in enumerate(cfg.datasets):
+        cache = ds.cache_dir if ds.cache_dir is not None else ds.path / ".wanforge_cache"
+        if not ds.disabled and ds.path.is_dir() and not _writable(cache):
+            run.error(f"datasets[{i}].cache_dir: {cache} is not writable here (a read-only dataset?): set "
+                      f"datasets[{i}].cache_dir to a writable folder")
+    if cfg.optim.optimizer == "adamw8bit":
+        if not _installed("bitsandbytes"):
+            run.error('optim.optimizer = "adamw8bit" needs bitsandbytes: pip install bitsandbytes, or use "adamw"')
+        elif not _cuda():
+            run.error('optim.optimizer = "adamw8bit" needs a CUDA GPU: use "adamw" on this machine')
+    if cfg.memory.base_quantization == "fp8" or cfg.memory.preset == "balanced-fp8":
+        _fp8_device(run)
+    if cfg.lora.lora_type == "lycoris" and not _installed("lycoris"):
+        run.error('lora.lora_type = "lycoris" needs the lycoris-lora package: pip install lycoris-lora')
+    if cfg.tracking.report_to == "wandb":
+        if not _installed("wandb"):
+            run.error('tracking.report_to = "wandb" needs wandb: pip install wandb, or report_to = "none"')
+        elif not _wandb_login():
+            run.error('tracking.report_to = "wandb": no W&B login here: set WANDB_API_KEY (or run `wandb login`), '
+                      'or report_to = "none"')
+    if cfg.tracking.report_to == "tensorboard" and not (_installed("tensorboard") or _installed("tensorboardX")):
+        run.error('tracking.report_to = "tensorboard" needs tensorboard: pip install tensorboard, or report_to = "none"')
+    if cfg.hub.push_to_hub or cfg.hub.push_checkpoints_to_hub:
+        _hub_token(run)
+    if cfg.crepa.enabled and not cfg.crepa.encoder_path and _offline() \
+            and not (_torch_hub_dir() / "facebookresearch_dinov2_main").is_dir():
+        run.error(f"crepa: {cfg.crepa.encoder} is not in the torch hub cache ({_torch_hub_dir()}) and this run is "
+                  "offline: download it once online, or set crepa.encoder_path to a local dinov2 clone or Dinov2 folder")
+    if _offline() and not cfg.model.pretrained_model_name_or_path and run.flavour.hub_id is not None:
+        from trainer.model.wan_layout import transformer_config_file
+
+        if transformer_config_file(cfg.model, run.flavour) is None:
+            run.warn(f"model: {run.flavour.hub_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                     "training here would stop at loading it; download it once online, or set "
+                     "model.pretrained_model_name_or_path to a local copy")
+    _attention_requirements(run)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _fp8_device(run: PreflightRun) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return  # CPU runs fp8 slowly (tests); fp8.check_float8_device says the same
+    from trainer.model.fp8 import check_float8_device
+
+    check_float8_device(torch.device("cuda"))
+
+
+def _wandb_login() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _hub_token(run: PreflightRun) -> None:
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        run.error("hub.push_to_hub needs huggingface_hub: pip install huggingface_hub")
+        return
+    if get_token() is None:
+        run.error("hub.push_to_hub: no Hugging Face token found: set HF_TOKEN in the environment (a write token; "
+                  "on SkyPilot pass --secret HF_TOKEN, in Colab add an HF_TOKEN secret)")
+
+
+def _attention_requirements(run: PreflightRun) -> None:
+    """The packages a named backend needs, as diffusers itself checks them (auto and the torch ones need none)."""
+    name = run.cfg.memory.attention_backend
+    if name == "auto" or name.startswith("_native") or name == "native" or name not in (attention_backend_names() or []):
+        return
+    from trainer.model.attention import FLASH_4, flash_attn_4_installed
+
+    if name == FLASH_4 and flash_attn_4_installed():
+        return
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except (RuntimeError, ImportError) as err:
+        run.error(f'memory.attention_backend = "{name}" is not usable here ({err}): use "auto"')

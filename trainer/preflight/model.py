@@ -1,0 +1,96 @@
+"""Preflight checks of the names a config gives the model: LoRA target modules, block indices (skip layers, TREAD,
+CREPA), attention backends, expert options, and whether the adapter can be saved in the interchange format."""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trainer.model.wan_layout import ADAPTABLE, matching_modules, module_layout, resolve_routes
+
+if TYPE_CHECKING:
+    from trainer.preflight.report import PreflightRun
+
+def check_target_modules(run: PreflightRun) -> None:
+    lora = run.cfg.lora
+    layout = module_layout(run.flavour, min(run.blocks, 1))
+    paths = [p.removeprefix("blocks.0.").split(".") for p, k in layout.items() if k in ADAPTABLE]
+    suffixes = {".".join(p[i:]) for p in paths for i in range(len(p))}  # "to_q", "attn1.to_q", ... (what peft matches)
+    linears = sorted(x for x in suffixes if not x.isdigit())
+    for target in lora.target_modules:
+        found = matching_modules(layout, target)
+        if not found:
+            close = difflib.get_close_matches(target, linears, n=1)
+            fix = f'did you mean "{close[0]}"?' if close else 'names are diffusers ones, e.g. "attn1.to_q", "ffn.net.0.proj"'
+            run.error(f'lora.target_modules: "{target}" matches no module of the {run.flavour.name} transformer: {fix}')
+            continue
+        other = sorted({k for k in found.values() if k not in ADAPTABLE})
+        if other:
+            inside = sorted(p.removeprefix("blocks.0.") for p, k in layout.items()
+                            if k in ADAPTABLE and any(p.startswith(f + ".") for f in found))
+            fix = f'name its linear layers instead, e.g. "{inside[0]}"' if inside else "remove it"
+            run.error(f'lora.target_modules: "{target}" selects {", ".join(other)} modules, which take no LoRA '
+                      f"(only linear and conv layers do): {fix}")
+
+
+def check_block_indices(run: PreflightRun) -> None:
+    cfg, blocks = run.cfg, run.blocks
+    bad = [i for i in cfg.validation.skip_layers if i >= blocks]
+    if bad:
+        run.error(f"validation.skip_layers: {bad} out of range, {run.flavour.name} has blocks 0..{blocks - 1}: "
+                  f"try [{min(9, blocks - 1)}]")
+    if cfg.tread.routes:
+        resolve_routes(cfg.tread, blocks)
+    if cfg.crepa.enabled and cfg.crepa.block_index >= blocks:
+        run.error(f"crepa.block_index = {cfg.crepa.block_index}: {run.flavour.name} has blocks 0..{blocks - 1}: "
+                  f"try {min(8, blocks - 1)}")
+
+
+def attention_backend_names() -> list[str] | None:
+    """diffusers' attention backend names, read from its source without importing it (None: diffusers is absent)."""
+    spec = importlib.util.find_spec("diffusers")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(spec.submodule_search_locations[0]) / "models" / "attention_dispatch.py"
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "AttentionBackendName":
+            return [s.value.value for s in node.body
+                    if isinstance(s, ast.Assign) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)]
+    return None
+
+
+def check_attention_backend(run: PreflightRun) -> None:
+    name = run.cfg.memory.attention_backend
+    names = attention_backend_names()
+    if name == "auto" or names is None or name in names:
+        return
+    close = difflib.get_close_matches(name, names, n=1)
+    fix = f'did you mean "{close[0]}"?' if close else 'use "auto" or one of: ' + ", ".join(names)
+    run.error(f'memory.attention_backend: unknown backend "{name}": {fix}')
+
+
+def check_experts(run: PreflightRun) -> None:
+    m, steps = run.cfg.model, run.cfg.train.max_train_steps
+    if m.train_both_experts and m.expert_switch_every_n_steps >= steps:
+        run.warn(f"model.expert_switch_every_n_steps = {m.expert_switch_every_n_steps} is not below "
+                 f"train.max_train_steps = {steps}: the other expert never trains (its LoRA is saved untrained)")
+    if m.train_both_experts and run.num_processes > 1:
+        run.error(f"model.train_both_experts runs on one GPU, not {run.num_processes}: train each expert as its own "
+                  "multi-GPU run, or use one GPU")
+
+
+def check_adapter_saveable(run: PreflightRun) -> None:
+    """Can the adapter be written as a LoRA file native ComfyUI and diffusers both load (trainer.model.lora_names, no torch)?
+    Targets that match nothing are reported once, by the target check above, with its did-you-mean."""
+    from trainer.model.lora_names import interchange_problems
+
+    for line in interchange_problems(run.cfg):
+        if "matches no module" not in line:
+            run.error(line)
