@@ -119,14 +119,16 @@ class LoraConfig(Section):
 
 class MemoryConfig(Section):
     preset: Literal["none", "auto", "fast", "balanced", "balanced-lean", "low", "low-int8", "low-host-ram",
-                    "balanced-fp8"] = Field(
+                    "low-16gb", "balanced-fp8"] = Field(
         "auto",
         description='"auto": on a GPU, the fastest measured preset that fits its memory and the free host RAM (fields '
         'you set yourself win; on CPU nothing changes). "balanced" = selective checkpointing per sub-layer + compile + '
         'activation offload (fastest measured, needs host RAM); "balanced-lean" = balanced without sub-layers (half the '
         'host RAM); "fast" = selective checkpointing + compile, no offload; '
         '"low" = balanced + chunked feed-forward; "low-int8" = offload + int8 base weights + 4096-token FF chunks; '
-        '"low-host-ram" = full checkpointing + compile + int8, no offload; "balanced-fp8" = balanced with fp8 base '
+        '"low-host-ram" = full checkpointing + compile + int8, no offload; "low-16gb" = full checkpointing + compile + '
+        'offload + int8 + 4096-token FF chunks + 30 blocks streamed from host RAM (Wan 14B on a 16 GB card; not '
+        'measured yet); "balanced-fp8" = balanced with fp8 base '
         'weights (fastest on Ada / Hopper, slightly different numbers: never picked by "auto"). "none": exactly the '
         'fields below. Numbers: bench/RESULTS.md.',
     )
@@ -171,6 +173,16 @@ class MemoryConfig(Section):
         'matmul). NF4 / int4 are refused: 4-bit base weights ruin Wan video quality.',
     )
 
+    streamed_blocks: int | None = Field(
+        None, ge=0,
+        description="How many transformer blocks keep their frozen base weights in pinned host RAM (like other "
+        "trainers' blocks_to_swap): each is copied to the GPU for its forward and again for its backward, the next "
+        "block's copy overlapping the current block's compute. GPU memory drops by one block's weights per streamed "
+        "block (14B: ~0.33 GiB int8, ~0.65 GiB bf16) plus two blocks' worth of slots; host RAM rises by as much, "
+        "and each step moves about twice the streamed weights over PCIe. Only checkpointed blocks stream (spread "
+        "evenly over them; more than there are: all of them); LoRA weights and optimizer state stay on the GPU. "
+        "Needs gradient_checkpointing; bf16 or int8 base weights. none / 0: every block on the GPU.",
+    )
     shard_base: bool = Field(
         False,
         description="Shard the frozen base model over the training processes (FSDP2): each GPU holds 1/N of the "
@@ -189,11 +201,19 @@ class MemoryConfig(Section):
     def _offload_needs_checkpointing(self) -> "MemoryConfig":
         if self.checkpoint_sublayers and self.gradient_checkpointing == "none":
             raise ValueError('checkpoint_sublayers needs gradient_checkpointing = "selective" or "full"')
+        if self.streamed_blocks and self.gradient_checkpointing == "none":
+            raise ValueError('streamed_blocks needs gradient_checkpointing = "selective" or "full": a block that keeps '
+                             "its activations for backward keeps references to the weights it streamed in")
         if self.activation_offload and self.gradient_checkpointing == "none":
             raise ValueError('activation_offload needs gradient_checkpointing = "selective" or "full": without '
                              "checkpointing every block's full activations (~2.8 GiB per 1.3B block at 832x480x81) "
                              "would cross PCIe each step")
         return self
+
+    @field_validator("streamed_blocks")
+    @classmethod
+    def _zero_streams_nothing(cls, v: int | None) -> int | None:
+        return v or None
 
     @field_validator("base_quantization", mode="before")
     @classmethod

@@ -147,7 +147,8 @@ def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | N
     host_gib = (host_memory_gib() - idle_expert_gib(cfg)) / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # offloaders
     flavour = get_flavour(cfg.model.flavour)  # resolved once for the whole run
     memory = resolve_memory(cfg.memory, flavour, gpu_gib, tokens=config_tokens(cfg),
-                            batch=cfg.train.train_batch_size, host_gib=host_gib)
+                            batch=cfg.train.train_batch_size, host_gib=host_gib,
+                            both_experts=cfg.model.train_both_experts)
     memory_record = memory_choice(cfg.memory, memory, gpu_gib, host_gib)
     cfg = cfg.model_copy(update={"memory": memory})
     start_step, changes = _check_resume(cfg, resume_from)

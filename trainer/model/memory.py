@@ -1,5 +1,6 @@
 """Speed and memory options for the Wan transformer: attention backend, block checkpointing that keeps attention,
-activation offload to CPU, regional compile, chunked feed-forward, and int8 / fp8 base weights.
+activation offload to CPU, regional compile, chunked feed-forward, int8 / fp8 base weights, and the frozen weights of
+some blocks streamed from host RAM (trainer/model/streaming.py).
 
 Everything here acts on a loaded diffusers `WanTransformer3DModel` through diffusers' own hooks
 (`set_attention_backend`, `enable_gradient_checkpointing(func)`) and torch's
@@ -21,6 +22,7 @@ from trainer.model.attention import resolve_attention_backend, set_attention_bac
 from trainer.model.fp8 import check_float8_device, convert_blocks_to_float8
 from trainer.model.offload import ActivationOffloader
 from trainer.model.sizing import HOST_SHARE, host_memory_gib
+from trainer.model.streaming import WeightStreamer, stream_blocks, streamed_block_ids, weight_streamer
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,11 @@ def checkpointed_block_ids(num_blocks: int, cfg: MemoryConfig) -> set[int]:
     return set(range(count))
 
 
+def streamed_ids(num_blocks: int, cfg: MemoryConfig) -> list[int]:
+    """Which blocks stream their frozen weights from host RAM: `streamed_blocks` of the checkpointed ones."""
+    return streamed_block_ids(sorted(checkpointed_block_ids(num_blocks, cfg)), cfg.streamed_blocks)
+
+
 def _plain(block, *args):
     return block(*args)
 
@@ -70,13 +77,16 @@ def _keep_attention(block, *args):
 
 
 def make_block_runner(blocks: list, checkpointed: set[int], mode: str, compile: bool,
-                      offloader: ActivationOffloader | None = None, sublayers: bool = False) -> Callable:
+                      offloader: ActivationOffloader | None = None, sublayers: bool = False,
+                      streamer: WeightStreamer | None = None) -> Callable:
     """The function diffusers calls for each block in training: plain, fully recomputed, or attention-keeping.
 
     With `compile`, the checkpoint call itself is inside the compiled region (so selective checkpointing still sees the
     attention ops); every block shares the same compiled code, so it compiles once per variant, not once per block.
     With an `offloader`, what a checkpointed block keeps for backward goes to CPU memory (trainer/model/offload.py).
     With `sublayers`, checkpointed blocks checkpoint their three sub-layers themselves (`enable_sublayer_checkpointing`).
+    With a `streamer`, a streamed block's weights are bound to a device slot around the (compiled) call, outside the
+    compiled region, and again when its backward starts (trainer/model/streaming.py).
     """
     recompute = _keep_attention if mode == "selective" else _recompute_all
     plain = _plain
@@ -86,14 +96,21 @@ def make_block_runner(blocks: list, checkpointed: set[int], mode: str, compile: 
         recompute = plain
     index = {id(b): i for i, b in enumerate(blocks)}
 
-    def run_block(block, *args):
-        i = index[id(block)]
+    def run(i, block, args):
         if i not in checkpointed:
             return plain(block, *args)
         if offloader is None:
             return recompute(block, *args)
         with offloader.group(i):
             return recompute(block, *args)
+
+    def run_block(block, *args):
+        i = index[id(block)]
+        if streamer is None or not streamer.streams(i):
+            return run(i, block, args)
+        with streamer.running(i):
+            output = run(i, block, args)
+        return streamer.watch_backward(i, output)
 
     return run_block
 
@@ -203,9 +220,15 @@ def quantize_base_weights(transformer, kind: str) -> None:
 
 def place_base_model(transformer, cfg: MemoryConfig, device: torch.device) -> None:
     """Quantize and place the frozen base model on the device (before LoRA is added). int8 is quantized before the
-    move (half the bytes cross); fp8 after it (the same bytes either way, and the GPU quantizes faster)."""
+    move (half the bytes cross); fp8 after it (the same bytes either way, and the GPU quantizes faster). The blocks
+    of `streamed_blocks` put their weights in host RAM first: they never reach the device whole."""
     if cfg.base_quantization == "int8":
         quantize_base_weights(transformer, cfg.base_quantization)
+    ids = streamed_ids(len(transformer.blocks), cfg)
+    if ids:
+        if cfg.base_quantization == "fp8":
+            raise ValueError('memory.streamed_blocks with base_quantization = "fp8" (preflight refuses it)')
+        stream_blocks(transformer, ids, device)
     transformer.to(device)
     if cfg.base_quantization == "fp8":
         check_float8_device(device)
@@ -242,15 +265,23 @@ def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -
         enable_feed_forward_chunking(transformer, chunk)
     blocks = list(transformer.blocks)
     checkpointed = checkpointed_block_ids(len(blocks), cfg)
+    streamer = weight_streamer(transformer)
+    if streamer is None and streamed_ids(len(blocks), cfg):
+        raise RuntimeError("memory.streamed_blocks: place_base_model puts the streamed weights in host RAM first")
+    if streamer is not None:
+        streamer.attach(transformer)
     offloader = None
     if cfg.activation_offload and checkpointed:
         offloader = ActivationOffloader(device, num_groups=max(checkpointed) + 1, max_host_bytes=offload_host_budget())
         offloader.exclude_parameters(transformer)
+        if streamer is not None:
+            offloader.exclude_tensors(streamer.device_tensors())
     if cfg.checkpoint_sublayers and checkpointed:
         enable_sublayer_checkpointing(blocks, checkpointed, keep_attention=cfg.gradient_checkpointing == "selective")
     if checkpointed or cfg.compile:
         transformer.enable_gradient_checkpointing(make_block_runner(
-            blocks, checkpointed, cfg.gradient_checkpointing, cfg.compile, offloader, cfg.checkpoint_sublayers))
+            blocks, checkpointed, cfg.gradient_checkpointing, cfg.compile, offloader, cfg.checkpoint_sublayers,
+            streamer))
     if device.type == "cuda":
         # Under bf16 autocast the adapter matmuls run in bf16 anyway; peft's cast of each LoRA input to the fp32
         # adapter dtype would only add a full-size copy per adapted layer.

@@ -27,6 +27,8 @@ _CONFLICTS: tuple[tuple[str, Any, str], ...] = (
      'memory.base_quantization = "none" (sharding needs bf16 base weights: int8 / fp8 weights do not shard)'),
     ("memory.compile", lambda c: "compile" in c.memory.model_fields_set and c.memory.compile,
      "memory.compile = false (regional compile is not combined with sharding)"),
+    ("memory.streamed_blocks", lambda c: "streamed_blocks" in c.memory.model_fields_set and c.memory.streamed_blocks,
+     "memory.streamed_blocks = 0 (every process holds its slice of every block on its GPU)"),
     ("model.train_both_experts", lambda c: c.model.train_both_experts,
      "model.train_both_experts = false (train one expert per run)"),
     ("lora.lora_type", lambda c: c.lora.lora_type != "lora", 'lora.lora_type = "lora" (peft LoRA)'),

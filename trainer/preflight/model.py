@@ -1,5 +1,6 @@
 """Preflight checks of the names a config gives the model: LoRA target modules, block indices (skip layers, TREAD,
-CREPA), attention backends, expert options, and whether the adapter can be saved in the interchange format."""
+CREPA, streamed blocks), attention backends, expert options, and whether the adapter can be saved in the interchange
+format."""
 
 from __future__ import annotations
 
@@ -47,6 +48,43 @@ def check_block_indices(run: PreflightRun) -> None:
     if cfg.crepa.enabled and cfg.crepa.block_index >= blocks:
         run.error(f"crepa.block_index = {cfg.crepa.block_index}: {run.flavour.name} has blocks 0..{blocks - 1}: "
                   f"try {min(8, blocks - 1)}")
+
+
+def effective_memory(run: PreflightRun):
+    """The [memory] settings a run gets where the config decides them: a named preset's values under the fields set
+    explicitly ("auto" is chosen on the node: its explicit fields only)."""
+    from trainer.model.preset_choice import resolve_memory
+
+    return resolve_memory(run.cfg.memory, run.flavour, None, warn=False)
+
+
+def check_streaming(run: PreflightRun) -> None:
+    """Weight streaming (memory.streamed_blocks, preset low-16gb): a count the model has, checkpointed blocks, bf16
+    or int8 weights, one expert per run."""
+    memory, explicit = run.cfg.memory, run.cfg.memory.model_fields_set
+    if "streamed_blocks" in explicit and memory.streamed_blocks:
+        if memory.streamed_blocks > run.blocks:
+            run.error(f"memory.streamed_blocks = {memory.streamed_blocks}: {run.flavour.name} has {run.blocks} "
+                      f"transformer blocks: try {run.blocks} (every block) or fewer")
+        elif memory.checkpointed_blocks is not None and memory.streamed_blocks > memory.checkpointed_blocks:
+            run.error(f"memory.streamed_blocks = {memory.streamed_blocks} is more than memory.checkpointed_blocks = "
+                      f"{memory.checkpointed_blocks} (only checkpointed blocks stream): set memory.streamed_blocks = "
+                      f"{memory.checkpointed_blocks}, or memory.checkpointed_blocks = none")
+    try:
+        resolved = effective_memory(run)
+    except ValueError as err:  # the schema's own refusals of the mix (a named preset under explicit fields)
+        run.error(f"memory: {err}")
+        return
+    if not resolved.streamed_blocks or resolved.gradient_checkpointing == "none":
+        return
+    where = ("memory.streamed_blocks" if "streamed_blocks" in explicit
+             else f'memory.preset = "{memory.preset}" (it streams the weights of {resolved.streamed_blocks} blocks)')
+    if resolved.base_quantization == "fp8":
+        run.error(f'{where}: fp8 base weights do not stream: set memory.base_quantization = "int8", or '
+                  "memory.streamed_blocks = 0")
+    if run.cfg.model.train_both_experts:
+        run.error(f"{where}: not with model.train_both_experts (each expert would stream its own blocks): set "
+                  "memory.streamed_blocks = 0, or train one expert per run")
 
 
 def attention_backend_names() -> list[str] | None:
