@@ -260,3 +260,68 @@ def test_gpu_streaming_is_exact_pinned_and_frees_the_device(monkeypatch, quantiz
         assert streamer.bytes_copied > 0 and streamer.bound_blocks() == []
         del transformer, streamer
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- the sizing model, `auto`, preflight
+
+
+def test_sizing_moves_streamed_weights_from_the_gpu_to_host_ram():
+    """GPU weights: all blocks but the streamed ones, plus two slots; host: the streamed blocks' weights. The 16 GB
+    preset at 14B 832x480x81 is predicted under 15 GiB GPU and 32 GiB host, and says it was not measured."""
+    from trainer.model.sizing import HOST_SHARE, flavour_shape, predict_memory, streamed_gib, weights_gib
+
+    shape = flavour_shape("t2v-480p-14b-2.1")
+    block = shape.block_params / 2**30
+    assert weights_gib(shape, "int8") - weights_gib(shape, "int8", streamed=30) == pytest.approx(28 * block)
+    assert weights_gib(shape, "none", streamed=1) == weights_gib(shape, "none")  # one block: no smaller than its slots
+    assert streamed_gib(shape, "int8", streamed=30) == pytest.approx(30 * block)
+    tokens = shape.tokens(81, 480, 832)
+    p, basis = predict_memory(shape, "low-16gb", tokens), predict_memory(shape, "low-int8", tokens)
+    assert p.gpu_gib < 15 and p.host_gib <= 32 and p.pinned_gib <= HOST_SHARE * 48
+    assert p.gpu_gib == pytest.approx(basis.gpu_gib - 28 * block, abs=0.02)  # the same activations as low-int8's row
+    assert p.offload_gib == pytest.approx(basis.offload_gib / 2, abs=0.02)  # full checkpointing keeps the input only
+    assert p.streamed_gib == pytest.approx(30 * block, abs=0.01) and not p.measured and not p.gpu_measured
+
+
+def test_auto_takes_the_16gb_preset_only_where_it_is_needed_and_can_run():
+    from trainer.flavours import get_flavour
+    from trainer.model.preset_choice import choose_preset
+
+    big, small = get_flavour("t2v-480p-14b-2.1"), get_flavour("t2v-480p-1.3b-2.1")
+    assert choose_preset(big, 16.0, host_gib=48.0) == "low-16gb"
+    assert choose_preset(big, 24.0, host_gib=48.0) == "low-int8"  # no streaming where the weights fit
+    assert choose_preset(small, 16.0, host_gib=48.0) != "low-16gb"
+    assert choose_preset(big, 16.0, host_gib=48.0, streaming=False, warn=False) != "low-16gb"  # a Wan 2.2 pair
+    assert choose_preset(big, 16.0, host_gib=48.0, base_quantization="fp8", warn=False) != "low-16gb"
+    assert choose_preset(big, 16.0, host_gib=24.0, warn=False) != "low-16gb"  # 22.5 GiB pinned: not in 60% of 24
+
+
+def test_estimate_on_a_16gb_card_names_the_streaming_preset_as_extrapolated():
+    from launcher.estimate import estimate
+    from trainer.config.files import config_from_dict
+
+    cfg = config_from_dict({"model": {"flavour": "t2v-480p-14b-2.1"},
+                            "datasets": [{"path": "/x", "num_frames": 81, "width": 832, "height": 480}]})
+    e = estimate(cfg, "RTX4080")
+    assert e.memory_preset == "low-16gb" and e.fits and not e.measured and not e.speed_measured
+    assert e.vram_gib < 15 and e.host_gib <= 32 and "not measured (extrapolated)" in e.line()
+    assert "low-16gb has no measured row yet" in e.basis
+    both = config_from_dict({"model": {"flavour": "t2v-14b-2.2-high", "train_both_experts": True},
+                             "datasets": [{"path": "/x", "num_frames": 81, "width": 832, "height": 480}]})
+    assert estimate(both, "RTX4080").memory_preset != "low-16gb"
+
+
+def test_preflight_refuses_streaming_more_than_the_host_ram_holds(clips, tmp_path, monkeypatch):
+    """The streamed weights are page-locked host RAM the run cannot do without: `check` on the machine says so with a
+    count that fits."""
+    import trainer.model.sizing as sizing
+    from tests.conftest import tiny_config
+    from trainer.preflight.check import preflight
+
+    cfg = tiny_config(clips, tmp_path / "run", memory={"gradient_checkpointing": "full", "streamed_blocks": 2})
+    per_block = sizing.streamed_gib(sizing.flavour_shape("tiny"), "none", "bfloat16", 1)
+    monkeypatch.setattr(sizing, "host_memory_gib", lambda *a, **k: 1.5 * per_block / 0.9)
+    errors = [e for e in preflight(cfg, scan=False).errors if "streamed_blocks" in e]
+    assert errors == [e for e in errors if "memory.streamed_blocks = 1 (more weights stay on the GPU)" in e] != []
+    monkeypatch.setattr(sizing, "host_memory_gib", lambda *a, **k: 64.0)
+    assert not [e for e in preflight(cfg, scan=False).errors if "streamed_blocks" in e]
