@@ -10,13 +10,20 @@ as the ratio base: bf16 model, `add_adapter`, diffusers' default checkpointing a
     python3 bench/speed_bench.py --model 14b --shape 1280x720x81 --flavour t2v-14b-2.2-high --variants balanced-lean
     python3 bench/speed_bench.py --model 5b --shape 1280x704x121 --flavour ti2v-5b-2.2 --variants naive,fast,balanced
     python3 bench/speed_bench.py --tiny --model 5b --variants naive,full     # CPU check of the logic, tiny shapes
+    python3 bench/speed_bench.py --model 14b --variants low-16gb-fa4 --cap-gib 15 --steps 5   # a 16 GB card
 
 `--shape` sets the clip (width x height x frames; latents /8 spatially, /16 with the Wan 2.2 VAE of TI2V-5B,
 (frames-1)/4+1 in time), `--flavour` the model the trainer's step is configured for (its input channels: I2V adds 20
 condition channels, Wan 2.1 I2V 257 CLIP tokens; TI2V-5B: 48-channel latents, per-token timesteps with the clean first
 latent frame at 0 and out of the loss, as diffusers' `expand_timesteps` pipelines feed it).
-Each row also reports host memory: the process's peak resident set (VmHWM) and the activation offload's pinned pool;
-run one variant per process (the peak is the process's).
+Each row also reports host memory: the process's peak resident set (VmHWM), the peak during the timed steps alone
+(VmHWM reset through /proc/self/clear_refs once the model is built), the activation offload's pinned pool, and for
+weight streaming (`streamed_blocks`) the pinned host RAM of the streamed weights and the GiB they crossed to the GPU in
+the last step; run one variant per process (the peak is the process's).
+`--cap-gib G` caps this process's CUDA allocator at G GiB (torch.cuda.set_per_process_memory_fraction, which counts
+what the allocator reserves, fragmentation included) from the end of the variant's setup: the random model is built
+at full size on the GPU first, quantized and placed, then the cap holds for every timed step, as a card of that size
+would (the naive loop is capped too).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ FLAVOUR = {"1.3b": "t2v-480p-1.3b-2.1", "14b": "t2v-480p-14b-2.1", "5b": "ti2v-5
 DEFAULT_SHAPE = {"1.3b": "832x480x81", "14b": "832x480x81", "5b": "1280x704x121"}
 SHAPE = (832, 480, 81)  # width, height, frames (--shape)
 DEVICE = torch.device("cuda")  # --tiny: cpu
+CAP_GIB = 0.0  # --cap-gib: the CUDA allocator's cap for the timed steps (0: none)
 CLIP_TOKENS, CLIP_DIM = 257, 1280
 
 # name -> [memory] settings (anything not named keeps the schema default)
@@ -135,6 +143,13 @@ VARIANTS: dict[str, dict] = {
                                  attention_backend="flash_4_hub"),
     "partial10-compile-fa4": dict(gradient_checkpointing="selective", checkpointed_blocks=10, compile=True,
                                   attention_backend="flash_4_hub"),
+    # 14B on a 16 GB card (issue 31): preset low-16gb with fewer / more of the 40 blocks streamed from host RAM
+    "low-16gb-s24-fa4": dict(gradient_checkpointing="full", compile=True, activation_offload=True,
+                             feed_forward_chunk_size=4096, base_quantization="int8", streamed_blocks=24,
+                             attention_backend="flash_4_hub"),
+    "low-16gb-s36-fa4": dict(gradient_checkpointing="full", compile=True, activation_offload=True,
+                             feed_forward_chunk_size=4096, base_quantization="int8", streamed_blocks=36,
+                             attention_backend="flash_4_hub"),
 }
 # the presets by name (trainer/model/presets.py), cuDNN attention unless the name ends in -fa4
 for _name, _values in __import__("trainer.model.presets", fromlist=["PRESETS"]).PRESETS.items():
@@ -237,6 +252,24 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def reset_host_peak() -> bool:
+    """Start VmHWM again from the current resident set (Linux: 5 > /proc/self/clear_refs); False where refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def apply_cap() -> None:
+    """--cap-gib: from now on the CUDA allocator reserves at most CAP_GIB (what it caches is given back first)."""
+    if DEVICE.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        cap = CAP_GIB * 2**30 / torch.cuda.get_device_properties(DEVICE).total_memory if CAP_GIB else 1.0
+        torch.cuda.set_per_process_memory_fraction(min(cap, 1.0))
+
+
 def peak_gib() -> float:
     """GPU peak allocated since reset_peak (nan on the CPU)."""
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else float("nan")
@@ -264,7 +297,9 @@ def run_trainer_variant(model: str, flavour: str, memory: dict, warmup: int, ste
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     generator = torch.Generator(device=device).manual_seed(0)
     batch = make_batch(flavour)
+    apply_cap()
     reset_peak()
+    host_reset = reset_host_peak()
     first: dict = {}
 
     def step() -> None:
@@ -288,8 +323,15 @@ def run_trainer_variant(model: str, flavour: str, memory: dict, warmup: int, ste
     offloaded = offloader.bytes_offloaded / 2**30 if offloader else 0.0
     host = {"pinned": offloader.pool.bytes / 2**30 if offloader else 0.0,
             "kept": offloader.bytes_kept_for_lack_of_host / 2**30 if offloader else 0.0,
-            "budget": (offloader.max_host_bytes or 0) / 2**30 if offloader else 0.0}
-    del transformer, optimizer, accelerator
+            "budget": (offloader.max_host_bytes or 0) / 2**30 if offloader else 0.0,
+            "steps_host_peak": host_status()["VmHWM"] if host_reset else float("nan")}
+    from trainer.model.streaming import weight_streamer
+
+    streamer = weight_streamer(transformer)
+    if streamer is not None:
+        host.update(streamed=streamer.host_bytes / 2**30, streamed_per_step=streamer.bytes_copied / 2**30,
+                    streamed_blocks=len(streamer.ids))
+    del transformer, optimizer, accelerator, streamer
     return {"times": times, "peak": peak, "offloaded": offloaded, **host, **first}
 
 
@@ -311,7 +353,9 @@ def run_naive(model: str, flavour: str, warmup: int, steps: int) -> dict:
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     batch = {k: v.to(DEVICE) for k, v in make_batch(flavour).items()}
+    apply_cap()
     reset_peak()
+    host_reset = reset_host_peak()
 
     def step() -> None:
         x0 = batch["latents"].to(torch.bfloat16)
@@ -339,7 +383,8 @@ def run_naive(model: str, flavour: str, warmup: int, steps: int) -> dict:
     times = timed_steps(step, warmup, steps)
     peak = peak_gib()
     del transformer, optimizer
-    return {"times": times, "peak": peak, "offloaded": 0.0, "pinned": 0.0, "kept": 0.0, "budget": 0.0}
+    return {"times": times, "peak": peak, "offloaded": 0.0, "pinned": 0.0, "kept": 0.0, "budget": 0.0,
+            "steps_host_peak": host_status()["VmHWM"] if host_reset else float("nan")}
 
 
 def main() -> None:
@@ -353,9 +398,12 @@ def main() -> None:
     parser.add_argument("--shape", default=None, help="clip width x height x frames (default: the model's own)")
     parser.add_argument("--flavour", default=None, help="the flavour the step is configured for (default: the model's)")
     parser.add_argument("--tiny", action="store_true", help="CPU, 2 tiny blocks, 64x64x9: checks the logic only")
+    parser.add_argument("--cap-gib", type=float, default=0.0,
+                        help="cap the CUDA allocator at this many GiB for the timed steps (a smaller card)")
     args = parser.parse_args()
-    global PROFILE, SHAPE, DEVICE
+    global PROFILE, SHAPE, DEVICE, CAP_GIB
     PROFILE = args.profile
+    CAP_GIB = args.cap_gib
     if args.tiny:
         DEVICE = torch.device("cpu")
         SHAPES[args.model] = TINY
@@ -379,13 +427,17 @@ def main() -> None:
     header = (f"device: {device}; torch {torch.__version__}; diffusers {diffusers.__version__}; "
               f"Wan {args.model} ({flavour}) {args.shape}, {tokens} tokens, "
               f"batch 1, LoRA r16, bf16; useful FLOP/step {flops:.3e}; median of {args.steps} steps after "
-              f"{args.warmup} warm-up; host RAM available at start {host_memory_gib():.1f} GiB\n\n"
+              f"{args.warmup} warm-up; host RAM available at start {host_memory_gib():.1f} GiB"
+              + (f"; CUDA allocator capped at {CAP_GIB:g} GiB for the steps" if CAP_GIB else "") + "\n\n"
               "| variant | median s/step | peak GiB | offloaded GiB/step | TFLOP/s (useful) | vs naive | "
-              "step-0 loss / grad norm | host peak GiB (VmHWM) | pinned pool GiB | kept on GPU for lack of host GiB |"
-              "\n|---|---|---|---|---|---|---|---|---|---|\n")
+              "step-0 loss / grad norm | host peak GiB (VmHWM) | host peak GiB in the steps | pinned pool GiB | "
+              "kept on GPU for lack of host GiB | streamed blocks: host GiB / GiB to the GPU per step |"
+              "\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows, naive_time = [], None
     for name in names:
         print(f"== {name}", flush=True)
+        if DEVICE.type == "cuda":  # the cap holds for the timed steps only (apply_cap): lifted while building
+            torch.cuda.set_per_process_memory_fraction(1.0)
         try:
             if name == "naive":
                 r = run_naive(args.model, flavour, args.warmup, args.steps)
@@ -395,14 +447,16 @@ def main() -> None:
             naive_time = median if name == "naive" else naive_time
             ratio = f"{naive_time / median:.2f}x" if naive_time else "-"
             check = f"{r['loss']:.5f} / {r['grad_norm']:.4e}" if "loss" in r else "-"
+            streamed = (f"{r['streamed_blocks']}: {r['streamed']:.2f} / {r['streamed_per_step']:.2f}"
+                        if "streamed" in r else "-")
             rows.append(f"| {name} | {median:.3f} | {r['peak']:.2f} | {r['offloaded']:.2f} | "
                         f"{flops / median / 1e12:.0f} | {ratio} | {check} | {host_status()['VmHWM']:.2f} | "
-                        f"{r['pinned']:.2f} | {r['kept']:.2f} |")
+                        f"{r['steps_host_peak']:.2f} | {r['pinned']:.2f} | {r['kept']:.2f} | {streamed} |")
         except Exception as err:  # one failing variant must not lose the others' numbers
             traceback.print_exc()
             rows.append(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} | "
                         f"{peak_gib():.2f} (at failure) | | | | | "
-                        f"{host_status()['VmHWM']:.2f} | | |")
+                        f"{host_status()['VmHWM']:.2f} | | | | |")
         gc.collect()
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()

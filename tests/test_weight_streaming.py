@@ -234,30 +234,45 @@ def test_only_checkpointed_blocks_stream_spread_over_them():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("quantization", ["none", "int8"])
 def test_gpu_streaming_is_exact_pinned_and_frees_the_device(monkeypatch, quantization):
-    """On a GPU: the same step as resident (bf16 / int8), the host copies page-locked, the copies on a side stream,
-    and the device holding the resident blocks plus two slots."""
+    """On a GPU (bf16 / int8 base, autocast, activation offload, side streams): the same step as resident, the host
+    copies page-locked, and the device holding the resident blocks plus two slots. Exact where the resident step is
+    bitwise reproducible on this GPU (torch's math attention), else within bf16 rounding."""
     device = torch.device("cuda")
     monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
-    values = dict(gradient_checkpointing="selective", activation_offload=True, base_quantization=quantization)
-    resident = _transformer(MemoryConfig(**values), device, torch.bfloat16, layers=6)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        expected = _step(resident, device)
-    resident_bytes = torch.cuda.memory_allocated()
+    values = dict(gradient_checkpointing="selective", activation_offload=True, base_quantization=quantization,
+                  attention_backend="_native_math")
+
+    def build(memory):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        transformer = _transformer(memory, device, torch.bfloat16, layers=6)
+        return transformer, torch.cuda.memory_allocated() - before
+
+    def step(transformer):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _step(transformer, device)
+
+    resident, resident_bytes = build(MemoryConfig(**values))
+    expected, again = step(resident), step(resident)
+    exact = torch.equal(expected[0], again[0]) and all(torch.equal(a, b) for a, b in zip(expected[1], again[1]))
+    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1.6e-2, atol=1e-5)
     del resident
     torch.cuda.empty_cache()
     for check_released in (False, True):
         monkeypatch.setattr(streaming, "CHECK_RELEASED_SLOTS", check_released)
-        base = torch.cuda.memory_allocated()
-        transformer = _transformer(MemoryConfig(**values, streamed_blocks=5), device, torch.bfloat16, layers=6)
+        transformer, streamed_bytes = build(MemoryConfig(**values, streamed_blocks=5))
         streamer = transformer.wanforge_streamer
+        per_block = sum(t.numel() * t.element_size() for t in streamer._blocks[streamer.ids[0]].host)
         assert all(h.is_pinned() for b in streamer._blocks.values() for h in b.host)
-        assert streamer.device_bytes < streamer.host_bytes
-        assert torch.cuda.memory_allocated() - base < resident_bytes - base
+        assert resident_bytes - streamed_bytes >= 0.8 * (5 - streaming.SLOTS) * per_block
         for _ in range(2):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                _assert_same(expected, _step(transformer, device))
+            got = step(transformer)
+            torch.testing.assert_close(got[0], expected[0], **tolerance)
+            for a, b in zip(got[1], expected[1]):
+                torch.testing.assert_close(a, b, **tolerance)
         torch.cuda.synchronize()
         assert streamer.bytes_copied > 0 and streamer.bound_blocks() == []
+        assert all(t.device.type == "cpu" for b in streamer._blocks.values() for t in b.leaves)
         del transformer, streamer
         torch.cuda.empty_cache()
 
