@@ -22,7 +22,8 @@ LAYERS = 5  # the tiny Wan with more blocks than slots: within one step the ring
 CPU = torch.device("cpu")
 
 
-def _transformer(memory: MemoryConfig, device: torch.device = CPU, dtype=torch.float32, layers: int = LAYERS):
+def _transformer(memory: MemoryConfig, device: torch.device = CPU, dtype=torch.float32, layers: int = LAYERS,
+                 lora: LoraConfig | None = None):
     """The tiny Wan (trainer/model/tiny.py's config, `layers` blocks, seeded weights) with LoRA and these options."""
     from diffusers import WanTransformer3DModel
 
@@ -31,7 +32,7 @@ def _transformer(memory: MemoryConfig, device: torch.device = CPU, dtype=torch.f
     transformer = WanTransformer3DModel.from_config({**config, "num_layers": layers}).to(dtype)
     place_base_model(transformer, memory, device)
     torch.manual_seed(1)
-    add_lora(transformer, LoraConfig(rank=4))
+    add_lora(transformer, lora or LoraConfig(rank=4))
     for p in trainable_parameters(transformer):  # non-zero B: every adapter gets a gradient
         torch.nn.init.normal_(p, std=0.02)
     transformer.offloader = apply_memory_options(transformer, memory, device)
@@ -96,6 +97,20 @@ def test_streamed_step_is_the_resident_step(monkeypatch, mode, check_released):
     for _ in range(2):
         _assert_same(expected, _step(transformer))
         assert streamer.bound_blocks() == []
+
+
+def test_lycoris_adapters_stream_the_same_step(monkeypatch, tmp_path):
+    """A LyCORIS network (LoKr) reads the base weights inside the blocks too: the same exact step."""
+    import json
+
+    monkeypatch.setattr(streaming, "CHECK_RELEASED_SLOTS", True)
+    config = tmp_path / "lycoris.json"
+    config.write_text(json.dumps({"algo": "lokr", "factor": 4, "linear_dim": 4, "linear_alpha": 2}))
+    lora = LoraConfig(lora_type="lycoris", lycoris_config=str(config))
+    expected = _step(_transformer(MemoryConfig(gradient_checkpointing="full"), lora=lora))
+    transformer = _transformer(MemoryConfig(gradient_checkpointing="full", streamed_blocks=4), lora=lora)
+    for _ in range(2):
+        _assert_same(expected, _step(transformer))
 
 
 class _Watch(TorchDispatchMode):
