@@ -216,6 +216,29 @@ def test_no_grad_forward_streams_through_the_hooks():
     assert transformer.wanforge_streamer.bound_blocks() == []
 
 
+def test_validation_compiled_blocks_bind_the_streamed_weights(monkeypatch):
+    """Validation renders run the blocks through one compiled function shared by every block (resident ones traced
+    first here): a streamed block is still bound around its compiled call, so it computes from its slot."""
+    from trainer.outputs.validation_videos import compiled_blocks
+
+    memory = MemoryConfig(gradient_checkpointing="full")
+    resident, transformer = _transformer(memory), _transformer(memory.model_copy(update={"streamed_blocks": 4}))
+    streamer = transformer.wanforge_streamer
+    binds = []
+    real_bind = streamer._bind
+    monkeypatch.setattr(streamer, "_bind", lambda i, slot: (binds.append(i), real_bind(i, slot)))
+    g = torch.Generator().manual_seed(3)
+    x, text = torch.randn(1, 16, 3, 8, 8, generator=g), torch.randn(1, 6, resident.config.text_dim, generator=g)
+    outputs = []
+    for model in (resident, transformer):
+        model.eval()
+        with torch.no_grad(), compiled_blocks([model]):
+            outputs.append(model(hidden_states=x, timestep=torch.tensor([10.0]), encoder_hidden_states=text,
+                                 return_dict=False)[0])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    assert binds == streamer.ids and streamer.bound_blocks() == []
+
+
 def test_moving_the_model_leaves_streamed_weights_in_host_ram():
     """accelerate's prepare (and any `.to`) moves the rest of the model; the streamed weights stay in their host
     buffers, and DDP is told to leave them alone (frozen, identical in every process)."""

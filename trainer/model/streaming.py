@@ -185,6 +185,16 @@ class WeightStreamer:
             self._managed = False
             self._release_all()
 
+    def around(self, index: int, call):
+        """`call` (a compiled block call: validation's) bracketed like the block runner's: the binding stays outside
+        the compiled code, whose traced hooks then stand aside."""
+
+        def bound_call(*args, **kwargs):
+            with self.running(index):
+                return call(*args, **kwargs)
+
+        return bound_call
+
     def watch_backward(self, index: int, output):
         """The block's backward binds it again: when the gradient of its output arrives."""
         if torch.is_grad_enabled() and torch.is_tensor(output) and output.requires_grad:

@@ -184,11 +184,17 @@ def _compiled_block_call(backend):
 def compiled_blocks(denoisers: list, backend="inductor") -> Iterator[None]:
     """The transformer blocks run through torch.compile during a render. Under no_grad diffusers calls each block
     itself, so training's compiled block runner (trainer.model.memory) is not used: without this, validation runs eager."""
+    from trainer.model.streaming import weight_streamer
+
     touched = []
     for model in denoisers:
-        for block in getattr(model, "blocks", []):
+        streamer = weight_streamer(model)
+        for i, block in enumerate(getattr(model, "blocks", [])):
             if block._compiled_call_impl is None:
-                block._compiled_call_impl = functools.partial(_compiled_block_call(backend), block)
+                call = functools.partial(_compiled_block_call(backend), block)
+                if streamer is not None and streamer.streams(i):  # weights bound outside the compiled code
+                    call = streamer.around(i, call)
+                block._compiled_call_impl = call
                 touched.append(block)
     try:
         yield
