@@ -18,20 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.readiness import CLOUD_EXTRAS, launch_env_hint
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_json
-
-CLOUD_EXTRAS = ("aws", "gcp", "azure", "lambda", "runpod", "vast", "nebius", "oci", "kubernetes")  # skypilot[...]
-
-
-def launch_env_hint(target: str | None = None) -> str:
-    """How to install the launcher environment, with the SkyPilot extra of `target` (any of CLOUD_EXTRAS)."""
-    extra = target if target in CLOUD_EXTRAS else "CLOUD"
-    which = "" if extra != "CLOUD" else f" (CLOUD: one or more of {','.join(CLOUD_EXTRAS)})"
-    return ("SkyPilot is not installed in this Python. It lives in its own environment (its click pin clashes with "
-            'wandb): python -m venv .venv-launch && .venv-launch/bin/pip install -c constraints-launch.txt -e ".[launch]" '
-            f'"skypilot[{extra}]"{which}, then run .venv-launch/bin/wanforge ...')
-
 
 LAUNCH_ENV_HINT = launch_env_hint()
 

@@ -14,6 +14,18 @@ from pathlib import Path
 
 from launcher.targets import Plan
 
+CLOUD_EXTRAS = ("aws", "gcp", "azure", "lambda", "runpod", "vast", "nebius", "oci", "kubernetes")  # skypilot[...]
+
+
+def launch_env_hint(target: str | None = None) -> str:
+    """How to install the launcher environment, with the SkyPilot extra of `target` (any of CLOUD_EXTRAS)."""
+    extra = target if target in CLOUD_EXTRAS else "CLOUD"
+    which = "" if extra != "CLOUD" else f" (CLOUD: one or more of {','.join(CLOUD_EXTRAS)})"
+    return ("SkyPilot is not installed in this Python. It lives in its own environment (its click pin clashes with "
+            'wandb): python -m venv .venv-launch && .venv-launch/bin/pip install -c constraints-launch.txt -e ".[launch]" '
+            f'"skypilot[{extra}]"{which}, then run .venv-launch/bin/wanforge ...')
+
+
 RSYNC_LINE = ("rsync is not installed here: SkyPilot copies the config and the clips to the node with it and refuses "
               "to provision without it: apt-get install rsync (Debian/Ubuntu) or brew install rsync (macOS)")
 CLOUD_DOCS = "docs/cloud.md#first-launch-checklist"
@@ -116,8 +128,6 @@ def _installed(module: str) -> bool:
 
 def skypilot_lines(target: str) -> list[str]:
     """SkyPilot itself, then the target's extra, programs and credentials: one line per missing piece."""
-    from launcher.lifecycle import launch_env_hint
-
     spec = importlib.util.find_spec("sky")
     if spec is None or spec.origin is None:  # (the repo's sky/ templates folder is a namespace package: no origin)
         return [launch_env_hint(target)]
