@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import lifecycle, render
-from launcher.estimate import Estimate, cheapest_fitting, estimate, estimate_all, parse_gpu
+from launcher.estimate import Estimate, cheapest_fitting, cited_rows, estimate, estimate_all, parse_gpu
 from launcher.estimate_table import cpu_trial_note
 from launcher.lifecycle import LaunchRecord
 from launcher.readiness import readiness_lines, secret_lines
@@ -292,9 +292,14 @@ def cmd_estimate(args: argparse.Namespace) -> int:
           f" x {cfg.train.gradient_accumulation_steps}, memory preset {cfg.memory.preset} (resolved per GPU below):")
     for e in rows:
         print("  " + e.line())
-    print(f"scaled from: {rows[0].basis}")
-    print("prices: reference on-demand $/h per GPU (launcher/calibration.toml names each source); "
-          "check the live price with `sky show-gpus`")
+    print("measured rows each figure is scaled from ([row N] above; launcher/calibration.toml [[measured]], N-th row):")
+    for line in cited_rows(rows):
+        print("  " + line)
+    if len(rows) == 1:
+        print(f"how: {rows[0].basis}")
+    print("s/step is scaled from its row by FLOPs and, on another GPU, by datasheet bf16 TFLOP/s; host RAM is the "
+          "card's typical node (calibration.toml host_source); prices: reference on-demand $/h per GPU "
+          "(calibration.toml names each source), check the live price with `sky show-gpus`")
     return 0
 
 
