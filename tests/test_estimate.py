@@ -7,7 +7,7 @@ import pytest
 from launcher import estimate as est_mod
 from launcher.cli import main
 from launcher.estimate import cheapest_fitting, estimate, estimate_all, known_gpus, parse_gpu
-from trainer.config.files import config_from_dict, save_config
+from trainer.config.files import config_from_dict, load_config, save_config
 from trainer.errors import UserError
 
 
@@ -212,8 +212,9 @@ def test_each_figure_names_its_measured_row_and_the_footer_agrees(tmp_path, caps
 
     from trainer.model import sizing
 
-    cfg = config_from_dict({"model": {"flavour": "t2v-480p-1.3b-2.1"}, "datasets": [{"path": "/x"}]})
-    save_config(cfg, tmp_path / "c.toml")
+    (tmp_path / "c.toml").write_text('[model]\nflavour = "t2v-480p-1.3b-2.1"\n[[datasets]]\npath = "clips"\n'
+                                     'num_frames = 81\nwidth = 832\nheight = 480\n[lora]\nrank = 32\n')  # docs' wan13b
+    cfg = load_config(tmp_path / "c.toml")
     assert main(["estimate", str(tmp_path / "c.toml")]) == 0
     out = capsys.readouterr().out.splitlines()
     table = [line for line in out if re.match(r"\s+\S+: +[\d.]+ GiB/GPU", line)]
