@@ -111,6 +111,17 @@ def default_run_name(stem: str) -> str:
     return check_run_name(f"{name}-{time.strftime('%m%d-%H%M%S')}")
 
 
+IMAGE_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")  # registry/name:tag or @sha256:..., nothing a shell reads
+
+
+def check_image(value: str) -> str:
+    """--image: a container image reference (your own build of docker/, pushed to a registry the node can pull)."""
+    if not IMAGE_RULE.fullmatch(value) or ".." in value or "/" not in value and ":" not in value:
+        raise UserError(f"--image {value!r}: give an image reference such as ghcr.io/me/wanforge-trainer:0.1.0-cu128 "
+                        "(letters, digits, '.', '_', '-', '/', ':', '@')")
+    return value
+
+
 def check_hub_dataset(value: str) -> str:
     """--hub-dataset: a Hub dataset id (USER/NAME), checked by the Hub's own repo-id rules."""
     if not value:
@@ -241,7 +252,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         secrets = gather_secrets(cfg, plan, hub_dataset)
         names = sorted(secrets)
     task = render.render_task(plan, name, staged_config, list(folders.values()), hub_dataset, names,
-                              keep_alive_min=args.keep_alive_min)
+                              image=check_image(args.image) if args.image else None, keep_alive_min=args.keep_alive_min)
     (staging / "task.yaml").write_text(render.dump(task), encoding="utf-8")
     note = cpu_trial_note(cfg)  # the tiny models: a GPU estimate of them would be all zeros
     estimate_line = f"estimate: {note}" if note else f"estimate: {est.line()}" if est else ""
@@ -371,6 +382,8 @@ def add_commands(sub: Any, with_config: Any) -> None:
     p.add_argument("--output-mode", default="auto", choices=["auto", "mount", "upload"],
                    help="mount the bucket (VM clouds, default there) or let the node upload (pod clouds, Hub)")
     p.add_argument("--hub-dataset", help="a Hugging Face dataset id fetched on the node, used as datasets[0]")
+    p.add_argument("--image", help="the trainer image the node runs (default: this version's published image for the "
+                                   "GPU's vendor, see docs/containers.md); your own: REGISTRY/NAME:TAG")
     p.add_argument("--name", help="run / cluster name (default wf-<config>-<time>)")
     p.add_argument("--dryrun", action="store_true", help="print the rendered task and the estimate, launch nothing")
     p.add_argument("--ignore-estimate", action="store_true", help="launch even if the estimate says it won't fit")

@@ -458,3 +458,13 @@ def test_every_cloud_installs_from_the_constraints_and_ci_checks_it():
             if "==" in line and not line.startswith("#")}
     assert {"skypilot", "boto3", "runpod", "vastai-sdk", "azure-cli", "google-api-python-client", "oci", "nebius",
             "kubernetes", "python-dateutil"} <= pins
+
+
+def test_your_own_image_and_hostile_image_names(config_file, state, capsys):
+    assert launch(config_file, "--target", "aws", "--gpu", "H100", "--name", "wf-img", "--image",
+                  "ghcr.io/me/wanforge-trainer:0.1.0-cu128", "--dryrun") == 0
+    task = yaml.safe_load((state / "wf-img" / "task.yaml").read_text())
+    assert task["resources"]["image_id"] == "docker:ghcr.io/me/wanforge-trainer:0.1.0-cu128"
+    for bad in ("me/x; id", "$(id)/x:1", "-x/y", "a b/c:1", "../x:1"):
+        assert launch(config_file, "--target", "aws", "--gpu", "H100", f"--image={bad}", "--dryrun") == 2
+        assert "--image" in capsys.readouterr().err
