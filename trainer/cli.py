@@ -173,8 +173,8 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     known_warnings.install()
     try:
         code = func(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:  # one `error:` line per problem
+        print("\n".join(f"error: {line}" for line in str(err).splitlines() if line.strip()) or "error", file=sys.stderr)
         code = 2
     except KeyboardInterrupt as err:  # trainer.errors.RunStopped carries 128 + the signal (143 SIGTERM, 130 Ctrl-C)
         print(f"stopped: {err}" if str(err) else "stopped", file=sys.stderr)

@@ -137,7 +137,7 @@ def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | N
 
     main = accelerator.is_main_process
     resume_from = run.resolve_resume(resume) if resume else None
-    if resume_from is None and run.complete_checkpoints():
+    if resume is None and run.complete_checkpoints():  # (`latest` with none usable: a fresh start, warned above)
         raise UserError(
             f"{run.root} already has checkpoints: pass --resume latest to continue that run, "
             "or set train.output_dir to a new folder"
