@@ -91,6 +91,10 @@ def transformer_dims(model, flavour: Flavour) -> dict:
                 return data
         except (OSError, ValueError):
             pass
+    if flavour.tiny is not None:  # not built yet: its arguments (trainer.model.tiny)
+        from trainer.model.tiny import TINY_CHANNELS, tiny_transformer_config
+
+        return tiny_transformer_config(*TINY_CHANNELS[flavour.tiny])
     heads = flavour.num_heads
     return {"num_attention_heads": heads, "attention_head_dim": flavour.dim // heads, "ffn_dim": flavour.ffn_dim,
             "num_layers": block_count(model, flavour), "in_channels": flavour.in_channels,

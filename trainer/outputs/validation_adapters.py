@@ -40,7 +40,7 @@ def adapter_file(path: str) -> Path:
         return local
     hub = parse_hub_file(path)
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     try:
@@ -51,12 +51,12 @@ def adapter_file(path: str) -> Path:
         raise UserError(f"validation adapter {path}: no repo {hub.repo_id} on the Hub (or it is private: set HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise UserError(f"validation adapter {path}: the repo has no revision {hub.revision!r}") from None
-    except EntryNotFoundError:
+    except (EntryNotFoundError, RemoteEntryNotFoundError):
         raise UserError(f"validation adapter {path}: {hub.repo_id} has no file {hub.filename}") from None
     except LocalEntryNotFoundError:
         raise UserError(f"validation adapter {path}: not in the Hub cache and the Hub cannot be reached (offline): "
                         "download it once online, or give a local file") from None
-    except (HfHubHTTPError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - HfHubHTTPError, the connection's own errors: not a bug of wanforge
         raise UserError(f"validation adapter {path}: download failed ({str(err).splitlines()[0][:200]})") from None
 
 
