@@ -293,3 +293,33 @@ def test_validate_command_takes_adapters_and_render_flags(clips, tmp_path):
     assert manifest["a-square-cli.mp4"]["steps"] == 1 and manifest["a-square-cli.mp4"]["adapters"][0]["strength"] == 0.5
     assert cli(["validate", str(config), "--lora", str(run_lora), "--adapter", f"{speed},strenght=1"]) == 2
     assert cli(["validate", str(config), "--lora", str(run_lora), "--adapter", str(tmp_path / "nope.safetensors")]) == 2
+
+
+def test_training_renders_both_ways_and_the_speed_render_leaves_training_alone(few_clips, tmp_path):
+    """A run validating with a full render and a speed-LoRA render trains the same LoRA as one with the full render
+    only (the stacked adapter comes off the live model), and run.json / metrics.jsonl name each video's settings."""
+    from trainer.loop.train import train
+
+    speed = write_lora(tmp_path / "speed.safetensors", make_lora(linear_shapes_of(_parts("tiny")[0]), "comfyui")[0])
+    common = {"num_frames": 5, "width": 32, "height": 32, "num_inference_steps": 2, "every_n_steps": 1,
+              "eval_every_n_steps": 0, "prompt": "a square"}
+    runs = {}
+    for name, renders in (("plain", [{"name": "full"}]),
+                          ("speed", [{"name": "full"}, {"name": "speed", "num_inference_steps": 1,
+                                                        "guidance_scale": 1.0, "adapters": [{"path": str(speed)}]}])):
+        cfg = tiny_config(few_clips, tmp_path / name, train={"max_train_steps": 2}, validation={**common, "renders": renders},
+                          checkpoint={"every_n_steps": 2})
+        runs[name] = train(cfg, show_progress=False)
+    from safetensors.torch import load_file
+
+    plain, fast = (load_file(str(runs[n].lora_file)) for n in ("plain", "speed"))
+    assert plain.keys() == fast.keys() and all(torch.equal(plain[k], fast[k]) for k in plain)
+    run_json = json.loads((runs["speed"].run_dir / "run.json").read_text())
+    assert sorted(run_json["video_settings"]) == sorted(run_json["videos"]) == [
+        f"validation/step-{s}/a-square-{r}.mp4" for s in (1, 2) for r in ("full", "speed")]
+    speed_video = run_json["video_settings"]["validation/step-2/a-square-speed.mp4"]
+    assert (speed_video["steps"], speed_video["guidance_scale"], speed_video["adapters"][0]["path"]) == (1, 1.0, str(speed))
+    records = [json.loads(line) for line in (runs["speed"].run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "validation_settings" in r]
+    assert [r["step"] for r in logged] == [1, 2]
+    assert logged[0]["validation_settings"]["validation/step-1/a-square-full.mp4"]["steps"] == 2

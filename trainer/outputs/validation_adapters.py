@@ -170,8 +170,12 @@ def _targets(slots: dict, expert: str, path: str) -> list[str]:
 
 def _load(pipe, model, state: dict[str, torch.Tensor], name: str) -> None:
     """diffusers' loader, into the slot `model` occupies in the pipeline."""
+    import warnings
+
     kwargs = {"load_into_transformer_2": True} if model is getattr(pipe, "transformer_2", None) else {}
-    pipe.load_lora_weights(state, adapter_name=name, **kwargs)
+    with warnings.catch_warnings():  # peft's note that the model now has several adapters: that is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        pipe.load_lora_weights(state, adapter_name=name, **kwargs)
 
 
 def _placed(model: torch.nn.Module, name: str) -> int:

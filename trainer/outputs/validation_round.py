@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,12 +119,15 @@ class TrainingValidator:
                     self._render(model, Path(scratch))
             accelerator.wait_for_everyone()
             return []
+        started = time.perf_counter()
         result = self._render(model, self.run.validation / f"step-{step}")
+        seconds = round(time.perf_counter() - started, 3)  # the round's wall time (the videos are written: synced)
         rel = lambda p: str(p.relative_to(self.run.root))  # noqa: E731
         settings = result.settings_by_path(self.run.root)
         self.video_settings.update(settings)
         self.run.log_metrics({"step": step, "validation_videos": [rel(p) for p in result.paths],
-                              "contact_sheet": rel(result.sheet), "validation_settings": settings})
+                              "contact_sheet": rel(result.sheet), "validation_settings": settings,
+                              "validation_s": seconds})
         log_validation(accelerator, self.cfg, [(label(r), r.path) for r in result.videos], result.sheet, step)
         self.webhooks.send("validation", f"validation at step {step}: " + ", ".join(label(r) for r in result.videos),
                            step=step, images=[result.sheet])
