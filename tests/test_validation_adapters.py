@@ -124,6 +124,19 @@ def test_a_wan21_i2v_lora_on_a_wan22_expert_names_the_keys_that_do_not_apply(cli
     assert "cross_attn.k_img" in caplog.text
 
 
+def test_a_text_to_video_lora_on_the_wan21_i2v_model_loads_whole(tmp_path):
+    """The other way round: diffusers gives a T2V LoRA zero image layers on Wan 2.1 I2V; every key of the file lands."""
+    i2v, vae = _parts("tiny-i2v-2.1")
+    t2v_shapes = {m: s for m, s in linear_shapes_of(i2v).items() if "add_" not in m}
+    tensors, deltas = make_lora(t2v_shapes, "kohya")
+    lora = write_lora(tmp_path / "t2v.safetensors", tensors)
+    settings = _settings(AdapterSpec(str(lora)))
+    with stacked_adapters(build_pipeline(i2v, vae, settings), settings):
+        got = peft_deltas(i2v, "wanforge_speed_0")
+        assert all(torch.allclose(got[m], deltas[m], atol=1e-6) for m in deltas)
+        assert all(not got[m].any() for m in set(got) - set(deltas))  # the zero image layers diffusers adds
+
+
 def test_check_refuses_files_that_would_not_load(clips, tmp_path):
     tiny_shapes = linear_shapes_of(_parts("tiny")[0])
     wide = {m: (a * 2, b * 2) for m, (a, b) in tiny_shapes.items()}  # a LoRA for a bigger Wan

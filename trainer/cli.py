@@ -132,30 +132,28 @@ def cli_render(args: argparse.Namespace) -> dict | None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from trainer.config.files import config_from_dict, read_config_data
+    from trainer.config.files import apply_override, config_from_dict, read_config_data
     from trainer.outputs.validation_round import validate_lora
+    from trainer.preflight.check import preflight
 
     render = cli_render(args)
     if render is None:
         cfg = _load(args)
-    else:  # the flags replace the config's renders, validated (and relative paths resolved) like the file's own
-        cwd_render = {**render, "adapters": [{**a, "path": str(Path(a["path"]).resolve())}
-                                             if not a["path"].startswith("hf://") and a["path"] else a
-                                             for a in render["adapters"]]}
+    else:  # the flags replace the config's renders, validated like the file's own (their paths: from the shell's folder)
+        for adapter in render["adapters"]:
+            if adapter["path"] and not adapter["path"].startswith("hf://"):
+                adapter["path"] = str(Path(adapter["path"]).expanduser().resolve())
         data = read_config_data(args.config)
-        from trainer.config.files import apply_override
-
         for assignment in args.set:
             apply_override(data, assignment)
-        data.setdefault("validation", {})["renders"] = [cwd_render]
-        cfg = config_from_dict(data, source=f"{args.config} + validate flags", base_dir=Path(args.config).parent.resolve())
-    from trainer.preflight.check import preflight
-
-    report = preflight(cfg, here=True, scan=False, training=False)
-    problems = [e for e in report.errors if e.startswith("validation.")]  # what this command needs of the config
+        data.setdefault("validation", {})["renders"] = [render]
+        cfg = config_from_dict(data, source=f"{args.config} + validate flags",
+                               base_dir=Path(args.config).parent.resolve())
+    report = preflight(cfg, scan=False, training=False)  # the adapters' keys against this model, as `check` reads them
     for line in report.warnings:
         if line.startswith("validation."):
             print(f"warning: {line}", file=sys.stderr)
+    problems = [e for e in report.errors if e.startswith("validation.")]  # what this command needs of the config
     if problems:
         raise UserError("\n".join(problems))
     for path in validate_lora(cfg, Path(args.lora), Path(args.out) if args.out else None):

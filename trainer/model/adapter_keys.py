@@ -203,6 +203,7 @@ class AdapterReport:
     fmt: str
     modules: int = 0  # modules of the model that get its weights
     applied_keys: set[str] = field(default_factory=set)  # converted keys that load (diffusers names)
+    layers: set[str] = field(default_factory=set)  # the modules they load into
     errors: list[str] = field(default_factory=list)  # loading would fail or change nothing
     not_applied: list[str] = field(default_factory=list)  # keys that would not apply, grouped, each with why
 
@@ -269,7 +270,7 @@ def analyse(source_keys: Iterable[str], converted: Mapping[str, tuple[int, ...]]
             continue
         report.applied_keys.add(key)
         landed.add(module)
-    report.modules = len(landed)
+    report.modules, report.layers = len(landed), landed
     if wrong:
         report.errors.append(f"{len(wrong)} keys are sized for another model, e.g. {wrong[0]}: is it a LoRA for "
                              "another Wan size (14B vs 1.3B vs 5B)?")
