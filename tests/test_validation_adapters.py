@@ -140,7 +140,7 @@ def test_a_text_to_video_lora_on_the_wan21_i2v_model_loads_whole(tmp_path):
 def test_check_refuses_files_that_would_not_load(clips, tmp_path):
     tiny_shapes = linear_shapes_of(_parts("tiny")[0])
     wide = {m: (a * 2, b * 2) for m, (a, b) in tiny_shapes.items()}  # a LoRA for a bigger Wan
-    files = {
+    written = {
         "wide": write_lora(tmp_path / "wide.safetensors", make_lora(wide, "comfyui")[0]),
         "unknown": write_lora(tmp_path / "unknown.safetensors", {"foo.bar.lora_A.weight": torch.zeros(2, 3)}),
         "lokr": write_lora(tmp_path / "lokr.safetensors", {"lora_unet_blocks_0_self_attn_q.lokr_w1": torch.zeros(2, 2),
@@ -148,8 +148,8 @@ def test_check_refuses_files_that_would_not_load(clips, tmp_path):
         "deep": write_lora(tmp_path / "deep.safetensors", make_lora(
             {**tiny_shapes, "blocks.7.attn1.to_q": (32, 32)}, "comfyui", modules=["blocks.7.attn1.to_q"])[0]),
     }
-    (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
-    (tmp_path / "diffs.safetensors")
+    assert all(p.is_file() for p in written.values())
+    (tmp_path / "pickle.safetensors").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle under the wrong name
     with_diff = make_lora(tiny_shapes, "comfyui")[0] | {"diffusion_model.blocks.0.norm3.diff": torch.zeros(32)}
     write_lora(tmp_path / "diffs.safetensors", with_diff)
 
