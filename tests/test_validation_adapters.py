@@ -336,3 +336,28 @@ def test_training_renders_both_ways_and_the_speed_render_leaves_training_alone(f
     logged = [r for r in records if "validation_settings" in r]
     assert [r["step"] for r in logged] == [1, 2]
     assert logged[0]["validation_settings"]["validation/step-1/a-square-full.mp4"]["steps"] == 2
+
+
+def test_the_low_noise_guidance_of_a_render_reaches_the_pipeline(clips, tmp_path):
+    from dataclasses import replace
+
+    from trainer.outputs.validation_videos import generate
+
+    cfg = tiny_config(clips, tmp_path / "run", model={"flavour": "tiny-t2v-2.2-high",
+                                                      "wan_validation_load_other_stage": True})
+    high, vae = _parts("tiny-t2v-2.2-high")
+    base = _settings(steps=4, guidance=2.0, render="")
+    pipe = build_pipeline(high, vae, base, cfg)
+    g = torch.Generator().manual_seed(0)
+    prompt, negative = torch.randn(7, 32, generator=g), torch.randn(5, 32, generator=g)
+
+    def last_latents(settings):
+        seen = []
+        generate(pipe, settings, prompt, negative, CPU, callback=lambda p, i, t, kw: seen.append(kw["latents"]) or kw)
+        return seen
+
+    a = last_latents(replace(base, guidance_scale_low=1.0))
+    b = last_latents(replace(base, guidance_scale_low=3.0))
+    first_low = next(i for i, t in enumerate(pipe.scheduler.timesteps) if t < 0.875 * 1000)
+    assert all(torch.equal(x, y) for x, y in zip(a[:first_low], b[:first_low]))  # the high expert's steps: the same
+    assert not torch.equal(a[-1], b[-1])  # the low expert's steps follow guidance_scale_low
