@@ -239,13 +239,30 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
 
     known_warnings.install()
     try:
-        return func(args)
+        code = func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt as err:  # trainer.errors.RunStopped carries 128 + the signal (143 SIGTERM, 130 Ctrl-C)
         print(f"stopped: {err}" if str(err) else "stopped", file=sys.stderr)
-        return getattr(err, "exit_code", 130)
+        code = getattr(err, "exit_code", 130)
+    except BaseException:
+        _exit_if_distributed(1, traceback=True)
+        raise
+    _exit_if_distributed(code)
+    return code
+
+
+def _exit_if_distributed(code: int, traceback: bool = False) -> None:
+    """A rank of a multi-process run ends here, without tearing its process group down (trainer/distributed.py)."""
+    if "trainer.distributed" in sys.modules:
+        from trainer.distributed import exit_if_kept
+
+        if traceback:
+            import traceback as tb
+
+            tb.print_exc()
+        exit_if_kept(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from trainer.config.schema import WanforgeConfig
 from trainer.data.cache import Sample, build_caches
 from trainer.data.conditioning import build_conditioning, with_conditioning
 from trainer.data.dataset import Collate, TrainingData
-from trainer.distributed import noise_generator
+from trainer.distributed import keep_until_exit, noise_generator
 from trainer.errors import UserError
 from trainer.flavours import Flavour, get_flavour
 from trainer.loop.checkpointing import (OptimizerState, SchedulePosition, TrainState, checkpoint_config, load_checkpoint,
@@ -256,6 +256,8 @@ def _train(cfg: WanforgeConfig, run: RunDir, accelerator, flavour: Flavour, base
            signals: StopSignals) -> TrainResult:
     """The recipe: prepare everything once, loop over the optimizer steps, finish with the LoRA files and the upload."""
     training = _prepare(cfg, run, accelerator, flavour, base_dtype, resume_from, show_progress, webhooks)
+    if accelerator.num_processes > 1:  # its process group must outlive it (trainer/distributed.py)
+        keep_until_exit(training)
     _loop(training, signals, on_step)
     return _finish(training)
 
