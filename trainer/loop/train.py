@@ -483,6 +483,7 @@ def _finish(t: Training) -> TrainResult:
         final_error = t.publisher.final_failure(hub_errors) if t.publisher is not None else None
         run.write_status(status="upload_failed" if final_error else "completed", step=step,
                          lora=str(lora_file.relative_to(run.root)), videos=[str(v.relative_to(run.root)) for v in videos],
+                         video_settings=t.validation.validator.video_settings,
                          error=final_error, hub_errors=hub_errors,
                          remedy=final_upload_remedy(cfg.hub.hub_model_id, run.root) if final_error else None)
         t.webhooks.send("info", f"finished after {step} steps" + (f"; {hub_errors[0]}" if hub_errors else ""))
