@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer.model.offload import PinnedPool, pinned_copies, plain_tensors
+from trainer.model.sizing import STREAM_SLOTS
 
 log = logging.getLogger(__name__)
 
-SLOTS = 2  # device slots: the block computing and the next one arriving
+SLOTS = STREAM_SLOTS  # device slots: the block computing and the next one arriving (the sizing model counts them)
 CHECK_RELEASED_SLOTS = False  # tests: a released slot is filled with garbage and forgotten, so any late read shows
 
 
@@ -316,8 +317,9 @@ class WeightStreamer:
                 leaf.data = host
             slot.bound = False
             if CHECK_RELEASED_SLOTS:
-                for t in slot.tensors:
-                    t.fill_(float("nan") if t.is_floating_point() else 77)
+                with torch.cuda.stream(self._compute) if self.cuda else contextlib.nullcontext():
+                    for t in slot.tensors:
+                        t.fill_(float("nan") if t.is_floating_point() else 77)
                 slot.block = None
             if self.cuda:
                 slot.free = self._compute.record_event()
