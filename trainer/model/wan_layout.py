@@ -21,8 +21,8 @@ ADAPTABLE = ("Linear", "Conv3d")  # the module kinds of this model peft puts a L
 
 def module_layout(flavour: Flavour, blocks: int) -> dict[str, str]:
     """Every named module of the transformer (path -> class name), as diffusers builds it for this flavour (the one
-    table of it is trainer.model.lora_names.wan_modules)."""
-    return {name: kind for name, kind in wan_modules(flavour.image_encoder, blocks) if name}
+    table of it is trainer.model.lora_names.wan_modules; VACE flavours add their VACE blocks)."""
+    return {name: kind for name, kind in wan_modules(flavour.image_encoder, blocks, len(flavour.vace_layers)) if name}
 
 
 def matching_modules(layout: dict[str, str], target: str) -> dict[str, str]:
