@@ -151,6 +151,19 @@ def check_model_travels(cfg: WanforgeConfig) -> None:
                             "push it to a Hub repo and give its id (or use --target local)")
 
 
+def check_control_travels(cfg: WanforgeConfig) -> None:
+    """VACE control / mask / reference folders travel inside their dataset folder (the only thing uploaded)."""
+    for i, ds in enumerate(cfg.datasets):
+        for name in ("control_path", "mask_path", "reference_path"):
+            value = getattr(ds, name)
+            if value is None:
+                continue
+            folder = Path(value) if Path(value).is_absolute() else ds.path / value
+            if not folder.resolve().is_relative_to(ds.path.resolve()):
+                raise UserError(f"datasets[{i}].{name}: {value} is outside the dataset folder {ds.path}, and only that "
+                                f"folder is uploaded: move it inside and set {name} relative to it (e.g. \"control\")")
+
+
 def local_datasets(cfg: WanforgeConfig, hub_dataset: str) -> list[Path]:
     folders = []
     for i, ds in enumerate(cfg.datasets):
@@ -207,6 +220,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     preflight(cfg, here=here, resume="latest", num_processes=max(plan.gpus_per_node, 1) * plan.nodes).raise_if_invalid()
     if plan.target.kind != "local":
         check_model_travels(cfg)
+        check_control_travels(cfg)
     name = run_name(config, args.name)
     hub_dataset = check_hub_dataset(args.hub_dataset or "")
     datasets = local_datasets(cfg, hub_dataset)

@@ -52,6 +52,18 @@ class ValidationConfig(Section):
         0.9, ge=0.0, le=1.0, description="Skip-layer guidance stops at this fraction of the sampling steps (exclusive)."
     )
     skip_layer_scale: float = Field(3.0, ge=0.0, description="Strength of skip-layer guidance.")
+    control_video: Path | None = Field(
+        None, description="VACE: the control clip validation renders from (default: the control clip of the first "
+        "dataset's last clip, which eval_holdout keeps out of training); a video, or an image for one frame.",
+    )
+    control_mask: Path | None = Field(
+        None, description="VACE: the mask for control_video (a video, or one image for every frame; white = generate). "
+        "Default: the held-out clip's mask when the default control is used, else none.",
+    )
+    reference_images: list[Path] = Field(
+        default_factory=list, description="VACE: reference images for validation (default: the held-out clip's, when "
+        "the default control is used).",
+    )
     eval_every_n_steps: int = Field(
         250, ge=0, description="Log the fixed-noise eval loss every N steps and at the end (0: off); comparable across steps and runs."
     )

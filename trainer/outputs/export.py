@@ -31,7 +31,7 @@ from trainer.fileio import atomic_save_safetensors, umask_mode
 from trainer.model.lora_names import (LoRAFileError, alpha_read_by_diffusers, is_vace_module, original_name, to_diffusers,
                                       to_original)
 
-__all__ = ["save_adapter", "save_lora", "read_lora", "convert_lora", "check_lora_file"]
+__all__ = ["save_adapter", "save_lora", "read_lora", "convert_lora", "check_lora_file", "diffusers_lora_source"]
 
 log = logging.getLogger(__name__)
 INTERCHANGE_FILE = "wanforge_lora.safetensors"
@@ -302,6 +302,29 @@ def read_lora(path: Path) -> tuple[dict, float, dict[str, str]]:
                         "LoRA loader reads it as it is, and a LoCon file also loads in diffusers' load_lora_weights as "
                         "it is; LoKr / LoHa files have no diffusers loader")
     raise UserError(f"{path}: neither interchange (diffusion_model.*) nor diffusers (transformer.*) LoRA keys")
+
+
+def diffusers_lora_source(path: Path):
+    """What to give diffusers' load_lora_weights for a LoRA file this project wrote: the file itself, except an
+    interchange file with VACE-block keys (diffusers' converter refuses them): its diffusers twin beside it, or where
+    that is gone, the file converted in memory (a `transformer.*` state dict)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    vace = any(k.startswith("diffusion_model.") and is_vace_module(k.removeprefix("diffusion_model.")) for k in keys)
+    if not vace:
+        return str(path)
+    twin = path.parent / DIFFUSERS_FILE
+    if twin.is_file():
+        return str(twin)
+    weights, alpha, _ = read_lora(path)
+    out = {}
+    for key, value in weights.items():  # no adapter metadata travels with a dict: alpha/rank folded into lora_A
+        if key.endswith("lora_A.weight"):
+            value = (value.float() * (alpha / value.shape[0])).to(value.dtype)
+        out[f"transformer.{key}"] = value
+    return out
 
 
 def convert_lora(path: Path, fmt: str, out_dir: Path) -> Path:

@@ -56,7 +56,9 @@ def validation_round(
     for variant, weights in variants:
         with weights:
             videos += render(pipe, settings, embeds, out_dir, device, autocast_dtype, variant)
-    sheet = contact_sheet([(label(r), r.frames) for r in videos], out_dir / CONTACT_SHEET)
+    # VACE: the control (and mask) the videos were rendered from, above them (trainer.outputs.pipelines)
+    rows = list(getattr(pipe, "wanforge_sheet_rows", []))
+    sheet = contact_sheet(rows + [(label(r), r.frames) for r in videos], out_dir / CONTACT_SHEET)
     return RoundResult(videos, sheet)
 
 
@@ -116,14 +118,18 @@ def validate_lora(cfg: WanforgeConfig, lora: Path, out_dir: Path | None = None) 
     dtype = getattr(torch, cfg.model.base_dtype) if cuda else torch.float32
     needs_caption = cfg.validation.prompt is None and cfg.validation.prompt_library is None
     clips = scan_dataset(cfg.datasets[0]).clips if needs_caption else []
-    settings = settings_for(cfg, clips[0].caption if clips else None)
+    from trainer.outputs.vace_validation import default_caption
+
+    settings = settings_for(cfg, default_caption(cfg, [c.caption for c in clips]))
     embeds = prompt_embeds(cfg, settings, device)
     transformer = load_transformer(cfg.model, dtype).to(device)
     backend = cfg.memory.attention_backend  # the kernel training would use (cuDNN / FlashAttention 4 on an H100)
     set_attention_backend(transformer, resolve_attention_backend(backend, device), backend)
     pipe = build_pipeline(transformer, load_vae(cfg.model).to(device), settings, cfg)
-    try:
-        pipe.load_lora_weights(str(lora), **lora_load_kwargs(cfg, pipe))
+    from trainer.outputs.export import diffusers_lora_source
+
+    try:  # a VACE LoRA's VACE-block keys: its diffusers twin (trainer.outputs.export)
+        pipe.load_lora_weights(diffusers_lora_source(lora), **lora_load_kwargs(cfg, pipe))
     except (ValueError, KeyError) as err:
         raise UserError(f"--lora {lora}: diffusers could not load it into this model ({err})") from None
     out = out_dir or cfg.train.output_dir / "validation" / "manual"

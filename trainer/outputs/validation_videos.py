@@ -163,7 +163,7 @@ def build_pipeline(transformer, vae, settings: ValidationSettings, cfg: Wanforge
         from trainer.outputs.pipelines import flavour_pipeline
 
         return flavour_pipeline(cfg, transformer, vae, make_scheduler(settings.scheduler, settings.flow_shift),
-                                vae.device, settings.height, settings.width, transformer_2)
+                                vae.device, settings.height, settings.width, transformer_2, settings.num_frames)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                        scheduler=make_scheduler(settings.scheduler, settings.flow_shift))
     pipe.set_progress_bar_config(disable=True)
@@ -245,7 +245,7 @@ def generate(
                         generator=torch.Generator(device="cpu").manual_seed(settings.seed),
                         output_type="np",
                         callback_on_step_end=callback,
-                        **extra,  # image / guidance_scale_2 (trainer.outputs.pipelines)
+                        **extra,  # image / guidance_scale_2 / VACE control (trainer.outputs.pipelines)
                     ).frames[0]
             except _compile_errors() as err:
                 if not compiled:
