@@ -20,15 +20,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
+from trainer.data.buckets import Bucket
+from trainer.data.vace_pairing import ControlFiles
 from trainer.data.video import fit_to_size, read_frames_at, read_image, sample_times
 
-if TYPE_CHECKING:
-    from trainer.data.cache import LatentSpec
+
+class LatentSpec(Protocol):
+    """What of trainer.data.cache.LatentSpec the control inputs are read by (the clip's times, crop and size)."""
+
+    bucket: Bucket
+    fps: float
+    start: float
+    crop: bool
+    crop_at: tuple[float, float]
+    pre_scale: float | None
+    control: ControlFiles | None
+    source_width: int
 
 VACE_KEY = "vace_context"  # the cache entry's tensor (beside "latents")
 LATENT_CHANNELS = 16  # inactive, then reactive: 2 x the Wan 2.1 VAE's channels

@@ -103,11 +103,11 @@ class ControlPairing:
             found = self._from_stems(clip)
         if isinstance(found, str):
             return None, found
-        for f in (found.control, found.mask, *found.references):
-            if f is not None:
-                self.used.add(f.resolve())
         why = self._mismatch(found, info, probe)
-        return (None, why) if why else (found, None)
+        if why:
+            return None, why
+        self.used.update(f.resolve() for f in (found.control, found.mask, *found.references) if f is not None)
+        return found, None
 
     def _from_stems(self, clip: Path) -> ControlFiles | str:
         rel = clip.relative_to(self.folder).with_suffix("")
@@ -163,7 +163,8 @@ class ControlPairing:
     # ---------------------------------------------------------------- files no clip uses
 
     def orphans(self) -> list[tuple[Path, str]]:
-        """Control, mask and reference files (stem pairing) that belong to no usable clip, with why."""
+        """Control, mask and reference files (stem pairing) that belong to no usable clip, with why (a skipped clip's
+        files too: its own line says why the clip is skipped)."""
         out = []
         for kind, folder in self.folders.items():
             for file in sorted(folder.rglob("*")):
