@@ -417,6 +417,11 @@ def test_preflight_refuses_what_vace_cannot_train(vace_clips, tmp_path):
     short = errors(model={"flavour": "tiny-vace-2.1"}, datasets={"control_path": "control"},
                    validation={"control_video": str(vace_clips / "control" / "clip_00.mp4"), "num_frames": 33})
     assert any("validation.control_video" in e and "fewer than the 33" in e for e in short), short
+    for folders, why in (({"control_path": "."}, "holds the clips themselves"),
+                         ({"control_path": "control", "mask_path": "control"}, "overlap"),
+                         ({"control_path": "missing"}, "is not a folder")):
+        scanned = preflight(_vace_config(vace_clips, tmp_path / "run", datasets=folders), here=False).errors
+        assert any(why in e for e in scanned), (folders, scanned)
     cfg = _vace_config(vace_clips, tmp_path / "run", datasets={"control_path": str(tmp_path)})
     with pytest.raises(UserError, match="outside the dataset folder"):
         check_control_travels(cfg)

@@ -116,7 +116,7 @@ def _resolve_paths(cfg: WanforgeConfig, base_dir: Path) -> None:
         value = getattr(getattr(cfg, section), name)
         if value is not None and not value.is_absolute():
             setattr(getattr(cfg, section), name, (base_dir / value).resolve())
-    cfg.validation.reference_images = [p if p.is_absolute() else (base_dir / p).resolve()
+    cfg.validation.reference_images = [p if Path(p).is_absolute() else str((base_dir / p).resolve())
                                        for p in cfg.validation.reference_images]
     if not cfg.train.output_dir.is_absolute():
         cfg.train.output_dir = (base_dir / cfg.train.output_dir).resolve()

@@ -60,7 +60,7 @@ class ValidationConfig(Section):
         None, description="VACE: the mask for control_video (a video, or one image for every frame; white = generate). "
         "Default: the held-out clip's mask when the default control is used, else none.",
     )
-    reference_images: list[Path] = Field(
+    reference_images: list[str] = Field(
         default_factory=list, description="VACE: reference images for validation (default: the held-out clip's, when "
         "the default control is used).",
     )

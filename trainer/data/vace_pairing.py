@@ -82,6 +82,25 @@ class ControlPairing:
                     raise UserError(f"datasets[{index}].{field}: {path} is not a folder (a folder of {kind} files "
                                     "named like the clips, relative to the dataset's path)")
                 self.folders[kind] = path
+            self._refuse_overlaps()
+
+    def _refuse_overlaps(self) -> None:
+        """Each kind of input in a folder of its own, apart from the clips: pairing by stem can't tell them apart."""
+        field = {"control": "control_path", "mask": "mask_path", "reference": "reference_path"}
+        where = f"datasets[{self.index}]"
+        clips = self.folder.resolve()
+        for kind, path in self.folders.items():
+            resolved = path.resolve()
+            if resolved == clips or resolved in clips.parents:
+                raise UserError(f"{where}.{field[kind]}: {path} holds the clips themselves; put the {kind} files in a "
+                                f'folder of their own inside the dataset folder, e.g. {field[kind]} = "{kind}"')
+        kinds = list(self.folders.items())
+        for i, (a, path_a) in enumerate(kinds):
+            for b, path_b in kinds[i + 1:]:
+                ra, rb = path_a.resolve(), path_b.resolve()
+                if ra == rb or ra in rb.parents or rb in ra.parents:
+                    raise UserError(f"{where}.{field[a]} ({path_a}) and {field[b]} ({path_b}) overlap: files of one "
+                                    "stem would count as both; give each a folder of its own, side by side")
 
     # ---------------------------------------------------------------- which files are not training clips
 

@@ -81,12 +81,12 @@ def validation_control(cfg: WanforgeConfig, num_frames: int, height: int, width:
 
     v, fps = cfg.validation, get_flavour(cfg.model.flavour).fps
     if v.control_video is not None:
-        control, mask, refs = v.control_video, v.control_mask, list(v.reference_images)
+        control, mask, refs = v.control_video, v.control_mask, [Path(p) for p in v.reference_images]
         names = ("validation.control_video", "validation.control_mask")
     else:
         files = _default_sources(cfg)
         control, mask = files.control, v.control_mask or files.mask
-        refs = list(v.reference_images) or list(files.references)
+        refs = [Path(p) for p in v.reference_images] or list(files.references)
         names = (f"datasets[0] control clip {control.name}", "validation.control_mask")
     frames = _frames(control, num_frames, height, width, fps, names[0])
     mask_frames = _frames(mask, num_frames, height, width, fps, names[1]) if mask is not None else None

@@ -186,7 +186,7 @@ def compiled_blocks(denoisers: list, backend="inductor") -> Iterator[None]:
     itself, so training's compiled block runner (trainer.model.memory) is not used: without this, validation runs eager."""
     touched = []
     for model in denoisers:
-        for block in getattr(model, "blocks", []):
+        for block in [*getattr(model, "blocks", []), *(getattr(model, "vace_blocks", None) or [])]:  # VACE too
             if block._compiled_call_impl is None:
                 block._compiled_call_impl = functools.partial(_compiled_block_call(backend), block)
                 touched.append(block)

@@ -4,6 +4,7 @@ with the reason) is part of the dataset scan (trainer.data.vace_pairing)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.data.probe import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, probe
@@ -101,7 +102,7 @@ def _validation_files(run: PreflightRun) -> None:
             run.error(f"validation.{name}: {path} holds {have} frames at {run.flavour.fps} fps, fewer than the "
                       f"{frames} validation renders: use a longer clip or set validation.num_frames = "
                       f"{max(1, (have - 1) // 4 * 4 + 1)}")
-    for path in v.reference_images:
+    for path in map(Path, v.reference_images):
         if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
             run.error(f"validation.reference_images: {path} is not an image file "
                       f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
