@@ -453,3 +453,15 @@ def test_speed_bench_builds_the_vace_model_on_cpu():
     assert done.returncode == 0, done.stderr[-2000:]
     row = next(line for line in done.stdout.splitlines() if line.startswith("| full |"))
     assert "failed" not in row and "vace-1.3b-2.1" in done.stdout
+
+
+def test_module_tables_know_the_vace_blocks():
+    """The torch-free layouts preflight reasons with (module names, linear shapes) match diffusers' VACE class."""
+    from trainer.model.wan_layout import linear_shapes, transformer_dims
+    from trainer.outputs.validation_adapters import linear_shapes_of
+    from trainer.flavours import get_flavour
+
+    model = load_transformer(ModelConfig(flavour="tiny-vace-2.1"))
+    assert linear_shapes(dict(model.config)) == linear_shapes_of(model)
+    dims = transformer_dims(ModelConfig(flavour="vace-1.3b-2.1"), get_flavour("vace-1.3b-2.1"))
+    assert len([m for m in linear_shapes(dims) if m.endswith("proj_out")]) == 1 + 15

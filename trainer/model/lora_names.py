@@ -95,6 +95,19 @@ def to_diffusers(original: str) -> str | None:
     return _rename(original, _REVERSE_BLOCK, _REVERSE_TOP, _REVERSE_VACE_BLOCK)
 
 
+def kohya_to_original(name: str) -> str | None:
+    """kohya / musubi module name -> original Wan module path: `lora_unet_blocks_0_self_attn_q` -> `blocks.0.self_attn.q`
+    (None if it names no original Wan module)."""
+    if not name.startswith("lora_unet_"):
+        return None
+    body = name.removeprefix("lora_unet_")
+    m = re.match(r"^(vace_blocks|blocks)_(\d+)_(.+)$", body)  # a VACE model's VACE blocks: their own names
+    names = (VACE_BLOCK_MAP if m and m[1] == "vace_blocks" else BLOCK_MAP).values()
+    candidates = [f"{m[1]}.{m[2]}.{v}" for v in names if v.replace(".", "_") == m[3]] if m else []
+    candidates += [v for v in TOP_MAP.values() if v.replace(".", "_") == body]
+    return candidates[0] if len(candidates) == 1 else None
+
+
 def alpha_read_by_diffusers(original: str) -> bool:
     """diffusers' Wan converter applies `.alpha` only to block modules; elsewhere it is left over and loading raises
     (VACE blocks: the converter reads none of their keys, their alpha is folded like the top-level modules')."""

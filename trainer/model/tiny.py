@@ -52,10 +52,10 @@ def build_tokenizer():
     )
 
 
-def _tiny_transformer(in_channels: int, out_channels: int, image_dim: int | None = None):
-    from diffusers import WanTransformer3DModel
-
-    return WanTransformer3DModel(
+def tiny_transformer_config(in_channels: int, out_channels: int, image_dim: int | None = None) -> dict:
+    """The tiny transformer's WanTransformer3DModel arguments (torch-free: preflight reads them when the model is not
+    built yet)."""
+    return dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
         out_channels=out_channels, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=64, num_layers=TINY_NUM_LAYERS, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32, image_dim=image_dim,
@@ -63,17 +63,27 @@ def _tiny_transformer(in_channels: int, out_channels: int, image_dim: int | None
     )
 
 
+TINY_CHANNELS = {"t2v-2.1": (16, 16, None), "i2v-2.1": (36, 16, CLIP_DIM), "t2v-2.2": (16, 16, None),
+                 "i2v-2.2": (36, 16, None), "ti2v": (48, 48, None), "vace-2.1": (16, 16, None),
+                 "vace-2.2": (16, 16, None)}  # (in, out, image_dim) of each variant
+
+
+def tiny_vace_config() -> dict:
+    """The tiny VACE transformer's WanVACETransformer3DModel arguments: 96 control channels as the real ones (16
+    inactive + 16 reactive latent channels + 8x8 mask channels of the Wan 2.1 VAE's spatial factor)."""
+    return {**tiny_transformer_config(16, 16), "vace_layers": list(TINY_VACE_LAYERS), "vace_in_channels": 96}
+
+
+def _tiny_transformer(in_channels: int, out_channels: int, image_dim: int | None = None):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**tiny_transformer_config(in_channels, out_channels, image_dim))
+
+
 def _tiny_vace_transformer():
-    """The VACE layout at tiny sizes: 96 control channels as the real ones (16 inactive + 16 reactive latent channels
-    + 8x8 mask channels of the Wan 2.1 VAE's spatial factor)."""
     from diffusers import WanVACETransformer3DModel
 
-    return WanVACETransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
-        text_dim=TEXT_DIM, freq_dim=64, ffn_dim=64, num_layers=TINY_NUM_LAYERS, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32, vace_layers=list(TINY_VACE_LAYERS),
-        vace_in_channels=96,
-    )
+    return WanVACETransformer3DModel(**tiny_vace_config())
 
 
 def _tiny_vae(wan_2_2: bool):
