@@ -11,11 +11,14 @@ as the ratio base: bf16 model, `add_adapter`, diffusers' default checkpointing a
     python3 bench/speed_bench.py --model 5b --shape 1280x704x121 --flavour ti2v-5b-2.2 --variants naive,fast,balanced
     python3 bench/speed_bench.py --tiny --model 5b --variants naive,full     # CPU check of the logic, tiny shapes
     python3 bench/speed_bench.py --model 14b --variants low-16gb-fa4 --cap-gib 15 --steps 5   # a 16 GB card
+    python3 bench/speed_bench.py --model 1.3b --flavour vace-1.3b-2.1 --variants naive,fast,balanced  # VACE 1.3B
 
 `--shape` sets the clip (width x height x frames; latents /8 spatially, /16 with the Wan 2.2 VAE of TI2V-5B,
 (frames-1)/4+1 in time), `--flavour` the model the trainer's step is configured for (its input channels: I2V adds 20
 condition channels, Wan 2.1 I2V 257 CLIP tokens; TI2V-5B: 48-channel latents, per-token timesteps with the clean first
-latent frame at 0 and out of the loss, as diffusers' `expand_timesteps` pipelines feed it).
+latent frame at 0 and out of the loss, as diffusers' `expand_timesteps` pipelines feed it; VACE: diffusers'
+WanVACETransformer3DModel with the flavour's VACE layers (15 VACE blocks at 1.3B, 8 at 14B) and a 96-channel control
+context of the clip's latent shape, as the cache stores it, fed to both loops as control_hidden_states).
 Each row also reports host memory: the process's peak resident set (VmHWM), the peak during the timed steps alone
 (VmHWM reset through /proc/self/clear_refs once the model is built), the activation offload's pinned pool, and for
 weight streaming (`streamed_blocks`) the pinned host RAM of the streamed weights and the GiB they crossed to the GPU in
@@ -56,6 +59,7 @@ SHAPE = (832, 480, 81)  # width, height, frames (--shape)
 DEVICE = torch.device("cuda")  # --tiny: cpu
 CAP_GIB = 0.0  # --cap-gib: the CUDA allocator's cap for the timed steps (0: none)
 CLIP_TOKENS, CLIP_DIM = 257, 1280
+VACE_CHANNELS = 96  # 16 inactive + 16 reactive latent channels + 64 packed mask channels
 
 # name -> [memory] settings (anything not named keeps the schema default)
 VARIANTS: dict[str, dict] = {
@@ -170,21 +174,30 @@ def latent_shape(spatial: int = 8) -> tuple[int, int, int]:
     return (frames - 1) // 4 + 1, height // spatial, width // spatial
 
 
+def vace_layers(model: str, flavour: str) -> list[int]:
+    """The flavour's VACE layers that exist in the model being built (--tiny has 2 blocks); [] for other flavours."""
+    from trainer.flavours import get_flavour
+
+    return [i for i in get_flavour(flavour).vace_layers if i < SHAPES[model]["num_layers"]]
+
+
 def step_flops(model: str, frames: int = 81, height: int = 480, width: int = 832, text_len: int = 512,
-               spatial: int = 8) -> float:
-    """Useful FLOPs of one training step (forward + input-gradient backward; frozen base, LoRA negligible, no recompute)."""
+               spatial: int = 8, extra_blocks: int = 0) -> float:
+    """Useful FLOPs of one training step (forward + input-gradient backward; frozen base, LoRA negligible, no recompute).
+    `extra_blocks`: VACE blocks, each a Wan block over as many tokens (their hint projections left out)."""
     s = SHAPES[model]
     d = s["num_attention_heads"] * 128
     n = ((frames - 1) // 4 + 1) * (height // (2 * spatial)) * (width // (2 * spatial))
     linear = 2 * n * (4 * d * d + 2 * d * d + 2 * d * s["ffn_dim"]) + 2 * text_len * 2 * d * d
     attention = 4 * n * n * d + 4 * n * text_len * d
-    forward = s["num_layers"] * (linear + attention)
-    backward = s["num_layers"] * (linear + 2.5 * attention)  # input grads only; flash-style attention backward
+    blocks = s["num_layers"] + extra_blocks
+    forward = blocks * (linear + attention)
+    backward = blocks * (linear + 2.5 * attention)  # input grads only; flash-style attention backward
     return forward + backward
 
 
 def build_transformer(model: str, flavour: str):
-    from diffusers import WanTransformer3DModel
+    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 
     from trainer.flavours import get_flavour
 
@@ -193,9 +206,13 @@ def build_transformer(model: str, flavour: str):
     extra = dict(in_channels=f.in_channels, out_channels=f.latent_channels)
     if f.image_encoder:
         extra.update(image_dim=CLIP_DIM, added_kv_proj_dim=shape["num_attention_heads"] * 128)
+    cls = WanTransformer3DModel
+    if f.is_vace:
+        cls = WanVACETransformer3DModel
+        extra.update(vace_layers=vace_layers(model, flavour), vace_in_channels=VACE_CHANNELS)
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        model = WanTransformer3DModel(**{**COMMON, **extra}, **shape).to(torch.bfloat16)
+        model = cls(**{**COMMON, **extra}, **shape).to(torch.bfloat16)
     # as `from_pretrained(torch_dtype=bfloat16)` loads it in the trainer: diffusers keeps these modules in fp32
     for name, param in model.named_parameters():
         if any(part in model._keep_in_fp32_modules for part in name.split(".")):
@@ -211,6 +228,8 @@ def make_batch(flavour: str) -> dict:
     g = torch.Generator().manual_seed(0)
     batch = {"latents": torch.randn(1, f.latent_channels, frames, h, w, generator=g),
              "text": torch.randn(1, 512, 4096, generator=g).to(torch.bfloat16)}
+    if f.is_vace:  # the control context as the cache stores it (no reference images: the clip's latent frames)
+        batch["vace_context"] = torch.randn(1, VACE_CHANNELS, frames, h, w, generator=g)
     if f.task == "i2v":  # 4 mask + 16 first-frame latent channels, as the cache stores them
         batch["condition"] = torch.randn(1, f.in_channels - 16, frames, h, w, generator=g)
         if f.image_encoder:
@@ -371,6 +390,8 @@ def run_naive(model: str, flavour: str, warmup: int, steps: int) -> dict:
         noisy = ((1 - s) * x0 + s * noise).to(torch.bfloat16)
         timestep = s * 1000
         extra = {"encoder_hidden_states_image": batch["image_embeds"]} if "image_embeds" in batch else {}
+        if "vace_context" in batch:  # WanVACEPipeline's control_hidden_states
+            extra["control_hidden_states"] = batch["vace_context"].to(torch.bfloat16)
         if "condition" in batch:
             noisy = torch.cat([noisy, batch["condition"].to(torch.bfloat16)], dim=1)
         if ti2v:  # as WanPipeline's expand_timesteps: clean first latent frame, one timestep per patch token
@@ -403,7 +424,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per variant")
     parser.add_argument("--shape", default=None, help="clip width x height x frames (default: the model's own)")
-    parser.add_argument("--flavour", default=None, help="the flavour the step is configured for (default: the model's)")
+    parser.add_argument("--flavour", default=None, help="the flavour the step is configured for (default: the model's; "
+                        "a VACE flavour, e.g. vace-1.3b-2.1, builds the VACE model)")
     parser.add_argument("--tiny", action="store_true", help="CPU, 2 tiny blocks, 64x64x9: checks the logic only")
     parser.add_argument("--cap-gib", type=float, default=0.0,
                         help="cap the CUDA allocator at this many GiB for the timed steps (a smaller card)")
@@ -428,7 +450,8 @@ def main() -> None:
     names = ["naive", *VARIANTS] if args.variants == "all" else args.variants.split(",")
     width, height, frames = SHAPE
     spatial = get_flavour(flavour).vae_spatial
-    flops = step_flops(args.model, frames, height, width, spatial=spatial)
+    flops = step_flops(args.model, frames, height, width, spatial=spatial,
+                       extra_blocks=len(vace_layers(args.model, flavour)))
     device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (--tiny: logic check, not a timing)"
     tokens = "x".join(str(n // p) for n, p in zip(latent_shape(spatial), (1, 2, 2)))
     header = (f"device: {device}; torch {torch.__version__}; diffusers {diffusers.__version__}; "

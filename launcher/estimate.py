@@ -141,7 +141,8 @@ def _lora_params(cfg: WanforgeConfig, model: ModelShape) -> float:
             total += cfg.lora.rank * (model.ffn + model.dim)
         else:
             total += 2 * cfg.lora.rank * model.dim
-    return total * model.layers
+    vace = model.vace_blocks if getattr(cfg.lora, "vace_blocks", True) else 0  # the adapter in the VACE blocks too
+    return total * (model.layers + vace)
 
 
 def config_shape(cfg: WanforgeConfig) -> Shape:

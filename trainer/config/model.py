@@ -93,6 +93,12 @@ class LoraConfig(Section):
         'block\'s self/cross attention and FFN). Top-level "proj_out", "time_proj", "linear_1", "linear_2" and, on Wan 2.1 '
         'I2V, "add_k_proj" + "add_v_proj" and "ff.net.0.proj" / "ff.net.2" (image embedder) save too.',
     )
+    vace_blocks: bool = Field(
+        True,
+        description="VACE flavours: the target modules inside the VACE blocks (the control branch, where a control "
+        "LoRA learns a new kind of control) are adapted too; false: the main blocks only (e.g. a style or subject LoRA "
+        "used with VACE). Other flavours have no VACE blocks and ignore it.",
+    )
     save_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the saved LoRA weights.")
     save_format: Literal["comfyui", "diffusers"] = Field(
         "comfyui", description="comfyui: the interchange format ComfyUI and diffusers both load; diffusers: diffusers keys."

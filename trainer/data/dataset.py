@@ -16,6 +16,21 @@ from trainer.data.cache import Sample
 from trainer.errors import UserError
 
 
+def load_latents(path: Path) -> dict[str, torch.Tensor]:
+    """A latent entry's training tensors: `latents`, and for VACE `vace_context` with the reference latents put in
+    front of the clip's (trainer.data.vace_inputs.training_latents), as float32."""
+    from safetensors import safe_open
+
+    from trainer.data.vace_inputs import VACE_KEY, training_latents
+
+    with safe_open(str(path), framework="pt") as f:
+        item = {"latents": f.get_tensor("latents").float()}
+        if VACE_KEY in f.keys():
+            item[VACE_KEY] = f.get_tensor(VACE_KEY).float()
+            item["latents"] = training_latents(item["latents"], item[VACE_KEY])
+    return item
+
+
 class CachedDataset(torch.utils.data.Dataset):
     """Item i < N is samples[i]; with empty_text_path, item N + i is samples[i] with the empty caption (dropout)."""
 
@@ -30,7 +45,7 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s = self.samples[index]
         text = self.empty_text_path if index >= self.unique else s.text_path
-        item = {"latents": load_file(str(s.latent_path))["latents"].float(), "text": load_file(str(text))["embeds"]}
+        item = {**load_latents(s.latent_path), "text": load_file(str(text))["embeds"]}
         for path in s.extra.values():  # more cached tensors per sample (e.g. conditioning), batched by Collate
             item.update(load_file(str(path)))
         return item

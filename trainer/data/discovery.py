@@ -1,9 +1,11 @@
-"""Scan a dataset: every video and image with its caption, size, length and bucket; what can't be used and why."""
+"""Scan a dataset: every video and image with its caption, size, length and bucket; what can't be used and why.
+VACE datasets also pair each clip with its control inputs (trainer.data.vace_pairing); unpaired or mismatched files
+are listed with the reason like every other unusable file."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from trainer.config.data import DatasetConfig
@@ -11,6 +13,7 @@ from trainer.data.buckets import Bucket, assign_bucket, size_multiple
 from trainer.data.captions import Captions
 from trainer.data.probe import MediaError, MediaInfo, probe
 from trainer.data.sources import dataset_folder, list_media
+from trainer.data.vace_pairing import ControlFiles, ControlPairing
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_json
 from trainer.flavours import FLAVOURS
@@ -26,6 +29,7 @@ class Clip:
     caption: str
     info: MediaInfo | None = None
     bucket: Bucket | None = None
+    control: ControlFiles | None = None  # VACE: the control clip, mask and reference images
 
 
 @dataclass
@@ -55,8 +59,12 @@ def scan_dataset(ds: DatasetConfig, index: int = 0, flavour: str | None = None) 
     scan = Scan(folder=folder)
     captions = Captions(ds, folder, index)
     probes = _ProbeCache(cache_root(ds) / PROBE_FILE)
+    pairing = ControlPairing(ds, folder, index) if ds.has_control else None
     skip = tuple(p for p in (ds.cache_dir, ds.text_cache_dir) if p is not None)
+    skip += pairing.skip_folders() if pairing is not None else ()
     for file in list_media(folder, skip):
+        if pairing is not None and pairing.is_input_file(file):
+            continue  # another clip's control, mask or reference (metadata pairing)
         caption, why = captions.caption_for(file)
         if caption is None:
             scan.problems.append((file, why))
@@ -74,7 +82,16 @@ def scan_dataset(ds: DatasetConfig, index: int = 0, flavour: str | None = None) 
             if bucket is None:
                 scan.problems.append((file, why))
                 continue
-        scan.clips.append(Clip(file, caption, info, bucket))
+        control = None
+        if pairing is not None:
+            control, why = pairing.pair(file, info, probes.get)
+            if control is None:
+                scan.problems.append((file, why))
+                continue
+            bucket = replace(bucket, refs=len(control.references)) if bucket is not None else None
+        scan.clips.append(Clip(file, caption, info, bucket, control))
+    if pairing is not None:
+        scan.problems += pairing.orphans()
     probes.save()
     return scan
 

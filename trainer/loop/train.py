@@ -336,7 +336,9 @@ def _prepare_data(cfg: WanforgeConfig, accelerator, show_progress: bool
     data = TrainingData.build(cfg, train_samples, report.skipped, accelerator.num_processes, report.empty_text_path)
     if main:
         _say("\n".join(["buckets:", *data.report]), show_progress)  # the skipped files and why, once
-    first_caption = report.samples[0][0].caption if report.samples and report.samples[0] else None
+    from trainer.outputs.vace_validation import default_caption
+
+    first_caption = default_caption(cfg, [s.caption for s in report.samples[0]] if report.samples else [])
     return data, eval_samples, settings_for(cfg, first_caption), report.built
 
 

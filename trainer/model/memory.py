@@ -51,6 +51,12 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_keep_self_attention)
 
 
+def vace_blocks(transformer) -> list:
+    """A VACE model's VACE blocks (the control branch; diffusers runs them through the same checkpointing hook as the
+    main blocks, before them); [] for every other model."""
+    return list(getattr(transformer, "vace_blocks", None) or [])
+
+
 def checkpointed_block_ids(num_blocks: int, cfg: MemoryConfig) -> set[int]:
     """Which blocks recompute in backward. `checkpointed_blocks = N` checkpoints the first N (the rest keep everything)."""
     if cfg.gradient_checkpointing == "none":
@@ -78,13 +84,15 @@ def _keep_attention(block, *args):
 
 def make_block_runner(blocks: list, checkpointed: set[int], mode: str, compile: bool,
                       offloader: ActivationOffloader | None = None, sublayers: bool = False,
-                      streamer: WeightStreamer | None = None) -> Callable:
+                      extra_blocks: list = (), streamer: WeightStreamer | None = None) -> Callable:
     """The function diffusers calls for each block in training: plain, fully recomputed, or attention-keeping.
 
     With `compile`, the checkpoint call itself is inside the compiled region (so selective checkpointing still sees the
     attention ops); every block shares the same compiled code, so it compiles once per variant, not once per block.
     With an `offloader`, what a checkpointed block keeps for backward goes to CPU memory (trainer/model/offload.py).
     With `sublayers`, checkpointed blocks checkpoint their three sub-layers themselves (`enable_sublayer_checkpointing`).
+    `extra_blocks`: a VACE model's VACE blocks, numbered after the main ones in `checkpointed`; they recompute like the
+    main blocks but keep what they save on the GPU (the offloader's groups are the main blocks, in their order).
     With a `streamer`, a streamed block's weights are bound to a device slot around the (compiled) call, outside the
     compiled region, and again when its backward starts (trainer/model/streaming.py).
     """
@@ -92,13 +100,17 @@ def make_block_runner(blocks: list, checkpointed: set[int], mode: str, compile: 
     plain = _plain
     if compile:
         recompute, plain = torch.compile(recompute, dynamic=False), torch.compile(plain, dynamic=False)
+    whole = recompute
     if sublayers:
         recompute = plain
-    index = {id(b): i for i, b in enumerate(blocks)}
+    index = {id(b): i for i, b in enumerate([*blocks, *extra_blocks])}
+    main = len(blocks)
 
     def run(i, block, args):
         if i not in checkpointed:
             return plain(block, *args)
+        if i >= main:  # a VACE block: never sub-layer checkpointed, never offloaded
+            return whole(block, *args)
         if offloader is None:
             return recompute(block, *args)
         with offloader.group(i):
@@ -182,7 +194,7 @@ def enable_feed_forward_chunking(transformer, chunk_size: int) -> None:
     rather than a per-instance patched `forward`: one shared code object, so regional compile reuses one graph for all
     blocks instead of recompiling for each.
     """
-    for block in transformer.blocks:
+    for block in [*transformer.blocks, *vace_blocks(transformer)]:
         ff = block.ffn
         if not isinstance(ff, _ChunkedFeedForward):
             ff.__class__ = _chunked_class(type(ff))
@@ -263,7 +275,7 @@ def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -
     chunk = cfg.feed_forward_chunk_size or int(os.environ.get(FF_CHUNK_ENV, "0") or 0)
     if chunk:
         enable_feed_forward_chunking(transformer, chunk)
-    blocks = list(transformer.blocks)
+    blocks, extra = list(transformer.blocks), vace_blocks(transformer)
     checkpointed = checkpointed_block_ids(len(blocks), cfg)
     streamer = weight_streamer(transformer)
     if streamer is None and streamed_ids(len(blocks), cfg):
@@ -279,8 +291,10 @@ def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -
     if cfg.checkpoint_sublayers and checkpointed:
         enable_sublayer_checkpointing(blocks, checkpointed, keep_attention=cfg.gradient_checkpointing == "selective")
     if checkpointed or cfg.compile:
+        # VACE blocks: checkpointed whenever checkpointing is on (checkpointed_blocks counts main blocks)
+        both = checkpointed | ({len(blocks) + j for j in range(len(extra))} if checkpointed else set())
         transformer.enable_gradient_checkpointing(make_block_runner(
-            blocks, checkpointed, cfg.gradient_checkpointing, cfg.compile, offloader, cfg.checkpoint_sublayers,
+            blocks, both, cfg.gradient_checkpointing, cfg.compile, offloader, cfg.checkpoint_sublayers, extra,
             streamer))
     if device.type == "cuda":
         # Under bf16 autocast the adapter matmuls run in bf16 anyway; peft's cast of each LoRA input to the fp32

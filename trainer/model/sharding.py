@@ -76,10 +76,10 @@ def shard_transformer(transformer, device) -> None:
 
     # diffusers' Wan forward returns a reshaped view; the warning is about in-place ops on it, and wanforge only reads
     # the prediction out of place (trainer/loop/flow.py; tests/test_sharding.py compares the gradients with DDP's)
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPWanTransformer3DModel\) returned a view",
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPWan\w*Transformer3DModel\) returned a view",
                             category=UserWarning)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in transformer.blocks:
+    for block in [*transformer.blocks, *(getattr(transformer, "vace_blocks", None) or [])]:  # VACE: its blocks too
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(transformer, mesh=mesh, reshard_after_forward=False)  # the root's few weights stay for backward
     transformer.register_load_state_dict_pre_hook(_take_local_slices)

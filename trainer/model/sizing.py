@@ -7,10 +7,12 @@ Measured rows (launcher/calibration.toml `[[measured]]`, each naming its command
 model, clip shape, preset and GPU: s/step, peak GPU GiB (torch max_memory_allocated), host GiB the activation offload
 copied per step, and (newer rows) the process's peak resident set. A question about another shape is answered from
 the nearest measured row of the same preset and model width:
-  GPU GiB   = weights (params x bytes per weight) + (row peak - row weights) x (tokens x dim x layers) / (row's)
-  host GiB  = process base (measured: RSS without offload) + offloaded bytes x (tokens x dim x layers) / (row's)
+  GPU GiB   = weights (params x bytes per weight) + (row peak - row weights) x (tokens x dim x blocks) / (row's)
+  host GiB  = process base (measured: RSS without offload) + offloaded bytes x (tokens x dim x blocks) / (row's)
   s/step    = row s/step x FLOPs / row FLOPs x (row GPU datasheet bf16 TFLOP/s / target's)
 and every answer says whether it is `measured` (a row at this model, shape and preset) or `extrapolated` (scaled).
+`blocks` counts a VACE model's VACE blocks beside its main ones (each runs over as many tokens), so a VACE flavour is
+scaled from the Wan rows of its width and says "extrapolated" until a row measures it.
 Weight streaming (`streamed_blocks`, trainer/model/streaming.py): the weights on the GPU are the resident blocks' plus
 STREAM_SLOTS blocks' worth of slots (and everything outside the blocks); the streamed blocks' weights are host RAM.
 A preset without rows of its own (presets.SIZED_FROM) is sized from its basis preset's rows: the same GPU memory for
@@ -108,12 +110,20 @@ class ModelShape:
     vae_spatial: int = 8
     in_channels: int = 16  # I2V: + 20 condition channels
     image_encoder: bool = False  # Wan 2.1 I2V: 257 CLIP tokens in cross-attention
+    vace_blocks: int = 0  # VACE: blocks of the control branch, each a Wan block over as many tokens (+ 2 d x d hints)
+
+    @property
+    def blocks(self) -> int:
+        """Blocks one step runs (main + VACE): what activations and attention FLOPs scale with."""
+        return self.layers + self.vace_blocks
 
     @property
     def params(self) -> float:
-        """Wan DiT parameters: per block self + cross attention (4 d x d each) and the FFN, plus embeddings."""
+        """Wan DiT parameters: per block self + cross attention (4 d x d each) and the FFN, plus embeddings (VACE: its
+        blocks with their hint projections, and the control's patch embedding)."""
         d, f = self.dim, self.ffn
-        return self.layers * self.block_params + TEXT_DIM * d + d * d + 256 * d + 7 * d * d
+        vace = self.vace_blocks * (self.block_params + 2 * (d * d + d)) + (96 * 4 * d if self.vace_blocks else 0)
+        return self.layers * self.block_params + TEXT_DIM * d + d * d + 256 * d + 7 * d * d + vace
 
     @property
     def block_params(self) -> float:
@@ -127,8 +137,9 @@ class ModelShape:
         return ((frames - 1) // 4 + 1) * (height // patch) * (width // patch)
 
     def forward_flops(self, tokens: int) -> float:
-        """FLOPs of one forward: the matmuls (2 x params x tokens) and self-attention (4 x layers x dim x tokens^2)."""
-        return 2 * self.params * tokens + 4 * self.layers * self.dim * tokens**2
+        """FLOPs of one forward: the matmuls (2 x params x tokens) and self-attention (4 x blocks x dim x tokens^2,
+        VACE blocks included: they run over as many tokens as the main ones)."""
+        return 2 * self.params * tokens + 4 * self.blocks * self.dim * tokens**2
 
 
 def flavour_shape(name: str) -> ModelShape:
@@ -136,7 +147,7 @@ def flavour_shape(name: str) -> ModelShape:
     from trainer.flavours import FLAVOURS
 
     f = FLAVOURS[name]
-    inputs = dict(in_channels=f.in_channels, image_encoder=f.image_encoder)
+    inputs = dict(in_channels=f.in_channels, image_encoder=f.image_encoder, vace_blocks=len(f.vace_layers))
     if f.hub_id is None:
         return ModelShape(32, 64, 2, f.vae_spatial, **inputs)
     if hasattr(f, "dim") and hasattr(f, "num_layers"):
@@ -359,7 +370,7 @@ def scale_row(row: dict[str, Any], shape: ModelShape, tokens: int, batch: int, q
     Measured only at the row's own model, shape, weights, sharding and streaming."""
     ref = row_shape(row)
     ref_tokens = row_tokens(row)
-    scale = (tokens * batch * shape.dim * shape.layers) / (ref_tokens * row["batch"] * ref.dim * ref.layers)
+    scale = (tokens * batch * shape.dim * shape.blocks) / (ref_tokens * row["batch"] * ref.dim * ref.blocks)
     row_quant = row.get("base_quantization", "none")
     row_streamed = _row_streamed(row)
     activations = max(row["peak_gib"] - weights_gib(ref, row_quant, shards=row_shards(row), streamed=row_streamed), 0.0)

@@ -29,6 +29,7 @@ from trainer.preflight.model import (check_adapter_saveable, check_attention_bac
 
 
 from trainer.preflight.report import PreflightReport, PreflightRun
+from trainer.preflight.vace import check_vace
 from trainer.preflight.values import check_frames_and_sizes, check_numbers
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def preflight(cfg: WanforgeConfig, *, resume: str | None = None, here: bool = Tr
     checks: list[Callable[[PreflightRun], None]] = [
         check_numbers, check_frames_and_sizes, check_prompts, check_webhook, check_hub_repo, check_lycoris, check_crepa, check_model_paths, check_dataset_paths,
         check_target_modules, check_block_indices, check_attention_backend, check_experts, check_validation_renders,
-        check_streaming,
+        check_vace, check_streaming,
     ]
     if training:  # `cache` is one process whatever the training layout
         checks.append(check_shard_base)
