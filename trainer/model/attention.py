@@ -34,12 +34,15 @@ def flash_attn_4_import_error() -> str | None:
     return None
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
-    """The diffusers attention backend to use. Always explicit: diffusers otherwise falls back to a process-wide one."""
+def resolve_attention_backend(name: str, device: torch.device, context_parallel: bool = False) -> str:
+    """The diffusers attention backend to use. Always explicit: diffusers otherwise falls back to a process-wide one.
+    Under `context_parallel`, "auto" is cuDNN SDPA on NVIDIA (FlashAttention 4 has no context-parallel path)."""
     if name != "auto":
         return name
     if device.type != "cuda" or torch.version.cuda is None:
         return "native"  # ROCm and CPU: torch picks
+    if context_parallel:  # diffusers 0.42 registers no context-parallel path for flash_4_hub
+        return "_native_cudnn"
     # H100, Wan shapes (bench/RESULTS.md): FlashAttention 4 654 TF/s fwd+bwd, cuDNN SDPA 553, FA2 330. FA4 on other
     # architectures is not measured here, so they keep cuDNN.
     if flash_attn_4_installed() and torch.cuda.get_device_capability(device)[0] == 9:

@@ -65,19 +65,39 @@ def transformer_config_file(model, flavour: Flavour) -> Path | None:
     return _cached_hub_config(base, flavour.expert_subfolder, model.revision)
 
 
-def block_count(model, flavour: Flavour) -> int:
-    """Transformer blocks of the run's model: its config.json where present, else the flavour's (tiny: trainer.model.tiny)."""
+def _config_int(model, flavour: Flavour, key: str) -> int | None:
+    """An integer of the run's transformer config.json, where it is on this machine."""
     file = transformer_config_file(model, flavour)
     if file is not None:
         try:
-            return int(json.loads(file.read_text(encoding="utf-8"))["num_layers"])
+            return int(json.loads(file.read_text(encoding="utf-8"))[key])
         except (OSError, ValueError, KeyError, TypeError):
             pass
+    return None
+
+
+def block_count(model, flavour: Flavour) -> int:
+    """Transformer blocks of the run's model: its config.json where present, else the flavour's (tiny: trainer.model.tiny)."""
+    found = _config_int(model, flavour, "num_layers")
+    if found is not None:
+        return found
     if flavour.tiny is not None:
         from trainer.model.tiny import TINY_NUM_LAYERS
 
         return TINY_NUM_LAYERS
     return flavour.num_layers
+
+
+def head_count(model, flavour: Flavour) -> int:
+    """Attention heads of the run's model: its config.json where present, else the flavour's (tiny: trainer.model.tiny)."""
+    found = _config_int(model, flavour, "num_attention_heads")
+    if found is not None:
+        return found
+    if flavour.tiny is not None:
+        from trainer.model.tiny import TINY_NUM_HEADS
+
+        return TINY_NUM_HEADS
+    return flavour.num_heads
 
 
 # ---------------------------------------------------------------- TREAD routes (block ranges; trainer.loop.tread routes them)

@@ -19,6 +19,7 @@ from typing import Any
 from trainer.config.files import apply_override, config_from_dict, read_config_data
 from trainer.config.schema import WanforgeConfig
 from trainer.errors import UserError
+from trainer.model.context_parallel import check_context_parallel
 from trainer.model.sharding import check_shard_base
 from trainer.preflight.files import (check_crepa, check_dataset_paths, check_hub_repo, check_lycoris, check_model_paths,
                                      check_output_dir, check_prompts, check_resume, check_webhook)
@@ -69,7 +70,7 @@ def preflight(cfg: WanforgeConfig, *, resume: str | None = None, here: bool = Tr
         check_target_modules, check_block_indices, check_attention_backend, check_experts,
     ]
     if training:  # `cache` is one process whatever the training layout
-        checks.append(check_shard_base)
+        checks += [check_shard_base, check_context_parallel]
     if training and here:
         checks += [check_output_dir, check_resume]
     if not torch_free:
