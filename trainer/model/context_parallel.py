@@ -130,7 +130,8 @@ def bucket_problems(cfg, bucket_keys: dict[int, list[str]]) -> list[str]:
 def validation_problem(cfg) -> str | None:
     """The validation render's shape (validation.* over datasets[0]'s) under context parallel, where it renders."""
     v = cfg.validation
-    if cfg.memory.context_parallel <= 1 or not (v.at_end or v.every_n_steps <= cfg.train.max_train_steps):
+    renders = v.at_end or 0 < v.every_n_steps < cfg.train.max_train_steps  # trainer.loop.periodic.Schedule
+    if cfg.memory.context_parallel <= 1 or not renders:
         return None
     frames, height, width = cfg.dataset_shape(0)
     shape = (v.num_frames or frames, v.height or height, v.width or width)
