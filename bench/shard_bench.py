@@ -8,6 +8,8 @@ script's `cli` wrapper before trainer.cli runs), so the run shows what a card of
     python3 bench/shard_bench.py --work /tmp/shard-bench --out $OUT           # sharded: 2 processes x 24 GiB
     python3 bench/shard_bench.py --work /tmp/shard-bench --out $OUT --ddp     # DDP, preset auto: 1 GPU, then 2
     python3 bench/shard_bench.py --work /tmp/shard-tiny --out /tmp/o --tiny   # the same code on CPU (gloo)
+    python3 bench/shard_bench.py --work /tmp/shard-bench --out $OUT --memory-history --budget 1  # what fills the
+                                              # first sharded forward: $OUT/memory-history/rank*-{oom,first-forward}.txt
 
 Sharded mode: `shard` trains --steps steps with memory.shard_base = true and preset --preset (a tiny validation render
 at the end, a checkpoint, the LoRA export); if it ran out of memory under the cap, `shard-expandable` tries once more
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 CAP_ENV = "WANFORGE_BENCH_CAP_GIB"
 PEAKS_ENV = "WANFORGE_BENCH_PEAKS"
+HISTORY_ENV = "WANFORGE_BENCH_MEMORY_HISTORY"  # a folder: each process records its CUDA allocations up to the first forward
 MEMORY_FIELDS = ("shard_base", "gradient_checkpointing", "checkpoint_sublayers", "activation_offload", "compile",
                  "attention_backend", "base_quantization")
 SMALL_VALIDATION = "at_end = true\nnum_inference_steps = 2\nwidth = 320\nheight = 192\nnum_frames = 17"
@@ -61,8 +64,65 @@ def _write_peak() -> None:
     Path(folder, f"rank{peak['rank']}.json").write_text(json.dumps(peak))
 
 
+class FirstForwardHistory:
+    """CUDA allocator history of this process from its start (model load, sharding) to the end of its first training
+    forward, or to the out-of-memory error inside it: written to FOLDER/rank{R}-{first-forward|oom|exit}.txt (the
+    live allocations at the traced peak, grouped by the code line that made them: bench/memory_peak.py) and .pickle.gz
+    (torch.cuda.memory._snapshot, gunzip for https://pytorch.org/memory_viz). Recording stops after the first forward,
+    so later steps run at full speed; an exit before it (an OOM in backward or while sharding) writes `exit`."""
+
+    def __init__(self, folder: Path):
+        import torch
+
+        self.folder, self.rank = folder, int(os.environ.get("RANK", "0"))
+        self.recording = True
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+        atexit.register(lambda: self.dump("exit"))
+
+    def dump(self, tag: str) -> None:
+        import gzip
+        import pickle
+
+        import torch
+        from memory_peak import peak_report
+
+        if not self.recording:
+            return
+        self.recording = False
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        allocated, reserved = (f(torch.cuda.current_device()) / 2**30 for f in (torch.cuda.memory_allocated,
+                                                                                 torch.cuda.memory_reserved))
+        header = (f"rank {self.rank}, {tag}: allocated now {allocated:.2f} GiB, reserved {reserved:.2f} GiB, peak "
+                  f"allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB\n")
+        report = peak_report(snapshot, top=40, device=torch.cuda.current_device())
+        (self.folder / f"rank{self.rank}-{tag}.txt").write_text(header + report + "\n")
+        with gzip.open(self.folder / f"rank{self.rank}-{tag}.pickle.gz", "wb") as out:
+            pickle.dump(snapshot, out)
+        print(f"memory history: {self.folder / f'rank{self.rank}-{tag}.txt'}", flush=True)
+
+    def wrap(self, training_step):
+        """trainer.loop.train's training_step, dumping after (or inside) its first call."""
+        import torch
+
+        def traced(*args, **kwargs):
+            if not self.recording:
+                return training_step(*args, **kwargs)
+            try:
+                loss = training_step(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                self.dump("oom")
+                raise
+            self.dump("first-forward")
+            return loss
+
+        return traced
+
+
 def capped_cli(argv: list[str]) -> None:
-    """`trainer.cli ARGV` in this process, with the CUDA allocator capped at $WANFORGE_BENCH_CAP_GIB."""
+    """`trainer.cli ARGV` in this process, with the CUDA allocator capped at $WANFORGE_BENCH_CAP_GIB (and, with
+    $WANFORGE_BENCH_MEMORY_HISTORY, the first forward's memory history: FirstForwardHistory)."""
     import torch
 
     cap = float(os.environ.get(CAP_ENV, "0") or 0)
@@ -72,6 +132,12 @@ def capped_cli(argv: list[str]) -> None:
         if cap:
             total = torch.cuda.get_device_properties(local).total_memory
             torch.cuda.set_per_process_memory_fraction(min(cap * 2**30 / total, 1.0), local)
+        if os.environ.get(HISTORY_ENV):
+            import trainer.loop.train as loop
+
+            loop.training_step = FirstForwardHistory(Path(os.environ[HISTORY_ENV])).wrap(loop.training_step)
+    elif os.environ.get(HISTORY_ENV):
+        print("memory history: no CUDA device here, nothing recorded", flush=True)
     atexit.register(_write_peak)
     sys.argv = ["trainer.cli", *argv]
     runpy.run_module("trainer.cli", run_name="__main__", alter_sys=True)
@@ -209,7 +275,8 @@ def sharded(args) -> None:
     config = _config(work, "shard", args.steps, args.preset, "shard_base = true", SMALL_VALIDATION, args.tiny)
     _cache(work, config)
     print(f"cache built at {time.time() - args.started:.0f} s", flush=True)
-    _run(args, "shard", config, work / "run-shard", 2, args.cap_gib)
+    history = {HISTORY_ENV: str(args.out / "memory-history")} if args.memory_history and args.out else {}
+    _run(args, "shard", config, work / "run-shard", 2, args.cap_gib, env=history)
     out_of_memory = "out of memory" in (work / "shard.log").read_text(errors="replace").lower()
     if out_of_memory and time.time() - args.started < args.budget - args.resume_s:
         # the allocator's fragmentation under the cap, not the model: try once with expandable segments
@@ -219,7 +286,8 @@ def sharded(args) -> None:
     if results[-1]["exit_code"] == 0 and time.time() - args.started < args.budget - args.resume_s:
         _run(args, "shard-resume", config, work / "run-shard", 2, args.cap_gib,
              ["--resume", "latest", "--set", f"train.max_train_steps={args.steps + 2}",
-              "--set", "validation.at_end=false"], env=results[-1].get("env"))
+              "--set", "validation.at_end=false"],
+             env={k: v for k, v in (results[-1].get("env") or {}).items() if k != HISTORY_ENV})
 
 
 def ddp(args) -> None:
@@ -252,6 +320,10 @@ def main() -> None:
     ap.add_argument("--cap-gib", type=float, default=24.0, help="CUDA memory cap per process (sharded runs)")
     ap.add_argument("--ddp", action="store_true", help="DDP with preset auto on 1 GPU, then 2 (no cap)")
     ap.add_argument("--tiny", action="store_true", help="the tiny model on CPU (gloo): checks this script")
+    ap.add_argument("--memory-history", action="store_true", help="sharded mode: each process of the first run "
+                    "records its CUDA allocations up to its first forward (or the OOM in it) and writes, under "
+                    "--out/memory-history/, what is live at the peak by code line (rankR-TAG.txt) and the snapshot "
+                    "for pytorch.org/memory_viz (rankR-TAG.pickle.gz)")
     ap.add_argument("--budget", type=float, default=500, help="seconds; the resume run is skipped past it")
     ap.add_argument("--resume-s", type=float, default=120, help="expected seconds of the resume run")
     args = ap.parse_args()
