@@ -1,4 +1,5 @@
-"""Sharded 14B LoRA training on two GPUs under a per-process memory cap, and 14B DDP on 1 vs 2 GPUs (issue 22).
+"""Sharded 14B LoRA training on two GPUs under a per-process memory cap, 14B DDP on 1 vs 2 GPUs (issues 22, 34), and
+Wan 2.2 A14B at 720p with context parallel on 1 vs 2 GPUs (issue 34).
 
 Random weights at the Wan 2.1 T2V 14B shape (bench/gpu_smoke.py builds the folder in bf16 straight on the GPU), the
 smoke clips at 832x480x81, batch 1 per process, LoRA rank 16, everything through `python -m trainer.cli train` under
@@ -7,6 +8,8 @@ script's `cli` wrapper before trainer.cli runs), so the run shows what a card of
 
     python3 bench/shard_bench.py --work /tmp/shard-bench --out $OUT           # sharded: 2 processes x 24 GiB
     python3 bench/shard_bench.py --work /tmp/shard-bench --out $OUT --ddp     # DDP, preset auto: 1 GPU, then 2
+    python3 bench/shard_bench.py --work /tmp/shard-bench --out $OUT --context-parallel --preset balanced-lean
+                                              # Wan 2.2 A14B 1280x720x81: 1 GPU, then 2 with context_parallel = 2
     python3 bench/shard_bench.py --work /tmp/shard-tiny --out /tmp/o --tiny   # the same code on CPU (gloo)
     python3 bench/shard_bench.py --work /tmp/shard-bench --out $OUT --memory-history --budget 1  # what fills the
                                               # first sharded forward: $OUT/memory-history/rank*-{oom,first-forward}.txt
@@ -44,7 +47,7 @@ CAP_ENV = "WANFORGE_BENCH_CAP_GIB"
 PEAKS_ENV = "WANFORGE_BENCH_PEAKS"
 HISTORY_ENV = "WANFORGE_BENCH_MEMORY_HISTORY"  # a folder: each process records its CUDA allocations up to the first forward
 MEMORY_FIELDS = ("shard_base", "gradient_checkpointing", "checkpoint_sublayers", "activation_offload", "compile",
-                 "attention_backend", "base_quantization")
+                 "attention_backend", "base_quantization", "context_parallel")
 SMALL_VALIDATION = "at_end = true\nnum_inference_steps = 2\nwidth = 320\nheight = 192\nnum_frames = 17"
 
 
@@ -207,6 +210,8 @@ def _row(r: dict) -> str:
     peaks = ", ".join(f"rank {p['rank']} {p['max_allocated_gib']}/{p['max_reserved_gib']}" for p in r["peaks"]) or "-"
     fields = r["memory_fields"]
     memory = f"{r['memory']}: " + ", ".join(k for k in MEMORY_FIELDS[:5] if fields.get(k) not in (None, False, "none"))
+    if (fields.get("context_parallel") or 1) > 1:
+        memory += f", context_parallel = {fields['context_parallel']}"
     return (f"| {r['name']} | {r['processes']} | {r['cap_gib'] or 'none'} | {memory} | {r['s_per_step']} | "
             f"{r['peak_gib_rank0_training']} | {peaks} | {r['status'] or 'exit ' + str(r['exit_code'])} |")
 
@@ -248,7 +253,11 @@ def _setup(work: Path, tiny: bool) -> None:
     gpu_smoke.make_clips(work / "clips")
 
 
-def _config(work: Path, name: str, steps: int, preset: str, memory: str, validation: str, tiny: bool) -> Path:
+CP_FLAVOUR, CP_SIZE = "t2v-14b-2.2-high", (81, 720, 1280)  # Wan 2.2 A14B (an expert is the 14B shape) at 720p
+
+
+def _config(work: Path, name: str, steps: int, preset: str, memory: str, validation: str, tiny: bool,
+            flavour: str = "t2v-480p-14b-2.1", size: tuple[int, int, int] = (81, 480, 832)) -> Path:
     path, run = work / f"{name}.toml", work / f"run-{name}"
     if tiny:
         import tomli_w
@@ -259,14 +268,14 @@ def _config(work: Path, name: str, steps: int, preset: str, memory: str, validat
         raw = to_toml_dict(demo_config(work / "clips", run, steps))
         raw["train"].update(train_batch_size=1, log_every_n_steps=1)
         raw["checkpoint"]["every_n_steps"] = steps
-        raw["memory"] = {"preset": preset, **({"shard_base": True} if "shard_base" in memory else {})}
+        raw["memory"] = {"preset": preset, **tomllib.loads(memory)}  # the tiny model keeps the demo's size
         raw["validation"] = {"at_end": "at_end = true" in validation, "num_inference_steps": 2, "every_n_steps": 1000}
         path.write_text(tomli_w.dumps(raw))  # [memory] as written: the preset's fields are not set explicitly
         return path
     import gpu_smoke
 
-    gpu_smoke.write_config(path, work, run, steps, preset, steps, validation, flavour="t2v-480p-14b-2.1",
-                           memory=memory)
+    gpu_smoke.write_config(path, work, run, steps, preset, steps, validation, flavour=flavour, memory=memory,
+                           size=size)
     return path
 
 
@@ -302,6 +311,23 @@ def ddp(args) -> None:
         save(args)
 
 
+def context_parallel(args) -> None:
+    """Wan 2.2 A14B (one expert) at 1280x720x81: one GPU, then two GPUs splitting each sample's tokens
+    (memory.context_parallel = 2), the same preset; s/step and every process's peak. Both train one sample per step."""
+    work = args.work
+    for name, processes in (("cp-one", 1), ("cp-pair", 2)):
+        config = _config(work, name, args.steps, args.preset, f"context_parallel = {processes}", "at_end = false",
+                         args.tiny, flavour=CP_FLAVOUR, size=CP_SIZE)
+        if name == "cp-one":
+            _cache(work, config)  # 720p latents once, uncapped; the second run reuses them
+        _run(args, name, config, work / f"run-{name}", processes, args.cap_gib if args.cap_gib_set else 0)
+    one, pair = args.results[-2:]
+    if one["s_per_step"] and pair["s_per_step"]:
+        pair["step_time_vs_one_gpu"] = round(pair["s_per_step"] / one["s_per_step"], 3)
+        print(f"context parallel x2: {pair['step_time_vs_one_gpu']}x the s/step of one GPU", flush=True)
+        save(args)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "cli":
         capped_cli(sys.argv[2:])
@@ -319,6 +345,9 @@ def main() -> None:
                     "predict ~23 GiB a process, balanced ~25)")
     ap.add_argument("--cap-gib", type=float, default=24.0, help="CUDA memory cap per process (sharded runs)")
     ap.add_argument("--ddp", action="store_true", help="DDP with preset auto on 1 GPU, then 2 (no cap)")
+    ap.add_argument("--context-parallel", action="store_true", help="Wan 2.2 A14B at 1280x720x81 with --preset "
+                    "(use e.g. balanced-lean): 1 GPU, then 2 GPUs with memory.context_parallel = 2 (no cap unless "
+                    "--cap-gib is given)")
     ap.add_argument("--tiny", action="store_true", help="the tiny model on CPU (gloo): checks this script")
     ap.add_argument("--memory-history", action="store_true", help="sharded mode: each process of the first run "
                     "records its CUDA allocations up to its first forward (or the OOM in it) and writes, under "
@@ -327,12 +356,13 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=500, help="seconds; the resume run is skipped past it")
     ap.add_argument("--resume-s", type=float, default=120, help="expected seconds of the resume run")
     args = ap.parse_args()
+    args.cap_gib_set = "--cap-gib" in sys.argv
     args.started = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
     _setup(args.work, args.tiny)
     print(f"setup {time.time() - args.started:.0f} s", flush=True)
     args.results = []
-    ddp(args) if args.ddp else sharded(args)
+    (ddp if args.ddp else context_parallel if args.context_parallel else sharded)(args)
     print(save(args), flush=True)
     print(f"total {time.time() - args.started:.0f} s", flush=True)
     if any(r["exit_code"] for r in args.results):
@@ -342,12 +372,12 @@ def main() -> None:
 def save(args) -> str:
     """The table so far (and --out's files, rewritten after every run: a command stopped at its limit keeps them)."""
     table = "\n".join([HEADER, *(_row(r) for r in args.results)])
-    trained = [r for r in args.results if r["name"] in ("shard", "shard-expandable") and r["exit_code"] == 0]
+    trained = [r for r in args.results if r["name"] in ("shard", "shard-expandable") and r["exit_code"] == 0]  # sharded
     if trained:
         table += "\n\n```toml\n" + calibration_row(trained[0], args.preset, time.strftime("%Y-%m-%d")) + "\n```"
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        mode = "ddp" if args.ddp else "shard"
+        mode = "ddp" if args.ddp else "cp" if args.context_parallel else "shard"
         (args.out / f"summary-{mode}.json").write_text(json.dumps(args.results, indent=1))
         (args.out / f"rows-{mode}.md").write_text(table + "\n")
         with tarfile.open(args.out / f"logs-{mode}.tar.gz", "w:gz") as tar:
