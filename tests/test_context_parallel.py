@@ -72,6 +72,7 @@ def test_lora_gradients_with_context_parallel_equal_those_without(parity, case):
 def _config(clips, root: Path, name: str, degree: int, steps: int = 4, validation: bool = True) -> Path:
     cfg = tiny_config(clips, root / name,
                       datasets={"caption_dropout_probability": 0.3},  # the group's ranks must drop alike
+                      scheduled_sampling={"probability": 0.5},  # its rollout forwards are split too
                       train={"max_train_steps": steps, "train_batch_size": 1, "log_every_n_steps": 1},
                       checkpoint={"every_n_steps": 2},
                       validation={"at_end": validation, "num_inference_steps": 2, "every_n_steps": 1000,
@@ -121,7 +122,10 @@ def test_one_context_parallel_group_trains_like_one_process(runs):
         "step-2", "step-4"]
     video = _frames(split / status["videos"][0])  # rank 0 rendered it, rank 1 ran the split forwards with it
     reference = _frames(one / json.loads((one / "run.json").read_text())["videos"][0])
-    assert video.shape == reference.shape and np.abs(video - reference).max() <= 2
+    # the same frames up to the encoder: LoRAs 5e-8 apart can flip an H.264 decision (a few values move by up to ~5
+    # levels); a wrong split or gather changes the whole video
+    difference = np.abs(video - reference)
+    assert video.shape == reference.shape and difference.mean() < 0.05 and (difference > 2).mean() < 1e-3
 
 
 def test_context_parallel_checkpoint_resumes_on_one_process(runs):
