@@ -24,7 +24,7 @@ from diffusers import ContextParallelConfig, WanTransformer3DModel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from trainer.model.context_parallel import _cpu_device_index, enable_context_parallel  # noqa: E402
+from trainer.model.context_parallel import parallel_config_on_cpu, enable_context_parallel  # noqa: E402
 
 
 def main(mode: str, backend: str) -> None:
@@ -47,7 +47,7 @@ def main(mode: str, backend: str) -> None:
     ref(x, t, text, return_dict=False)[0].float().square().mean().backward()
     model.set_attention_backend(backend)  # before the split, as the trainer does (enable_parallelism checks it)
     if mode == "ring":
-        with _cpu_device_index():
+        with parallel_config_on_cpu():
             model.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
     else:
         enable_context_parallel(model, world, device)

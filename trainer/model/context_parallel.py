@@ -157,14 +157,14 @@ def enable_context_parallel(transformer, degree: int, device) -> None:
     world = dist.get_world_size()
     dp_rank, dp_size = data_parallel(dist.get_rank(), world, degree)
     mesh = init_device_mesh(device.type, (dp_size, 1, degree), mesh_dim_names=("dp", "ring", "ulysses"))
-    with _cpu_device_index():
+    with parallel_config_on_cpu():
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree, mesh=mesh))
     log.info("context parallel: %d ranks per sample (Ulysses), %d data-parallel group(s); this rank is in group %d",
              degree, dp_size, dp_rank)
 
 
 @contextmanager
-def _cpu_device_index():
+def parallel_config_on_cpu():
     """diffusers 0.42 `ModelMixin._resolve_parallel_config` computes `rank % torch.accelerator.device_count()` for a
     device index it only records; on a machine without an accelerator that count is 0 (ZeroDivisionError). On CPU the
     count reads 1 for that call; with an accelerator nothing changes."""
