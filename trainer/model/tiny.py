@@ -17,7 +17,6 @@ from pathlib import Path
 TINY_VERSION = "v2"
 TEXT_DIM = 32
 TINY_NUM_LAYERS = 2  # transformer blocks of every tiny model (preflight resolves block indices against it)
-TINY_NUM_HEADS = 2  # attention heads of every tiny model (preflight checks memory.context_parallel against it)
 CLIP_DIM = 32
 # one tiny pipeline folder per architecture; flavours name theirs in Flavour.tiny
 TINY_VARIANTS = ("t2v-2.1", "i2v-2.1", "t2v-2.2", "i2v-2.2", "ti2v")
@@ -50,15 +49,25 @@ def build_tokenizer():
     )
 
 
-def _tiny_transformer(in_channels: int, out_channels: int, image_dim: int | None = None):
-    from diffusers import WanTransformer3DModel
-
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=TINY_NUM_HEADS, attention_head_dim=16, in_channels=in_channels,
+def tiny_transformer_config(in_channels: int, out_channels: int, image_dim: int | None = None) -> dict:
+    """The tiny transformer's WanTransformer3DModel arguments (torch-free: preflight reads them when the model is not
+    built yet)."""
+    return dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
         out_channels=out_channels, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=64, num_layers=TINY_NUM_LAYERS, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32, image_dim=image_dim,
         added_kv_proj_dim=32 if image_dim is not None else None,
     )
+
+
+TINY_CHANNELS = {"t2v-2.1": (16, 16, None), "i2v-2.1": (36, 16, CLIP_DIM), "t2v-2.2": (16, 16, None),
+                 "i2v-2.2": (36, 16, None), "ti2v": (48, 48, None)}  # (in, out, image_dim) of each variant
+
+
+def _tiny_transformer(in_channels: int, out_channels: int, image_dim: int | None = None):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**tiny_transformer_config(in_channels, out_channels, image_dim))
 
 
 def _tiny_vae(wan_2_2: bool):

@@ -215,7 +215,8 @@ def check_resume(run: PreflightRun) -> None:
 
     folder = RunDir(run.cfg.train.output_dir)
     if run.resume is not None:
-        folder.resolve_resume(run.resume)
+        if run.resume != "latest":  # `latest` always resolves (train says which checkpoints it skips, once)
+            folder.resolve_resume(run.resume)
     elif folder.complete_checkpoints():
         run.error(f"train.output_dir: {folder.root} already has checkpoints: pass --resume latest to continue that "
                   "run, or set train.output_dir to a new folder")
