@@ -53,6 +53,32 @@ SMALL_VALIDATION = "at_end = true\nnum_inference_steps = 2\nwidth = 320\nheight 
 
 # ---------------------------------------------------------------- the wrapper torchrun starts: cap, then trainer.cli
 
+_AT_EXIT: list = []
+_HOOKED: list[bool] = []
+
+
+def at_exit(fn) -> None:
+    """Run `fn` when this process ends: at interpreter exit, and also when a multi-process rank ends through
+    trainer.distributed.exit_if_kept (os._exit, which skips atexit)."""
+    if not _HOOKED:
+        _HOOKED.append(True)
+        import trainer.distributed as distributed
+
+        exit_if_kept = distributed.exit_if_kept
+
+        def run_then_exit(code: int) -> None:
+            _run_at_exit()
+            exit_if_kept(code)
+
+        distributed.exit_if_kept = run_then_exit  # trainer/cli.py looks it up when a rank ends
+        atexit.register(_run_at_exit)
+    _AT_EXIT.append(fn)
+
+
+def _run_at_exit() -> None:
+    while _AT_EXIT:
+        _AT_EXIT.pop()()
+
 
 def _write_peak() -> None:
     import torch
@@ -81,7 +107,7 @@ class FirstForwardHistory:
         self.recording = True
         folder.mkdir(parents=True, exist_ok=True)
         torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
-        atexit.register(lambda: self.dump("exit"))
+        at_exit(lambda: self.dump("exit"))
 
     def dump(self, tag: str) -> None:
         import gzip
@@ -141,7 +167,7 @@ def capped_cli(argv: list[str]) -> None:
             loop.training_step = FirstForwardHistory(Path(os.environ[HISTORY_ENV])).wrap(loop.training_step)
     elif os.environ.get(HISTORY_ENV):
         print("memory history: no CUDA device here, nothing recorded", flush=True)
-    atexit.register(_write_peak)
+    at_exit(_write_peak)
     sys.argv = ["trainer.cli", *argv]
     runpy.run_module("trainer.cli", run_name="__main__", alter_sys=True)
 
