@@ -195,6 +195,22 @@ class MemoryConfig(Section):
         "weights, so a model larger than one card trains on several (N >= 2 processes; bf16 base, peft LoRA). Costs "
         "an all-gather of each block's weights per forward and backward; regional compile is not used with it.",
     )
+    context_parallel: int = Field(
+        1, ge=1,
+        description="Split each sample's video tokens over this many training processes (Ulysses context parallel, "
+        "through diffusers): activations per GPU shrink about that many times, for 720p and long clips. Groups of "
+        "this many consecutive processes train on one sample; the rest is data parallel (8 GPUs with 2: 4 samples "
+        "per step). Must divide the process count and the model's attention heads (12 at 1.3B, 40 at 14B); "
+        "1 turns it off. Not combined with shard_base, TREAD or CREPA.",
+    )
+
+    @field_validator("context_parallel", mode="before")
+    @classmethod
+    def _no_bool_degree(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("context_parallel is a number of processes per sample (2, 4, ...), not true/false: "
+                             "e.g. context_parallel = 2; 1 turns it off")
+        return v
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

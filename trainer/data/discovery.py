@@ -136,6 +136,7 @@ class _ProbeCache:
 def check_datasets(cfg, num_processes: int = 1) -> tuple[list[str], list[str]]:
     """`wanforge check`: (bucket report lines, problems that stop training) from a scan alone, nothing encoded."""
     from trainer.data.buckets import plan_batches, report_lines, step_problems
+    from trainer.model.context_parallel import bucket_problems, data_parallel_size
 
     keys: dict[int, list[str]] = {}
     skipped: list[tuple[str, str]] = []
@@ -158,5 +159,8 @@ def check_datasets(cfg, num_processes: int = 1) -> tuple[list[str], list[str]]:
     repeats = {d: cfg.datasets[d].repeats for d in keys}
     plan = plan_batches({d: k for d, k in keys.items() if k}, repeats, batch)
     names = [f"datasets[{d}] ({ds.name})" for d, ds in enumerate(cfg.datasets)]
-    problems += step_problems(plan, names, repeats, batch, cfg.train.gradient_accumulation_steps * num_processes)
+    # whole batches in one optimizer step: one per data-parallel rank (a context-parallel group shares its batches)
+    needed = cfg.train.gradient_accumulation_steps * data_parallel_size(cfg, num_processes)
+    problems += step_problems(plan, names, repeats, batch, needed)
+    problems += bucket_problems(cfg, keys)
     return report_lines(names, plan, skipped, batch), problems

@@ -271,7 +271,8 @@ def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -
     accelerate.prepare). Returns the activation offloader when `activation_offload` is on (its byte count is a metric)."""
     if cfg.base_quantization == "fp8":
         check_float8_device(device)
-    set_attention_backend(transformer, resolve_attention_backend(cfg.attention_backend, device), cfg.attention_backend)
+    backend = resolve_attention_backend(cfg.attention_backend, device, context_parallel=cfg.context_parallel > 1)
+    set_attention_backend(transformer, backend, cfg.attention_backend)
     chunk = cfg.feed_forward_chunk_size or int(os.environ.get(FF_CHUNK_ENV, "0") or 0)
     if chunk:
         enable_feed_forward_chunking(transformer, chunk)

@@ -35,6 +35,10 @@ _CONFLICTS: tuple[tuple[str, Any, str], ...] = (
     ("ema.use_ema", lambda c: c.ema.use_ema, "ema.use_ema = false"),
     ("crepa.enabled", lambda c: c.crepa.enabled, "crepa.enabled = false (its head trains outside the sharded model)"),
     ("tread.routes", lambda c: any(r.selection_ratio > 0 for r in c.tread.routes), "tread.routes = []"),
+    ("scheduled_sampling.probability", lambda c: c.scheduled_sampling.probability > 0
+     or c.scheduled_sampling.probability_start > 0,
+     "scheduled_sampling.probability = 0 and probability_start = 0 (each rank rolls out its own number of samples, "
+     "and every sharded forward needs all ranks)"),
 )
 
 

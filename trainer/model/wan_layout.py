@@ -106,6 +106,11 @@ def transformer_dims(model, flavour: Flavour) -> dict:
     return dims
 
 
+def head_count(model, flavour: Flavour) -> int:
+    """Attention heads of the run's transformer (its config.json where on this machine, else the flavour's)."""
+    return int(transformer_dims(model, flavour)["num_attention_heads"])
+
+
 def linear_shapes(dims: dict) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of every Linear layer of WanTransformer3DModel with this config, by module path
     (tests/test_validation_adapters.py checks it against the real class)."""

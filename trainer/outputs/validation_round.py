@@ -98,8 +98,8 @@ def validation_round(
 
 
 class TrainingValidator:
-    """Validation during training, on the main process; the others wait (with a sharded model they render along:
-    its forward needs every rank). When it is due: trainer.loop.periodic."""
+    """Validation during training, on the main process; the others wait (with a sharded or context-parallel model they
+    render along: its forward needs every rank of its group). When it is due: trainer.loop.periodic."""
 
     def __init__(self, cfg: WanforgeConfig, run: RunDir, settings: ValidationSettings, device: torch.device,
                  base_dtype: torch.dtype, ema: AdapterEMA | None, webhooks: Webhooks):
@@ -111,12 +111,13 @@ class TrainingValidator:
         resolve_adapters(settings)
 
     def __call__(self, accelerator, transformer, step: int) -> list[Path]:
+        from trainer.model.context_parallel import is_context_parallel
         from trainer.model.sharding import is_sharded
         from trainer.outputs.tracking import log_validation
 
         model = accelerator.unwrap_model(transformer)
         if not accelerator.is_main_process:
-            if is_sharded(model):  # each denoising step all-gathers the weights: render along, keep nothing
+            if is_sharded(model) or is_context_parallel(model):  # collective forwards: render along, keep nothing
                 with tempfile.TemporaryDirectory() as scratch:
                     self._render(model, Path(scratch))
             accelerator.wait_for_everyone()

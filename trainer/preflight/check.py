@@ -19,6 +19,7 @@ from typing import Any
 from trainer.config.files import apply_override, config_from_dict, read_config_data
 from trainer.config.schema import WanforgeConfig
 from trainer.errors import UserError
+from trainer.model.context_parallel import check_context_parallel
 from trainer.model.sharding import check_shard_base
 from trainer.preflight.adapters import check_validation_adapter_keys, check_validation_renders
 from trainer.preflight.files import (check_crepa, check_dataset_paths, check_hub_repo, check_lycoris, check_model_paths,
@@ -72,7 +73,7 @@ def preflight(cfg: WanforgeConfig, *, resume: str | None = None, here: bool = Tr
         check_vace, check_streaming,
     ]
     if training:  # `cache` is one process whatever the training layout
-        checks.append(check_shard_base)
+        checks += [check_shard_base, check_context_parallel]
     if training and here:
         checks += [check_output_dir, check_resume]
     if not torch_free:
