@@ -29,13 +29,15 @@ from trainer.model.context_parallel import backward_scale, data_parallel, is_con
 from trainer.model.trainable import make_trainable
 
 # (flavour, [memory] fields, batch): the block paths context parallel must go through (plain blocks, selective
-# checkpointing with checkpointed sub-layers and chunked feed-forward, full recompute), the I2V inputs (condition
-# channels, CLIP image tokens in the cross-attention), TI2V's per-token timesteps, and batches of 2
+# checkpointing with checkpointed sub-layers and chunked feed-forward, full recompute, streamed block weights), the I2V
+# inputs (condition channels, CLIP image tokens in the cross-attention), TI2V's per-token timesteps, and batches of 2
 CASES = [
     ("tiny", {"gradient_checkpointing": "none"}, 1),
     ("tiny", {"gradient_checkpointing": "selective", "checkpoint_sublayers": True, "feed_forward_chunk_size": 16}, 2),
     ("tiny-i2v-2.1", {"gradient_checkpointing": "selective"}, 1),
     ("tiny-ti2v", {"gradient_checkpointing": "full"}, 2),
+    # weight streaming (trainer/model/streaming.py) under context parallel and DDP: both blocks from host RAM
+    ("tiny", {"gradient_checkpointing": "full", "streamed_blocks": 2, "activation_offload": True}, 1),
 ]
 LATENT = (3, 8, 8)  # latent frames, height, width: 3 x 4 x 4 = 48 tokens after the 2x2 patches
 
