@@ -154,6 +154,9 @@ VARIANTS: dict[str, dict] = {
     "low-16gb-s36-fa4": dict(gradient_checkpointing="full", compile=True, activation_offload=True,
                              feed_forward_chunk_size=4096, base_quantization="int8", streamed_blocks=36,
                              attention_backend="flash_4_hub"),
+    "low-16gb-s38": dict(gradient_checkpointing="full", compile=True, activation_offload=True,
+                         feed_forward_chunk_size=4096, base_quantization="int8", streamed_blocks=38,
+                         attention_backend="_native_cudnn"),
     # issue 31: fp8 where the 80 GB card has room to keep activations (only the first 10 blocks checkpointed), and
     # fp8 on the 720p A14B preset (balanced-lean: no sub-layers, so the offload fits 128 GiB of host RAM)
     "fp8-partial10-compile-sublayers-fa4": dict(gradient_checkpointing="selective", checkpointed_blocks=10,

@@ -292,8 +292,18 @@ def test_gpu_streaming_is_exact_pinned_and_frees_the_device(monkeypatch, quantiz
 
     resident, resident_bytes = build(MemoryConfig(**values))
     expected, again = step(resident), step(resident)
-    exact = torch.equal(expected[0], again[0]) and all(torch.equal(a, b) for a, b in zip(expected[1], again[1]))
-    tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=1.6e-2, atol=1e-5)
+    # int8 steps came back bitwise equal on an H100; bf16 ones did not (the slots' weights sit at other addresses and
+    # cuBLAS may take another kernel: max abs difference 0.0195 on outputs of order 1, bench/RESULTS.md), so bf16 is
+    # held to bf16 rounding over the whole tensor (wrong or stale weights give errors of order 1)
+    exact = quantization == "int8" and torch.equal(expected[0], again[0]) and all(
+        torch.equal(a, b) for a, b in zip(expected[1], again[1]))
+
+    def close(got, want):
+        if exact:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        else:
+            error = ((got.float() - want.float()).norm() / want.float().norm()).item()
+            assert error < 1e-2, f"relative error {error:.2e} is beyond bf16 rounding"
     del resident
     torch.cuda.empty_cache()
     for check_released in (False, True):
@@ -305,9 +315,9 @@ def test_gpu_streaming_is_exact_pinned_and_frees_the_device(monkeypatch, quantiz
         assert resident_bytes - streamed_bytes >= 0.8 * (5 - streaming.SLOTS) * per_block
         for _ in range(2):
             got = step(transformer)
-            torch.testing.assert_close(got[0], expected[0], **tolerance)
+            close(got[0], expected[0])
             for a, b in zip(got[1], expected[1]):
-                torch.testing.assert_close(a, b, **tolerance)
+                close(a, b)
         torch.cuda.synchronize()
         assert streamer.bytes_copied > 0 and streamer.bound_blocks() == []
         assert all(t.device.type == "cpu" for b in streamer._blocks.values() for t in b.leaves)
@@ -318,10 +328,16 @@ def test_gpu_streaming_is_exact_pinned_and_frees_the_device(monkeypatch, quantiz
 # ---------------------------------------------------------------- the sizing model, `auto`, preflight
 
 
-def test_sizing_moves_streamed_weights_from_the_gpu_to_host_ram():
-    """GPU weights: all blocks but the streamed ones, plus two slots; host: the streamed blocks' weights. The 16 GB
-    preset at 14B 832x480x81 is predicted under 15 GiB GPU and 32 GiB host, and says it was not measured."""
+def test_sizing_moves_streamed_weights_from_the_gpu_to_host_ram(monkeypatch):
+    """GPU weights: all blocks but the streamed ones, plus two slots; host: the streamed blocks' weights. Without a row
+    of its own, the 16 GB preset at 14B 832x480x81 is predicted from low-int8's under 15 GiB GPU and 32 GiB host, and
+    says it was not measured."""
+    from trainer.model import sizing
     from trainer.model.sizing import HOST_SHARE, flavour_shape, predict_memory, streamed_gib, weights_gib
+
+    calibration = dict(sizing.load_calibration())
+    calibration["measured"] = [r for r in calibration["measured"] if r.get("preset") != "low-16gb"]
+    monkeypatch.setattr(sizing, "load_calibration", lambda *a, **k: calibration)
 
     shape = flavour_shape("t2v-480p-14b-2.1")
     block = shape.block_params / 2**30
@@ -330,10 +346,11 @@ def test_sizing_moves_streamed_weights_from_the_gpu_to_host_ram():
     assert streamed_gib(shape, "int8", streamed=30) == pytest.approx(30 * block)
     tokens = shape.tokens(81, 480, 832)
     p, basis = predict_memory(shape, "low-16gb", tokens), predict_memory(shape, "low-int8", tokens)
-    assert p.gpu_gib < 15 and p.host_gib <= 32 and p.pinned_gib <= HOST_SHARE * 48
-    assert p.gpu_gib == pytest.approx(basis.gpu_gib - 28 * block, abs=0.02)  # the same activations as low-int8's row
+    # host: a guessed 8 GiB process base on top of offload + streamed weights (the preset's own row measured 27.8 GiB)
+    assert p.gpu_gib < 15 and p.host_gib <= 34 and p.pinned_gib <= HOST_SHARE * 48
+    assert p.gpu_gib == pytest.approx(basis.gpu_gib - 36 * block, abs=0.02)  # the same activations as low-int8's row
     assert p.offload_gib == pytest.approx(basis.offload_gib / 2, abs=0.02)  # full checkpointing keeps the input only
-    assert p.streamed_gib == pytest.approx(30 * block, abs=0.01) and not p.measured and not p.gpu_measured
+    assert p.streamed_gib == pytest.approx(38 * block, abs=0.01) and not p.measured and not p.gpu_measured
 
 
 def test_auto_takes_the_16gb_preset_only_where_it_is_needed_and_can_run():
@@ -358,7 +375,7 @@ def test_estimate_on_a_16gb_card_names_the_streaming_preset_as_extrapolated():
     e = estimate(cfg, "RTX4080")
     assert e.memory_preset == "low-16gb" and e.fits and not e.measured and not e.speed_measured
     assert e.vram_gib < 15 and e.host_gib <= 32 and "not measured (extrapolated)" in e.line()
-    assert "low-16gb has no measured row yet" in e.basis
+    assert "low-16gb" in e.basis and "capped at 15 GiB" in e.basis  # the H100 row measured under a 15 GiB cap
     both = config_from_dict({"model": {"flavour": "t2v-14b-2.2-high", "train_both_experts": True},
                              "datasets": [{"path": "/x", "num_frames": 81, "width": 832, "height": 480}]})
     assert estimate(both, "RTX4080").memory_preset != "low-16gb"
