@@ -64,7 +64,7 @@ class WanforgeConfig(Section):
         fp8 = self.memory.base_quantization == "fp8" or self.memory.preset == "balanced-fp8"
         if fp8 and self.lora.lora_type == "lycoris":
             raise ValueError('memory: fp8 base weights (base_quantization = "fp8" or preset = "balanced-fp8") work with '
-                             'lora.lora_type = "standard" only: LyCORIS adds its delta to the base weight itself, which '
+                             'lora.lora_type = "lora" only: LyCORIS adds its delta to the base weight itself, which '
                              'fp8 keeps quantized; use base_quantization = "none" or "int8" with LyCORIS')
         return self
 

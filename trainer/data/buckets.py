@@ -111,6 +111,29 @@ def downsample_scale(ds: DatasetConfig, width: int, height: int) -> float | None
     return math.sqrt(ratio) if ds.resolution_type == "area" else ratio
 
 
+@dataclass(frozen=True)
+class Fit:
+    """What fitting a source frame to its bucket costs: the share of the frame kept by the crop (1: all), how much
+    the aspect is stretched instead (crop = false; 1: none), and the upscale factor (1 or less: none)."""
+
+    kept: float
+    stretch: float
+    upscale: float
+
+
+def fit_of(ds: DatasetConfig, bucket: Bucket, src_width: int, src_height: int) -> Fit:
+    """The cost of fitting a source to its bucket, as trainer.data.video.fit_to_size does it (a large source first
+    scaled down by maximum_image_size / target_downsample_size)."""
+    ratio = (bucket.width / bucket.height) / (src_width / src_height)
+    off = min(ratio, 1 / ratio)
+    scale = downsample_scale(ds, src_width, src_height) or 1.0
+    width, height = src_width * min(scale, 1.0), src_height * min(scale, 1.0)
+    if ds.crop:
+        upscale = max(bucket.width / width, bucket.height / height)
+        return Fit(kept=off, stretch=1.0, upscale=upscale)
+    return Fit(kept=1.0, stretch=1 / off, upscale=math.sqrt(bucket.width * bucket.height / (width * height)))
+
+
 def too_small(ds: DatasetConfig, info: MediaInfo) -> str | None:
     if ds.minimum_image_size is None:
         return None

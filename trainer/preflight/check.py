@@ -110,9 +110,11 @@ def _copy(data: Any) -> Any:
 
 
 def _scan(run: PreflightRun) -> None:
-    from trainer.data.discovery import check_datasets
+    from trainer.data.discovery import dataset_findings
 
-    report, problems = check_datasets(run.cfg, run.num_processes)
-    run.report.buckets = report
-    for line in problems:
+    found = dataset_findings(run.cfg, run.num_processes)
+    run.report.buckets = found.report
+    for line in found.problems:
         run.error(line)
+    for line in found.warnings:
+        run.warn(line)
