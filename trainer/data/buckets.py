@@ -179,12 +179,23 @@ def plan_batches(bucket_keys: dict[int, list[str]], repeats: dict[int, int], bat
 
 
 def repeats_needed(plan: BatchPlan, d: int, repeats: int, batch_size: int, batches_needed: int) -> int:
-    """The smallest repeats that give dataset d at least `batches_needed` whole batches."""
-    base = {k: n // repeats for k, n in plan.samples[d].items()}
-    for r in range(repeats, repeats + 10_000):
-        if sum(n * r // batch_size for n in base.values()) >= batches_needed:
-            return r
-    return repeats + 10_000
+    """The smallest repeats that give dataset d at least `batches_needed` whole batches (a search over a monotone
+    count, so a huge shortfall costs a few dozen sums, not thousands)."""
+    base = [n // repeats for n in plan.samples[d].values()]
+
+    def enough(r: int) -> bool:
+        return sum(n * r // batch_size for n in base) >= batches_needed
+
+    if not any(base):
+        return repeats
+    hi = repeats
+    while not enough(hi):
+        hi *= 2
+    lo = max(repeats, hi // 2)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid + 1, hi)
+    return lo
 
 
 def report_lines(names: list[str], plan: BatchPlan, skipped: list[tuple[str, str]], batch_size: int) -> list[str]:

@@ -62,7 +62,7 @@ class ScanMemo:
 
     def captions_for(self, ds: DatasetConfig, folder: Path, index: int) -> Captions:
         key = (str(folder), ds.caption_strategy, ds.caption_extension, ds.metadata_file, ds.caption_column,
-               ds.instance_prompt, index if ds.caption_strategy == "metadata" else None)
+               ds.instance_prompt)
         if key not in self.captions:
             self.captions[key] = Captions(ds, folder, index)
         return self.captions[key]
@@ -273,7 +273,8 @@ def _crop_fix(ds: DatasetConfig, where: str, hit: list) -> str:
     if ds.crop_aspect == "square":
         return f'set {where}.crop_aspect = "preserve" (buckets that follow each clip\'s shape)'
     if ds.width is not None:
-        other_way = sum((c.info.width > c.info.height) != (ds.width > ds.height) for c, _ in hit)
+        portrait = ds.height > ds.width
+        other_way = sum(c.info.width != c.info.height and (c.info.height > c.info.width) != portrait for c, _ in hit)
         if other_way * 2 > len(hit) and ds.width != ds.height:
             return (f"the clips are {'landscape' if ds.height > ds.width else 'portrait'}: swap the size, "
                     f"{where}.width = {ds.height} and {where}.height = {ds.width}")

@@ -99,7 +99,7 @@ def list_media(folder: Path, skip: dict[Path, str] | None = None) -> tuple[list[
             if stat.S_ISDIR(target.st_mode):
                 real = _real(path)
                 if real in skip_real:
-                    left_out += [(p, skip_real[real]) for p in _media_below(path)]
+                    left_out += [(p, skip_real[real]) for p in media_below(path)]
                     continue
                 walk(path, (*ancestors, key))
             elif is_media and stat.S_ISREG(target.st_mode):
@@ -108,7 +108,7 @@ def list_media(folder: Path, skip: dict[Path, str] | None = None) -> tuple[list[
                 left_out.append((path, "not a regular file"))
 
     if _real(folder) in skip_real:
-        left_out += [(p, skip_real[_real(folder)]) for p in _media_below(folder)]
+        left_out += [(p, skip_real[_real(folder)]) for p in media_below(folder)]
         return [], left_out
     walk(folder, ())
     return sorted(found), left_out
@@ -124,7 +124,7 @@ def _broken_link(path: Path, err: OSError) -> str:
     return f"a link to {os.readlink(path)}, which does not exist: point it at the file or remove it"
 
 
-def _media_below(folder: Path) -> list[Path]:
+def media_below(folder: Path) -> list[Path]:
     """Media files under a folder that is skipped as a whole (for the list of what was left out)."""
     out = []
     for root, dirs, files in os.walk(folder):

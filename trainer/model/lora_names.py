@@ -129,8 +129,21 @@ def flavour_modules(flavour_name: str, num_layers: int | None = None) -> list[tu
 
 
 def peft_targets(target_modules: list[str], modules: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The modules peft adapts for a list of target names (a name matches itself or any path ending in "." + it)."""
-    return [(n, c) for n, c in modules if n and any(n == t or n.endswith("." + t) for t in target_modules)]
+    """The modules peft adapts for a list of target names (a name matches itself or any path ending in "." + it).
+    Each module's dotted suffixes are looked up in a set: linear in modules + targets, however long the list."""
+    wanted = set(target_modules)
+    out = []
+    for n, c in modules:
+        parts = n.split(".") if n else []
+        if any(".".join(parts[i:]) in wanted for i in range(len(parts))):
+            out.append((n, c))
+    return out
+
+
+def targets_matching_nothing(target_modules: list[str], modules: list[tuple[str, str]]) -> list[str]:
+    """The target names that select no module (in their order), from one index of every module's suffixes."""
+    suffixes = {".".join(parts[i:]) for n, _ in modules if n for parts in [n.split(".")] for i in range(len(parts))}
+    return [t for t in target_modules if t not in suffixes]
 
 
 def _is_conv(cls: str) -> bool:
@@ -202,11 +215,9 @@ def interchange_problems(cfg) -> list[str]:
     modules = flavour_modules(cfg.model.flavour)
     if cfg.lora.lora_type == "lycoris":
         return _lycoris_problems(cfg, modules)
-    problems = []
-    for target in cfg.lora.target_modules:
-        if not peft_targets([target], modules):
-            problems.append(f'lora.target_modules: "{target}" matches no module of the {cfg.model.flavour} transformer '
-                            '(diffusers names, e.g. "attn1.to_q", "attn2.to_out.0", "ffn.net.0.proj", "proj_out")')
+    problems = [f'lora.target_modules: "{target}" matches no module of the {cfg.model.flavour} transformer (diffusers '
+                'names, e.g. "attn1.to_q", "attn2.to_out.0", "ffn.net.0.proj", "proj_out")'
+                for target in targets_matching_nothing(cfg.lora.target_modules, modules)]
     reached = peft_targets(cfg.lora.target_modules, modules)
     problems += _unsaveable(reached, "lora.target_modules")
     if cfg.lora.save_format == "comfyui":
