@@ -287,9 +287,13 @@ def check_output_dir(run: PreflightRun) -> None:
 def check_resume(run: PreflightRun) -> None:
     from trainer.rundir import RunDir
 
+    from trainer.preflight.tensors import RESUMED_FILES, require_finite_checkpoint
+
     folder = RunDir(run.cfg.train.output_dir)
     if run.resume is not None:
-        folder.resolve_resume(run.resume)
+        checkpoint = folder.resolve_resume(run.resume)
+        if checkpoint is not None:
+            require_finite_checkpoint(checkpoint, RESUMED_FILES)
     elif folder.complete_checkpoints():
         run.error(f"train.output_dir: {folder.root} already has checkpoints: pass --resume latest to continue that "
                   "run, or set train.output_dir to a new folder")
