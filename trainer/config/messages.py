@@ -220,8 +220,11 @@ def format_errors(err: ValidationError, source: str, data: dict[str, Any] | None
             lines.append(f"{source}: {where}: required field is missing")
             continue
         if kind == "model_type" or kind == "model_attributes_type":
-            lines.append(f"{source}: {where} is a section (a table), not a value (got {e.get('input')!r}): set the "
-                         f"fields inside it, e.g. [{where}] in the file or --set {where}.FIELD=VALUE")
+            homes = key_homes(str(loc[-1]), None, e.get("input")) if len(loc) == 1 else []
+            exact = [h for h in homes if h.field == str(loc[-1])]
+            fix = (f"it belongs in {exact[0].table} as {exact[0].field}" if exact else
+                   f"set the fields inside it, e.g. [{where}] in the file or --set {where}.FIELD=VALUE")
+            lines.append(f"{source}: {where} is a section (a table), not a value (got {_shown(e.get('input'))}): {fix}")
             continue
         size = size_string_fix(loc, e.get("input"), data)
         if size is not None:
@@ -233,8 +236,9 @@ def format_errors(err: ValidationError, source: str, data: dict[str, Any] | None
         fix = ""
         if kind == "literal_error":
             expected = [x.strip(" '\"") for x in str(e.get("ctx", {}).get("expected", "")).replace(" or ", ",").split(",")]
-            close = difflib.get_close_matches(str(e.get("input")), [x for x in expected if x], n=1)
-            fix = f': did you mean "{close[0]}"?' if close else ""
+            by_lower = {x.lower(): x for x in expected if x}
+            close = difflib.get_close_matches(str(e.get("input")).lower(), list(by_lower), n=1)
+            fix = f': did you mean "{by_lower[close[0]]}"?' if close else ""
         elif kind == "list_type" and isinstance(e.get("input"), dict):
             fix = f": write [[{where}]] with double brackets (a list of tables), or {where} = [...]"
         elif kind == "list_type" and isinstance(e.get("input"), (str, int, float)):
@@ -242,7 +246,12 @@ def format_errors(err: ValidationError, source: str, data: dict[str, Any] | None
         elif kind in ("finite_number", "greater_than", "greater_than_equal", "less_than", "less_than_equal",
                       "int_parsing", "float_parsing", "int_from_float", "int_type", "float_type"):
             fix = _default_hint(loc)
-        lines.append(f"{source}: {where}: {msg} (got {_shown(e.get('input'))}){fix}")
+        if not loc:  # a check of the whole config: its message names the fields
+            lines.append(f"{source}: {msg}{fix}")
+        elif isinstance(e.get("input"), dict):  # a check of a whole section: the table is no help to show
+            lines.append(f"{source}: {where}: {msg}{fix}")
+        else:
+            lines.append(f"{source}: {where}: {msg} (got {_shown(e.get('input'))}){fix}")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,9 @@ class Section(BaseModel):
         if isinstance(value, str) and not value.strip() and name not in EMPTY_ALLOWED:
             raise ValueError(f"is empty: {_empty_fix(cls, name)}")
         if isinstance(value, list) and any(isinstance(v, str) and not v.strip() for v in value):
-            raise ValueError("holds an empty name: remove the empty item (\"\")")
+            kept = [v for v in value if not (isinstance(v, str) and not v.strip())]
+            fix = f"{name} = {json.dumps(kept)}" if kept and len(kept) <= 12 else "remove the empty items"
+            raise ValueError(f"holds an empty name: {fix}")
         return value
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +50,7 @@ def check_block_indices(run: PreflightRun) -> None:
                   f"try {min(8, blocks - 1)}")
 
 
+@functools.lru_cache(maxsize=1)
 def attention_backend_names() -> list[str] | None:
     """diffusers' attention backend names, read from its source without importing it (None: diffusers is absent)."""
     spec = importlib.util.find_spec("diffusers")
