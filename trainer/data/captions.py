@@ -59,13 +59,13 @@ def read_caption_file(path: Path) -> tuple[str | None, str | None]:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
+        if os.path.islink(path):
+            return None, f"caption {path.name} is a link to {os.readlink(path)}, which does not exist"
         return None, None
     except IsADirectoryError:
         return None, f"{path.name} is a folder, not a caption file"
     except OSError as err:
-        if not path.exists() and path.is_symlink():
-            return None, f"caption {path.name} is a link to {os.readlink(path)}, which does not exist"
-        return None, f"caption {path.name} can't be read ({err.strerror or err}): check its permissions"
+        return None, f"caption {path.name} can't be read ({err.strerror or err}): check its permissions and links"
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
             return raw.decode("utf-16"), None

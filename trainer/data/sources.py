@@ -99,7 +99,7 @@ def list_media(folder: Path, skip: dict[Path, str] | None = None) -> tuple[list[
             if stat.S_ISDIR(target.st_mode):
                 real = _real(path)
                 if real in skip_real:
-                    left_out += [(p, skip_real[real]) for p in media_below(path)]
+                    left_out.extend((p, skip_real[real]) for p in media_below(path))
                     continue
                 walk(path, (*ancestors, key))
             elif is_media and stat.S_ISREG(target.st_mode):

@@ -7,22 +7,29 @@ import ast
 import difflib
 import functools
 import importlib.util
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.model.wan_layout import ADAPTABLE, matching_modules, module_layout, resolve_routes
+from trainer.model.wan_layout import ADAPTABLE, module_layout, resolve_routes
 
 if TYPE_CHECKING:
     from trainer.preflight.report import PreflightRun
 
 def check_target_modules(run: PreflightRun) -> None:
+    """Every target names a module peft would find (a full path such as "blocks.3.attn1.to_q", or its dotted suffix),
+    and only layers a LoRA can adapt. One index of every module's suffixes: linear in the list, however long."""
     lora = run.cfg.lora
-    layout = module_layout(run.flavour, min(run.blocks, 1))
-    paths = [p.removeprefix("blocks.0.").split(".") for p, k in layout.items() if k in ADAPTABLE]
-    suffixes = {".".join(p[i:]) for p in paths for i in range(len(p))}  # "to_q", "attn1.to_q", ... (what peft matches)
-    linears = sorted(x for x in suffixes if not x.isdigit())
+    layout = module_layout(run.flavour, run.blocks)
+    index: dict[str, list[str]] = {}
+    for path in layout:
+        parts = path.split(".")
+        for i in range(len(parts)):
+            index.setdefault(".".join(parts[i:]), []).append(path)
+    linears = sorted({s for s, paths in index.items() if not s.isdigit() and not s.startswith("blocks.")
+                      and any(layout[p] in ADAPTABLE for p in paths)})
     for target in lora.target_modules:
-        found = matching_modules(layout, target)
+        found = {p: layout[p] for p in index.get(target, [])}
         if not found:
             close = difflib.get_close_matches(target, linears, n=1)
             fix = f'did you mean "{close[0]}"?' if close else 'names are diffusers ones, e.g. "attn1.to_q", "ffn.net.0.proj"'
@@ -30,8 +37,9 @@ def check_target_modules(run: PreflightRun) -> None:
             continue
         other = sorted({k for k in found.values() if k not in ADAPTABLE})
         if other:
-            inside = sorted(p.removeprefix("blocks.0.") for p, k in layout.items()
-                            if k in ADAPTABLE and any(p.startswith(f + ".") for f in found))
+            first = next(p for p, k in found.items() if k not in ADAPTABLE)
+            inside = sorted(re.sub(r"^blocks\.\d+\.", "", p) for p in index
+                            if p.startswith(first + ".") and p in layout and layout[p] in ADAPTABLE)
             fix = f'name its linear layers instead, e.g. "{inside[0]}"' if inside else "remove it"
             run.error(f'lora.target_modules: "{target}" selects {", ".join(other)} modules, which take no LoRA '
                       f"(only linear and conv layers do): {fix}")
