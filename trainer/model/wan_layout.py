@@ -80,6 +80,22 @@ def block_count(model, flavour: Flavour) -> int:
     return flavour.num_layers
 
 
+def rotary_positions(model, flavour: Flavour) -> int:
+    """Positions per axis (frames, height, width in patches) the transformer's rotary embedding has: its config.json's
+    rope_max_seq_len where present, else diffusers' default (tiny: trainer.model.tiny's)."""
+    file = transformer_config_file(model, flavour)
+    if file is not None:
+        try:
+            return int(json.loads(file.read_text(encoding="utf-8")).get("rope_max_seq_len", 1024))
+        except (OSError, ValueError, TypeError):
+            pass
+    if flavour.tiny is not None:
+        from trainer.model.tiny import TINY_ROPE_MAX_SEQ_LEN
+
+        return TINY_ROPE_MAX_SEQ_LEN
+    return 1024
+
+
 # ---------------------------------------------------------------- TREAD routes (block ranges; trainer.loop.tread routes them)
 
 

@@ -24,7 +24,7 @@ from trainer.preflight.files import (check_crepa, check_dataset_paths, check_hub
                                      check_output_dir, check_prompts, check_resume, check_webhook)
 from trainer.preflight.machine import check_environment
 from trainer.preflight.model import (check_adapter_saveable, check_attention_backend, check_block_indices, check_experts,
-                                     check_target_modules)
+                                     check_rotary_positions, check_target_modules)
 
 
 from trainer.preflight.report import PreflightReport, PreflightRun
@@ -66,7 +66,7 @@ def preflight(cfg: WanforgeConfig, *, resume: str | None = None, here: bool = Tr
     run = PreflightRun(cfg, PreflightReport(config=cfg), here, processes, resume)
     checks: list[Callable[[PreflightRun], None]] = [
         check_numbers, check_frames_and_sizes, check_prompts, check_webhook, check_hub_repo, check_lycoris, check_crepa, check_model_paths, check_dataset_paths,
-        check_target_modules, check_block_indices, check_attention_backend, check_experts,
+        check_target_modules, check_block_indices, check_rotary_positions, check_attention_backend, check_experts,
     ]
     if training:  # `cache` is one process whatever the training layout
         checks.append(check_shard_base)

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.model.wan_layout import ADAPTABLE, module_layout, resolve_routes
+from trainer.model.wan_layout import ADAPTABLE, module_layout, resolve_routes, rotary_positions
 
 if TYPE_CHECKING:
     from trainer.preflight.report import PreflightRun
@@ -43,6 +43,43 @@ def check_target_modules(run: PreflightRun) -> None:
             fix = f'name its linear layers instead, e.g. "{inside[0]}"' if inside else "remove it"
             run.error(f'lora.target_modules: "{target}" selects {", ".join(other)} modules, which take no LoRA '
                       f"(only linear and conv layers do): {fix}")
+
+
+def check_rotary_positions(run: PreflightRun) -> None:
+    """Every training and validation size within the positions the transformer's rotary embedding has (beyond them
+    the model fails at its first step with a shape error)."""
+    from trainer.data.buckets import frame_size, size_in_units
+
+    f = run.flavour
+    most = rotary_positions(run.cfg.model, f)
+    px = f.vae_spatial * 2  # pixels per patch
+    longest_side, longest_frames = most * px // 16 * 16, (most - 1) * 4 + 1
+    sizes = []
+    for i, ds in enumerate(run.cfg.datasets):
+        width, height = frame_size(ds, f, f.width, f.height)
+        sizes.append((f"datasets[{i}]", width, height, run.cfg.dataset_shape(i)[0], ds.width is not None))
+    v = run.cfg.validation
+    frames, height, width = run.cfg.dataset_shape(0) if run.cfg.datasets else (f.num_frames, f.height, f.width)
+    if v.width is not None or v.num_frames is not None:  # else it renders dataset 0's size, checked above
+        sizes.append(("validation", v.width or width, v.height or height, v.num_frames or frames, True))
+    for where, width, height, frames, fixed in sizes:
+        if max(width, height) > longest_side:
+            scale = longest_side / max(width, height)
+            if fixed or where == "validation":
+                w, h = (max(16, int(x * scale) // px * px) for x in (width, height))
+                fix = f"{where}.width = {w} and {where}.height = {h}"
+            else:
+                ds = run.cfg.datasets[int(where[9:-1])]
+                target = ds.resolution if ds.resolution is not None else size_in_units(f.width, f.height,
+                                                                                       ds.resolution_type)
+                lower = target * (scale if ds.resolution_type != "area" else scale * scale)
+                fix = f"{where}.resolution = {lower:.2f}".rstrip("0").rstrip(".") if ds.resolution_type == "area" \
+                    else f"{where}.resolution = {int(lower) // px * px}"
+            run.error(f"{where}: {width}x{height} needs {max(width, height) // px} positions per side, more than the "
+                      f"{most} the {f.name} transformer has (rope_max_seq_len): try {fix}")
+        if frames > longest_frames:
+            run.error(f"{where}: {frames} frames need {(frames - 1) // 4 + 1} positions in time, more than the {most} the "
+                      f"{f.name} transformer has (rope_max_seq_len): try {where}.num_frames = {longest_frames}")
 
 
 def check_block_indices(run: PreflightRun) -> None:
