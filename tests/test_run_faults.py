@@ -12,7 +12,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -187,6 +186,30 @@ def test_a_damaged_cache_entry_is_named_and_rebuilt(data, tmp_path, caplog):
     assert any(str(text) in m and "1 dimensions, not 2" in m for m in named), named
     assert result.cache_entries_built == 2
     assert load_file(str(latent))["latents"].ndim == 4 and torch.equal(load_file(str(text))["embeds"], good_text["embeds"])
+
+
+def test_a_clip_fixed_after_it_failed_to_decode_is_cached_again(data, tmp_path):
+    """The `.failed` note of a clip that would not decode holds for that very file only: restored from a backup
+    with its old size and time, it is decoded again (its inode and ctime tell)."""
+    from trainer.data.cache import build_caches
+
+    cfg = _cfg(data, tmp_path / "run")
+    target = data / "clip_01.mp4"
+    good, st = target.read_bytes(), target.stat()
+    start, end = good.find(b"mdat") + 64, good.find(b"moov") - 64  # the frames' bytes, between the two boxes
+    assert 0 < start < end
+    broken = bytearray(good)
+    broken[start:end] = b"\0" * (end - start)  # its index reads (the scan passes), its frames do not decode
+    target.write_bytes(bytes(broken))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    report = build_caches(cfg, torch.device("cpu"), show_progress=False)
+    assert [p.name for p, _ in report.skipped] == ["clip_01.mp4"] and list(data.rglob("*.failed"))
+    restored = tmp_path / "restored.mp4"
+    restored.write_bytes(good)
+    os.utime(restored, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(restored, target)  # same size, same mtime
+    report = build_caches(cfg, torch.device("cpu"), show_progress=False)
+    assert report.skipped == [] and sum(len(s) for s in report.samples) == 2 and report.built_latents == 1
 
 
 def test_cache_files_follow_the_umask(data, tmp_path):

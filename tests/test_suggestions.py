@@ -282,9 +282,11 @@ def test_an_empty_list_of_modules_is_refused(few_clips, tmp_path):
     ("datasets", "resolution", [832, 480], (832, 480)),
     ("datasets", "resolution", "480p", None),
     ("validation", "width", "128x64", (128, 64)),
-], ids=["resolution", "width", "height", "rounded", "list", "480p", "validation"])
+    ("datasets", "minimum_image_size", "320x180", None),
+], ids=["resolution", "width", "height", "rounded", "list", "480p", "validation", "minimum-size"])
 def test_a_size_written_as_a_string_gets_two_numbers(table, key, value, expected, few_clips, tmp_path):
     raw = base(few_clips, tmp_path / "run")
+    raw["model"]["flavour"] = "t2v-480p-1.3b-2.1"  # a real Wan: 1280x720 is within its positions (the tiny one's 512)
     if key == "resolution":
         del raw["datasets"][0]["width"], raw["datasets"][0]["height"]
     _set(raw, ["datasets", 0, key] if table == "datasets" else [table, key], value)
@@ -298,8 +300,8 @@ def test_a_size_written_as_a_string_gets_two_numbers(table, key, value, expected
 def test_a_size_string_is_rounded_to_the_flavours_multiple(few_clips, tmp_path):
     raw = base(few_clips, tmp_path / "run")
     raw["model"]["flavour"] = "tiny-ti2v"  # the Wan 2.2 VAE: multiples of 32
-    raw["datasets"][0]["width"] = "1280x720"
-    assert "width = 1280 and height = 704" in check(tmp_path, raw)[0]
+    raw["datasets"][0]["width"] = "500x300"
+    assert "width = 512 and height = 288" in check(tmp_path, raw)[0]
     assert_fix_passes(tmp_path, raw)
 
 
@@ -335,3 +337,18 @@ def test_check_level_fixes_apply(key, value, fix_in, few_clips, tmp_path):
     errors = check(tmp_path, raw)
     assert any(fix_in in e for e in errors), errors
     assert_fix_passes(tmp_path, raw)
+
+
+@pytest.mark.parametrize("where, context, refused_here", [
+    (["datasets", 0, "instance_prompt"], {("datasets", 0, "caption_strategy"): "instanceprompt"}, False),
+    (["validation", "instance_prompt"], {("validation", "prompt"): "a <token> ball"}, False),
+    (["hub", "hub_model_id"], {("hub", "push_to_hub"): True}, True),  # no Hub token here: refused for that alone
+], ids=["instance-prompt", "validation-trigger", "hub-repo"])
+def test_an_empty_value_another_setting_needs_asks_for_one(where, context, refused_here, few_clips, tmp_path):
+    raw = base(few_clips, tmp_path / "run")
+    for path, value in context.items():
+        _set(raw, list(path), value)
+    _set(raw, where, "")
+    errors = check(tmp_path, raw)
+    assert len(errors) == 1 and "is empty, and" in errors[0], errors
+    assert_fix_passes(tmp_path, raw, refused_here=refused_here)

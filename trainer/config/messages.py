@@ -6,6 +6,7 @@ Every fix a line proposes is itself accepted by the schema (tests/test_suggestio
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -164,6 +165,14 @@ def _two_numbers(value: Any) -> tuple[int, int] | None:
     return None
 
 
+def _dataset_value(data: dict[str, Any] | None, loc: tuple[Any, ...], key: str) -> Any:
+    tables = (data or {}).get("datasets")
+    index = loc[1] if len(loc) > 2 and isinstance(loc[1], int) else 0
+    if isinstance(tables, list) and index < len(tables) and isinstance(tables[index], dict):
+        return tables[index].get(key)
+    return None
+
+
 def size_string_fix(loc: tuple[Any, ...], value: Any, data: dict[str, Any] | None) -> str | None:
     """`resolution = "1280x720"`, `width = "1280x720"`, `resolution = [1280, 720]`, `resolution = "720p"`: the two
     number fields to write instead (rounded to the flavour's multiple), or None if it is no such size."""
@@ -180,6 +189,14 @@ def size_string_fix(loc: tuple[Any, ...], value: Any, data: dict[str, Any] | Non
         drop = ", and remove resolution" if name == "resolution" else ""
         return (f"{name} = {shown} is a frame size written as one value: write two numbers instead, "
                 f"width = {width} and height = {height}{drop}{rounded}")
+    if pair is not None and loc[0] == "datasets" and name in SIZE_FIELDS[3:]:  # one number in resolution_type units
+        kind = _dataset_value(data, loc, "resolution_type")
+        kind = kind if kind in ("pixel", "area") else "pixel_area"
+        w, h = pair  # trainer.data.buckets.size_in_units, which this layer does not import
+        units = min(w, h) if kind == "pixel" else w * h / 1e6 if kind == "area" else math.sqrt(w * h)
+        shown_units = f"{units:.2f}".rstrip("0").rstrip(".") if kind == "area" else str(round(units))
+        return (f"{name} = {shown} is a frame size written as one value: write one number in resolution_type "
+                f"units, {name} = {shown_units} ({pair[0]}x{pair[1]} as {kind})")
     m = _SHORT_EDGE.match(value) if isinstance(value, str) else None
     if m is not None and name == "resolution" and loc[0] == "datasets":
         return (f'{name} = {shown} names a video height: write resolution = {m.group(1)} and resolution_type = '

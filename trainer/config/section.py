@@ -52,7 +52,8 @@ class Section(BaseModel):
             raise ValueError(f"is empty: {_empty_fix(cls, name)}")
         if isinstance(value, list) and any(isinstance(v, str) and not v.strip() for v in value):
             kept = [v for v in value if not (isinstance(v, str) and not v.strip())]
-            fix = f"{name} = {json.dumps(kept)}" if kept and len(kept) <= 12 else "remove the empty items"
+            fix = (f"{name} = {json.dumps(kept)}" if kept and len(kept) <= 12 else
+                   "remove the empty items" if kept else _empty_fix(cls, name))
             raise ValueError(f"holds an empty name: {fix}")
         return value
 

@@ -159,6 +159,14 @@ def check_frames_and_sizes(run: PreflightRun) -> None:
         value = getattr(v, name)
         if value is not None and value % m:
             run.error(f"validation.{name} = {value} must be a multiple of {m} for {f.name}: try {max(m, value // m * m)}")
+    if v.width is not None and v.height is not None:
+        tw, th = trained_sizes(f)[-1]
+        pixels = v.width * v.height / (tw * th)
+        if pixels > FAR_BEYOND:
+            portrait = v.height > v.width
+            run.warn(f"validation: {v.width}x{v.height} is {pixels:.1f}x the pixels of {tw}x{th}, the largest size "
+                     f"{f.name} was trained at: rendering costs far more and looks worse: try validation.width = "
+                     f"{th if portrait else tw} and validation.height = {tw if portrait else th}")
     if v.num_frames is not None and f.hub_id is not None and v.num_frames > 4 * f.num_frames:
         run.warn(f"validation.num_frames = {v.num_frames} is far beyond the {f.num_frames} frames {f.name} was "
                  "trained on: rendering will be slow and the video weak")
