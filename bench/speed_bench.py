@@ -135,6 +135,13 @@ VARIANTS: dict[str, dict] = {
                                  attention_backend="flash_4_hub"),
     "partial10-compile-fa4": dict(gradient_checkpointing="selective", checkpointed_blocks=10, compile=True,
                                   attention_backend="flash_4_hub"),
+    # issue 31: fp8 where the 80 GB card has room to keep activations (only the first 10 blocks checkpointed), and
+    # fp8 on the 720p A14B preset (balanced-lean: no sub-layers, so the offload fits 128 GiB of host RAM)
+    "fp8-partial10-compile-sublayers-fa4": dict(gradient_checkpointing="selective", checkpointed_blocks=10,
+                                                compile=True, checkpoint_sublayers=True, base_quantization="fp8",
+                                                attention_backend="flash_4_hub"),
+    "fp8-balanced-lean-fa4": dict(gradient_checkpointing="selective", compile=True, activation_offload=True,
+                                  base_quantization="fp8", attention_backend="flash_4_hub"),
 }
 # the presets by name (trainer/model/presets.py), cuDNN attention unless the name ends in -fa4
 for _name, _values in __import__("trainer.model.presets", fromlist=["PRESETS"]).PRESETS.items():

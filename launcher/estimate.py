@@ -60,6 +60,8 @@ class Estimate:
     gpu_measured: bool = False  # the GPU peak alone measured there (rows older than the host-memory column)
     speed_measured: bool = False  # s/step measured on this GPU at this shape and preset (else extrapolated)
     contention_s: float = 0.0  # of s_per_step: the count processes offloading at once (derived, trainer/model/sizing.py)
+    speed_row: dict[str, Any] | None = dataclasses.field(default=None, compare=False)  # the row s/step is scaled from
+    memory_row: dict[str, Any] | None = dataclasses.field(default=None, compare=False)  # the row memory is scaled from
 
     @property
     def fit_label(self) -> str:
@@ -70,14 +72,29 @@ class Estimate:
             return "fits"
         return "fits: GPU measured, host RAM extrapolated" if self.gpu_measured else "not measured (extrapolated)"
 
+    def refs(self) -> tuple[str, str]:
+        """(memory, s/step): the launcher/calibration.toml [[measured]] rows each figure is scaled from, as "row N"."""
+        def ref(row: dict[str, Any] | None) -> str:
+            return f"row {sizing.row_number(row)}" if row is not None else "no row"
+
+        return ref(self.memory_row), ref(self.speed_row)
+
     def line(self) -> str:
         gpus = f"{self.count}x {self.gpu}" if self.count > 1 else self.gpu
         speed = "measured" if self.speed_measured else "extrapolated"
-        return (f"{gpus:>14}: {self.vram_gib:6.1f} GiB/GPU, {self.host_gib:5.1f} of {self.host_ram_gib:.0f} GiB host "
-                f"({self.fit_label}), {self.s_per_step:6.2f} s/step ({speed}"
-                f"{f', incl. +{self.contention_s:.2f} s offload contention' if self.contention_s else ''}), "
+        memory_ref, speed_ref = self.refs()
+        return (f"{gpus:>14}: {self.vram_gib:6.1f} GiB/GPU, {self.host_gib:5.1f} of {self.host_ram_gib:.0f} GiB host, "
+                f"{self.fit_label} [{memory_ref}]; {self.s_per_step:6.2f} s/step {speed}"
+                f"{f' incl. +{self.contention_s:.2f} s offload contention' if self.contention_s else ''} [{speed_ref}]; "
                 f"{self.total_hours:6.2f} h, ${self.cost_usd_per_hour:.2f}/h -> ${self.cost_usd:,.2f}"
                 + (f"  [{self.memory_preset}]" if self.memory_preset else ""))
+
+
+def cited_rows(estimates: list[Estimate]) -> list[str]:
+    """One line per [[measured]] row the estimates cite ("row N: what it measured (source)"), in file order: the
+    footer of a table of estimates, so each figure's row is named and the two agree by construction."""
+    rows = {sizing.row_number(r): r for e in estimates for r in (e.memory_row, e.speed_row) if r is not None}
+    return [f"row {n}: {sizing.row_summary(rows[n])}" for n in sorted(rows)]
 
 
 def known_gpus() -> dict[str, Gpu]:
@@ -264,6 +281,7 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
         fits=(sizing.fits_gpu(vram, card.memory_gib) and sizing.fits_host(offload, card.host_ram_gib - idle) and fp8_runs
               and oom is None),
         memory_preset=(preset or "custom") + (f", base sharded over {shards}" if shards > 1 else ""),
+        speed_row=row, memory_row=predicted.row,
         measured=measured, gpu_measured=gpu_measured, speed_measured=speed_measured,
         contention_s=round(extra, 3),
         basis=(f"memory preset {preset or 'custom'}; {row['trainer']} {row['flavour']} on {row['gpu']}: "

@@ -10,8 +10,9 @@ from trainer.config.schema import WanforgeConfig
 if TYPE_CHECKING:
     from launcher.estimate import Estimate
 
-ESTIMATE_HEADER = ("GPU", "VRAM/GPU", "host RAM", "s/step", "time", "$/h", "total $", "memory preset", "fits")
-TEXT_COLUMNS = (0, 7, 8)  # the GPU name, the preset and the verdict read left-aligned; the numbers right-aligned
+ESTIMATE_HEADER = ("GPU", "VRAM/GPU", "host RAM", "s/step", "time", "$/h", "total $", "memory preset", "fits",
+                   "rows (memory, s/step)")
+TEXT_COLUMNS = (0, 7, 8, 9)  # the GPU name, the preset, the verdict and the rows read left-aligned; numbers right
 
 
 def cpu_trial_note(cfg: WanforgeConfig) -> str | None:
@@ -37,7 +38,7 @@ def estimate_cells(est: Estimate) -> tuple[str, ...]:
     speed = f"{est.s_per_step:.2f}" + ("" if est.speed_measured else "*")
     return (gpus, f"{est.vram_gib:.1f} GiB", f"{est.host_gib:.0f}/{est.host_ram_gib:.0f} GiB", speed,
             _duration(est.total_hours), f"{est.cost_usd_per_hour:.2f}", f"{est.cost_usd:,.2f}", est.memory_preset,
-            est.fit_label)
+            est.fit_label, ", ".join(ref.removeprefix("row ") for ref in est.refs()))
 
 
 def estimate_table(rows: list[Estimate]) -> list[str]:
@@ -61,4 +62,9 @@ def estimate_text(cfg: WanforgeConfig, gpu: str, others: int = 0) -> str:
     lines = estimate_table([chosen, *rest])
     if rest:
         lines.insert(2, "")  # the chosen GPU, then the cheapest others
-    return "\n".join([*lines, f"scaled from {chosen.basis}; training steps only; * s/step extrapolated, not measured"])
+    from launcher.estimate import cited_rows
+
+    return "\n".join([*lines, "training steps only; * s/step extrapolated, not measured; rows: the measured rows "
+                       "(launcher/calibration.toml [[measured]], N-th) memory and s/step are scaled from:",
+                       *(f"  row {line.removeprefix('row ')}" for line in cited_rows([chosen, *rest])),
+                       f"{chosen.gpu}: {chosen.basis}"])

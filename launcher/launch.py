@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from launcher import lifecycle, render
-from launcher.estimate import Estimate, cheapest_fitting, estimate, estimate_all, parse_gpu
+from launcher.estimate import Estimate, cheapest_fitting, cited_rows, estimate, estimate_all, parse_gpu
 from launcher.estimate_table import cpu_trial_note
 from launcher.lifecycle import LaunchRecord
+from launcher.readiness import readiness_lines, secret_lines
 from launcher.targets import TARGETS, Plan, check_output, check_request, check_run_name
 from trainer.config.files import load_config, save_config
 from trainer.config.schema import WanforgeConfig
@@ -46,19 +47,24 @@ def secret_value(name: str) -> str | None:
         return None
 
 
-def needed_secrets(cfg: WanforgeConfig, plan: Plan, hub_dataset: str = "") -> list[str]:
-    """The secrets this run uses, and only those: every other secret of the caller's shell stays here.
+def needed_secrets(cfg: WanforgeConfig, plan: Plan, hub_dataset: str = "") -> dict[str, str]:
+    """The secrets this run uses, and only those, each with what needs it: every other secret of the caller's shell
+    stays here.
 
     HF_TOKEN: an hf:// output, a Hub dataset, push_to_hub, or a Hub model (a private or gated one needs it; the
     public Wan repos work without, so it travels for a Hub model only when set). WANDB_API_KEY: report_to wandb.
     AWS keys: an s3:// output the node uploads to (a mounted bucket uses SkyPilot's own cloud credentials)."""
-    need = []
-    if (plan.output or "").startswith("hf://") or hub_dataset or cfg.hub.push_to_hub or cfg.hub.push_checkpoints_to_hub:
-        need.append("HF_TOKEN")
+    need: dict[str, str] = {}
+    output = plan.output or ""
+    hub = [why for why, used in ((f"--output {output}", output.startswith("hf://")),
+                                 (f"--hub-dataset {hub_dataset}", bool(hub_dataset)),
+                                 ("[hub] push_to_hub", cfg.hub.push_to_hub or cfg.hub.push_checkpoints_to_hub)) if used]
+    if hub:
+        need["HF_TOKEN"] = " and ".join(hub)
     if cfg.tracking.report_to == "wandb":
-        need.append("WANDB_API_KEY")
-    if plan.output_mode == "upload" and (plan.output or "").startswith("s3://"):
-        need += ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+        need["WANDB_API_KEY"] = 'tracking.report_to = "wandb"'
+    if plan.output_mode == "upload" and output.startswith("s3://"):
+        need["AWS_ACCESS_KEY_ID"] = need["AWS_SECRET_ACCESS_KEY"] = f"the node's uploads to --output {output}"
     return need
 
 
@@ -82,10 +88,9 @@ def secret_names(cfg: WanforgeConfig, plan: Plan, hub_dataset: str = "", present
 
 def gather_secrets(cfg: WanforgeConfig, plan: Plan, hub_dataset: str = "") -> dict[str, str]:
     """Values of the secrets the run uses (a missing needed one is a UserError); nothing else of the environment."""
-    missing = [n for n in needed_secrets(cfg, plan, hub_dataset) if not secret_value(n)]
+    missing = secret_lines(needed_secrets(cfg, plan, hub_dataset), secret_value)
     if missing:
-        raise UserError(f"set {', '.join(missing)} in your environment (or Colab secrets): the run needs "
-                        f"{'it' if len(missing) == 1 else 'them'}; the value travels as a SkyPilot secret, never in a file")
+        raise UserError("\n".join(missing))
     return {n: v for n in secret_names(cfg, plan, hub_dataset) if (v := secret_value(n))}
 
 
@@ -104,6 +109,17 @@ def default_run_name(stem: str) -> str:
     """wf-<stem>-<MMDD-HHMMSS>, the stem reduced to lowercase letters, digits and dashes (the notebook form uses it)."""
     name = re.sub(r"[^a-z0-9-]+", "-", f"wf-{stem}".lower()).strip("-")[:26].rstrip("-")
     return check_run_name(f"{name}-{time.strftime('%m%d-%H%M%S')}")
+
+
+IMAGE_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")  # registry/name:tag or @sha256:..., nothing a shell reads
+
+
+def check_image(value: str) -> str:
+    """--image: a container image reference (your own build of docker/, pushed to a registry the node can pull)."""
+    if not IMAGE_RULE.fullmatch(value) or ".." in value or "/" not in value and ":" not in value:
+        raise UserError(f"--image {value!r}: give an image reference such as ghcr.io/me/wanforge-trainer:0.1.0-cu128 "
+                        "(letters, digits, '.', '_', '-', '/', ':', '@')")
+    return value
 
 
 def check_hub_dataset(value: str) -> str:
@@ -151,14 +167,19 @@ def check_model_travels(cfg: WanforgeConfig) -> None:
                             "push it to a Hub repo and give its id (or use --target local)")
 
 
-def local_datasets(cfg: WanforgeConfig, hub_dataset: str) -> list[Path]:
-    folders = []
-    for i, ds in enumerate(cfg.datasets):
-        if not (i == 0 and hub_dataset) and not ds.path.is_dir():
-            raise UserError(f"datasets[{i}].path: {ds.path} is not a folder here; nothing to upload "
-                            "(fix the path, or --hub-dataset USER/NAME for datasets[0])")
-        folders.append(ds.path)
-    return folders
+def dataset_folders(cfg: WanforgeConfig, hub_dataset: str) -> dict[int, Path]:
+    """The local dataset folders the task uploads, by index (datasets[0] comes from the Hub with --hub-dataset)."""
+    return {i: ds.path for i, ds in enumerate(cfg.datasets) if not (i == 0 and hub_dataset)}
+
+
+def launch_preflight(cfg: WanforgeConfig, plan: Plan, missing_folders: set[int]) -> None:
+    """The config's preflight as the node will run it; a dataset folder that is not here is a readiness line
+    (launcher.readiness), so its own errors are not repeated (and nothing is scanned there)."""
+    here = plan.target.kind == "local"  # the node runs `train --resume latest`
+    report = preflight(cfg, here=here, resume="latest", num_processes=max(plan.gpus_per_node, 1) * plan.nodes,
+                       scan=not missing_folders)
+    report.errors = [e for e in report.errors if not any(e.startswith(f"datasets[{i}].path:") for i in missing_folders)]
+    report.raise_if_invalid()
 
 
 # ---------------------------------------------------------------- local target
@@ -203,13 +224,21 @@ def cmd_launch(args: argparse.Namespace) -> int:
     config = Path(args.config)
     cfg = load_config(config, args.set)
     plan, est = plan_request(cfg, args)
-    here = plan.target.kind == "local"  # the node runs `train --resume latest`
-    preflight(cfg, here=here, resume="latest", num_processes=max(plan.gpus_per_node, 1) * plan.nodes).raise_if_invalid()
-    if plan.target.kind != "local":
-        check_model_travels(cfg)
+    if args.keep_alive_min < 0:
+        raise UserError(f"--keep-alive-min {args.keep_alive_min}: minutes, 0 or more")
     name = run_name(config, args.name)
     hub_dataset = check_hub_dataset(args.hub_dataset or "")
-    datasets = local_datasets(cfg, hub_dataset)
+    folders = dataset_folders(cfg, hub_dataset)
+    launch_preflight(cfg, plan, {i for i, f in folders.items() if not f.is_dir()})
+    if plan.target.kind != "local":
+        check_model_travels(cfg)
+    # what this machine must have for the launch, before SkyPilot is called: each missing piece one line
+    missing = readiness_lines(plan, needed_secrets(cfg, plan, hub_dataset), secret_value, folders,
+                              check_credentials=not args.skip_credential_check)
+    if missing and not args.dryrun:
+        raise UserError("\n".join(missing))
+    for line in missing:
+        print(f"warning: {line}", file=sys.stderr)
     staging = lifecycle.state_dir() / name
     staging.mkdir(parents=True, exist_ok=True)
     staged_config = staging / "config.toml"
@@ -222,36 +251,36 @@ def cmd_launch(args: argparse.Namespace) -> int:
     else:
         secrets = gather_secrets(cfg, plan, hub_dataset)
         names = sorted(secrets)
-    if args.keep_alive_min < 0:
-        raise UserError(f"--keep-alive-min {args.keep_alive_min}: minutes, 0 or more")
-    task = render.render_task(plan, name, staged_config, datasets, hub_dataset, names,
-                              keep_alive_min=args.keep_alive_min)
+    task = render.render_task(plan, name, staged_config, list(folders.values()), hub_dataset, names,
+                              image=check_image(args.image) if args.image else None, keep_alive_min=args.keep_alive_min)
     (staging / "task.yaml").write_text(render.dump(task), encoding="utf-8")
+    note = cpu_trial_note(cfg)  # the tiny models: a GPU estimate of them would be all zeros
+    estimate_line = f"estimate: {note}" if note else f"estimate: {est.line()}" if est else ""
 
     if args.dryrun:
         print(render.dump(task))
-        if est:
-            print(f"estimate: {est.line()}\n  from {est.basis}")
-        print(f"dry run: nothing launched (task written to {staging / 'task.yaml'})")
+        if estimate_line:
+            print(estimate_line + (f"\n  from {est.basis}" if est and not note else ""))
+        ready = "; fix the warnings above before a real launch" if missing else ""
+        print(f"dry run: nothing launched (task written to {staging / 'task.yaml'}){ready}")
         return 0
 
     local_dir = cfg.train.output_dir
     rec = LaunchRecord(name=name, target=plan.target.name, managed=plan.managed, output=plan.output,
                        output_mode=plan.output_mode, remote=f"{name}:{render.NODE_OUTPUTS}/{name}",
-                       local_dir=str(local_dir), launched_at=lifecycle.now())
+                       local_dir=str(local_dir), launched_at=lifecycle.now(), accelerator=plan.accelerator or "")
     if plan.target.kind == "local":
         # the run folder is the config's own output_dir: the node's outputs root is its parent
         rec.remote, rec.synced_at = str(local_dir), lifecycle.now()
         lifecycle.save_record(rec)
         env = node_env(plan, local_dir.name, staging / "node", local_dir.parent, hub_dataset)
-        place_inputs(staging / "node", staged_config, datasets, hub_dataset)
+        place_inputs(staging / "node", staged_config, list(folders.values()), hub_dataset)
         code = run_local(task, env)
         print(f"run folder: {local_dir}")
         return code
 
-    if est:
-        print(f"estimate: {est.line()}")
-    lifecycle.save_record(rec)
+    if estimate_line:
+        print(estimate_line)
     lifecycle.launch(task, rec, secrets)
     where = {"node": f"on the node until `wanforge sync {name}`", "mount": f"in {plan.output}/{name}",
              "upload": f"uploaded to {plan.output} ({name}/)"}[plan.output_mode]
@@ -274,14 +303,23 @@ def cmd_estimate(args: argparse.Namespace) -> int:
           f" x {cfg.train.gradient_accumulation_steps}, memory preset {cfg.memory.preset} (resolved per GPU below):")
     for e in rows:
         print("  " + e.line())
-    print(f"scaled from: {rows[0].basis}")
-    print("prices: reference on-demand $/h per GPU (launcher/calibration.toml names each source); "
-          "check the live price with `sky show-gpus`")
+    print("measured rows each figure is scaled from ([row N] above; launcher/calibration.toml [[measured]], N-th row):")
+    for line in cited_rows(rows):
+        print("  " + line)
+    if len(rows) == 1:
+        print(f"how: {rows[0].basis}")
+    print("s/step is scaled from its row by FLOPs and, on another GPU, by datasheet bf16 TFLOP/s; host RAM is the "
+          "card's typical node (calibration.toml host_source); prices: reference on-demand $/h per GPU "
+          "(calibration.toml names each source), check the live price with `sky show-gpus`")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     rec = lifecycle.load_record(args.run)
+    if rec.launch_status == "launch_failed":
+        print(f"{rec.name}: target {rec.target}, launch_failed: {rec.launch_error}; nothing is running "
+              f"(fix that and `wanforge launch` again)")
+        return 0
     print(f"{rec.name}: target {rec.target}{' (managed job)' if rec.managed else ''}, outputs: "
           f"{rec.output or 'on the node'} ({rec.output_mode}), last sync: {rec.synced_at or 'never'}"
           f"{f' (run was {rec.synced_status})' if rec.synced_status else ''}")
@@ -309,6 +347,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from launcher.sync import sync_run
 
     rec = lifecycle.load_record(args.run)
+    lifecycle.refuse_if_failed(rec)
     folder, status = sync_run(rec, Path(args.to) if args.to else None, from_node=args.from_node)
     print(f"synced {rec.name} -> {folder} (run status: {status})")
     return 0
@@ -319,8 +358,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     if rec.target == "local":
         print(f"{rec.name} ran here: nothing to take down")
         return 0
-    lifecycle.down(rec, force=args.force)
-    print(f"{rec.name} is down")
+    if rec.launch_status == "launch_failed":
+        print(f"{rec.name}: its launch failed ({rec.launch_error}); nothing is up")
+        return 0
+    was_up = lifecycle.down(rec, force=args.force)
+    print(f"{rec.name} is down" if was_up else f"{rec.name}: SkyPilot has no cluster of that name (already down)")
     return 0
 
 
@@ -340,9 +382,14 @@ def add_commands(sub: Any, with_config: Any) -> None:
     p.add_argument("--output-mode", default="auto", choices=["auto", "mount", "upload"],
                    help="mount the bucket (VM clouds, default there) or let the node upload (pod clouds, Hub)")
     p.add_argument("--hub-dataset", help="a Hugging Face dataset id fetched on the node, used as datasets[0]")
+    p.add_argument("--image", help="the trainer image the node runs (default: this version's published image for the "
+                                   "GPU's vendor, see docs/containers.md); your own: REGISTRY/NAME:TAG")
     p.add_argument("--name", help="run / cluster name (default wf-<config>-<time>)")
     p.add_argument("--dryrun", action="store_true", help="print the rendered task and the estimate, launch nothing")
     p.add_argument("--ignore-estimate", action="store_true", help="launch even if the estimate says it won't fit")
+    p.add_argument("--skip-credential-check", action="store_true",
+                   help="launch even where no credentials of the target are found here (SkyPilot finds them another "
+                        "way, e.g. an instance role)")
     p.add_argument("--keep-alive-min", type=int, default=render.KEEP_ALIVE_MIN,
                    help="pod targets: minutes the pod stays up after a final upload that failed, so `wanforge sync "
                         f"RUN --from-node` can fetch the run (default {render.KEEP_ALIVE_MIN})")

@@ -168,6 +168,8 @@ def tiny_model(clips, tmp_path):
     ((9, 0), True, "flash_4_hub"),
     ((9, 0), False, "_native_cudnn"),
     ((8, 0), True, "_native_cudnn"),
+    ((10, 0), True, "flash_4_hub"),
+    ((12, 0), True, "_native_cudnn"),
 ])
 def test_auto_takes_flash_attn_4_on_hopper_when_installed(fake_fa4, monkeypatch, capability, installed, expected):
     from trainer.model.attention import resolve_attention_backend
@@ -185,10 +187,13 @@ def test_a_broken_flash_attn_4_install_falls_back_under_auto_and_is_named_when_a
     from trainer.model.attention import resolve_attention_backend
 
     monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", None)  # its import now fails, as without the DSL
+    monkeypatch.setattr("trainer.model.attention._SAID", set())  # nothing said yet in this process
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert resolve_attention_backend("auto", torch.device("cuda", 0)) == "_native_cudnn"
     assert "does not import" in caplog.text
+    assert resolve_attention_backend("auto", torch.device("cuda", 0)) == "_native_cudnn"  # validation asks again
+    assert caplog.text.count("does not import") == 1  # said once, with why
     transformer = load_transformer(tiny_model.model, torch.float32)
     with pytest.raises(UserError, match=r'"flash_4_hub": flash-attn-4 is installed but does not import'):
         apply_memory_options(transformer, MemoryConfig(attention_backend="flash_4_hub"), torch.device("cpu"))

@@ -185,10 +185,14 @@ def test_estimate_columns_line_up(form):
         end = header.index(title) + len(title)
         for line in lines[1:]:
             assert line[end - 1] != " " and (end == len(line) or line[end] == " "), (title, line)
-    assert lines[1].startswith("2x B200 ") and lines[2].endswith("DOES NOT FIT")
+    assert lines[1].startswith("2x B200 ") and lines[2].rsplit("  ", 1)[0].rstrip().endswith("DOES NOT FIT")
     assert lines[1].index(rows[0].fit_label) == header.index("fits")  # the verdict under its title
     text = estimate_text(form.config, "H100", others=3).splitlines()
-    assert text[0].split() == header.split() and text[2] == "" and len(text) == 7 and text[-1].startswith("scaled from")
+    assert text[0].split() == header.split() and text[2] == "" and text[6].startswith("training steps only")
+    cited = [line.split(":")[0].strip() for line in text[7:-1]]  # "row N" of every row a figure cites, in order
+    refs = {n for line in text[1:6] if line for n in line.split()[-2:]}  # the last column: "N, M"
+    assert cited and {c.removeprefix("row ") for c in cited} == {r.strip(",") for r in refs}
+    assert text[-1].startswith("H100: memory preset")
 
 
 def test_form_module_imports_no_torch():

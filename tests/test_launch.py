@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launcher import launch as launch_module
 from launcher import lifecycle, render
 from launcher.cli import main
 from launcher.lifecycle import LaunchRecord
@@ -107,10 +108,59 @@ def test_rendered_tasks_carry_no_secret_value(config_file, state, monkeypatch, c
     assert "MOUNT" not in task_file.read_text()  # pod clouds only COPY
 
 
-def test_missing_needed_secret_stops_before_launch(config_file, state, capsys):
-    assert launch(config_file, "--target", "runpod", "--gpu", "H100", "--output", "hf://u/r") == 2
-    assert "set HF_TOKEN" in capsys.readouterr().err
-    assert not list(state.glob("*.json"))
+def _skypilot_here() -> bool:
+    import importlib.util
+
+    spec = importlib.util.find_spec("sky")
+    return spec is not None and spec.origin is not None
+
+
+def test_launch_lists_what_this_machine_lacks_before_skypilot(config_file, state, tmp_path, monkeypatch, capsys):
+    """A dataset folder that is gone, no rsync (a PATH without it), no SkyPilot in this Python and no HF_TOKEN for an
+    hf:// output: one line each with its fix, exit 2, nothing recorded; --dryrun prints the same lines as warnings
+    and still writes the task."""
+    if _skypilot_here():  # pragma: no cover - the launch environment (tests/test_sky.py covers it there)
+        pytest.skip("SkyPilot is installed here")
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    monkeypatch.setenv("PATH", str(empty_bin))
+    gone = tmp_path / "clips-moved-away"
+    args = ["--set", f'datasets.0.path="{gone}"', "--target", "runpod", "--gpu", "H100", "--output", "hf://u/r",
+            "--name", "wf-ready"]
+    assert launch(config_file, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err), err
+    dataset, rsync, sky, token = err
+    assert f"datasets[0].path: {gone} is not a folder here" in dataset and "--hub-dataset" in dataset
+    assert "rsync is not installed here" in rsync and "apt-get install rsync" in rsync
+    assert "SkyPilot is not installed in this Python" in sky and '"skypilot[runpod]"' in sky
+    assert "HF_TOKEN is not set: --output hf://u/r needs it; export HF_TOKEN=" in token
+    assert not list(state.glob("*.json")) and not (state / "wf-ready" / "task.yaml").exists()
+
+    assert launch(config_file, *args, "--dryrun") == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.strip().splitlines()
+    assert [w.removeprefix("warning: ") for w in warnings] == [e.removeprefix("error: ") for e in err]
+    assert "fix the warnings above before a real launch" in captured.out
+    assert yaml.safe_load((state / "wf-ready" / "task.yaml").read_text())["secrets"] == {"HF_TOKEN": None}
+    assert not list(state.glob("*.json"))  # a dry run records no run
+
+
+@pytest.mark.parametrize(("args", "name"), [
+    (["--target", "aws", "--gpu", "H100", "--output", "s3://bkt/runs"], None),
+    (["--target", "vast", "--gpu", "RTX4090", "--output", "s3://bkt/runs"], "AWS_ACCESS_KEY_ID"),
+    (["--target", "kubernetes", "--gpu", "H100", "--set", 'tracking.report_to="wandb"'], "WANDB_API_KEY"),
+])
+def test_each_missing_token_names_what_needs_it(config_file, state, capsys, args, name):
+    """The tokens the outputs and trackers need: a mounted bucket needs none (SkyPilot's own credentials), a pod
+    cloud's S3 upload needs the keys, W&B its key; each missing one is its own line."""
+    assert launch(config_file, *args, "--dryrun", "--name", "wf-tok") == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if " is not set: " in line]
+    if name is None:
+        assert warned == []
+    else:
+        assert any(line.startswith(f"warning: {name} is not set: ") for line in warned), warned
+        assert all(line.startswith("warning: ") for line in warned)
 
 
 def test_vm_cloud_mounts_the_bucket_and_amd_gets_rocm(config_file, state, capsys):
@@ -275,6 +325,8 @@ def test_launch_hands_only_the_used_secret_values_to_skypilot(config_file, state
         monkeypatch.setenv(name, SECRET + name)
     handed = {}
     monkeypatch.setattr(lifecycle, "launch", lambda task, rec, secrets: handed.update(secrets))
+    # this test is about the secret values: the machine's readiness (rsync, SkyPilot, credentials) is another test's
+    monkeypatch.setattr(launch_module, "readiness_lines", lambda *a, **k: [])
     assert launch(config_file, "--target", "vast", "--gpu", "RTX4090", "--output", "hf://me/loras", "--name", "v1") == 0
     assert handed == {"HF_TOKEN": SECRET + "HF_TOKEN"}
 
@@ -406,3 +458,13 @@ def test_every_cloud_installs_from_the_constraints_and_ci_checks_it():
             if "==" in line and not line.startswith("#")}
     assert {"skypilot", "boto3", "runpod", "vastai-sdk", "azure-cli", "google-api-python-client", "oci", "nebius",
             "kubernetes", "python-dateutil"} <= pins
+
+
+def test_your_own_image_and_hostile_image_names(config_file, state, capsys):
+    assert launch(config_file, "--target", "aws", "--gpu", "H100", "--name", "wf-img", "--image",
+                  "ghcr.io/me/wanforge-trainer:0.1.0-cu128", "--dryrun") == 0
+    task = yaml.safe_load((state / "wf-img" / "task.yaml").read_text())
+    assert task["resources"]["image_id"] == "docker:ghcr.io/me/wanforge-trainer:0.1.0-cu128"
+    for bad in ("me/x; id", "$(id)/x:1", "-x/y", "a b/c:1", "../x:1"):
+        assert launch(config_file, "--target", "aws", "--gpu", "H100", f"--image={bad}", "--dryrun") == 2
+        assert "--image" in capsys.readouterr().err

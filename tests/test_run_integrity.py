@@ -334,9 +334,16 @@ def test_a_crafted_checkpoint_never_runs_code(few_clips, tmp_path, monkeypatch):
     extended = _cfg(few_clips, run, train={"max_train_steps": 3}, checkpoint={"every_n_steps": 2})
     train(extended, resume="latest", show_progress=False)
     assert not marker.exists()
-    # a state file swapped for a pickle: refused by name, never unpickled
+    # a state file swapped for a pickle: it no longer matches the marker's file list, so the checkpoint is refused
     victim = run / "checkpoints" / "step-3"
     (victim / "state.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(UserError, match=r"not a complete checkpoint folder \(state.safetensors has"):
+        train(_cfg(few_clips, run, train={"max_train_steps": 4}, checkpoint={"every_n_steps": 2}), resume=str(victim),
+              show_progress=False)
+    # with a marker that lists no files (an older wanforge's): the file itself is refused by name, never unpickled
+    old_marker = json.loads((victim / "wanforge_state.json").read_text())
+    del old_marker["files"]
+    (victim / "wanforge_state.json").write_text(json.dumps(old_marker))
     with pytest.raises(UserError, match="state.safetensors: not a readable wanforge checkpoint file"):
         train(_cfg(few_clips, run, train={"max_train_steps": 4}, checkpoint={"every_n_steps": 2}), resume="latest",
               show_progress=False)
@@ -442,3 +449,47 @@ def test_a_kill_on_either_rank_mid_checkpoint_resumes_identically(few_clips, tmp
     a = load_file(str(tmp_path / "straight" / "lora" / "wanforge_lora.safetensors"))
     b = load_file(str(killed / "lora" / "wanforge_lora.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_skips_a_partial_newest_checkpoint(few_clips, tmp_path, caplog):
+    """A bucket mount uploads asynchronously: after a preemption the newest checkpoint in the bucket can have files
+    missing or cut short while its marker is there. `--resume latest` checks every file the marker lists (size, then
+    sha256), skips such a checkpoint with a line saying so and resumes from the newest complete one."""
+    import logging
+
+    from trainer.rundir import RunDir, checkpoint_problem
+
+    settings = dict(train={"max_train_steps": 4}, optim={"lr_warmup_steps": 0},
+                    checkpoint={"every_n_steps": 2, "total_limit": None})
+    run = tmp_path / "run"
+    train(_cfg(few_clips, run, **settings), show_progress=False)
+    step2, step4 = run / "checkpoints" / "step-2", run / "checkpoints" / "step-4"
+    marker = json.loads((step4 / "wanforge_state.json").read_text())
+    assert set(marker["files"]) == {"adapter.safetensors", "state.safetensors", "rng.safetensors", "config.toml"}
+    # made partial on purpose, as an unfinished upload leaves it: one file cut short, one not there yet
+    state = (step4 / "state.safetensors").read_bytes()
+    (step4 / "state.safetensors").write_bytes(state[: len(state) // 2])
+    (step4 / "rng.safetensors").unlink()
+    assert checkpoint_problem(step4) == f"rng.safetensors is missing, state.safetensors has {len(state) // 2} of its " \
+        f"{len(state)} bytes"
+    assert checkpoint_problem(step2) is None and RunDir(run).complete_checkpoints() == [(2, step2)]
+
+    longer = _cfg(few_clips, run, **{**settings, "train": {"max_train_steps": 6}})
+    with caplog.at_level(logging.WARNING, logger="trainer.rundir"):
+        train(longer, resume="latest", show_progress=False)
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert len(skipped) == 1 and str(step4) in skipped[0] and "state.safetensors has" in skipped[0]
+    assert _status(run)["resumed_from"] == str(step2) and _status(run)["status"] == "completed"
+    assert _metric_steps(run) == [1, 2, 3, 4, 5, 6] and _checkpoints(run) == ["step-2", "step-4", "step-6"]
+    assert checkpoint_problem(step4, verify_hashes=True) is None  # written again, whole
+
+    # same sizes, other bytes (a copy that went wrong): only the sha256 tells, and latest skips it too
+    adapter = bytearray((run / "checkpoints" / "step-6" / "adapter.safetensors").read_bytes())
+    adapter[-1] ^= 0xFF
+    (run / "checkpoints" / "step-6" / "adapter.safetensors").write_bytes(bytes(adapter))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer.rundir"):
+        assert RunDir(run).resolve_resume("latest") == step4
+    assert "adapter.safetensors does not match its sha256" in caplog.text
+    with pytest.raises(UserError, match="not a complete checkpoint folder .adapter.safetensors does not match"):
+        RunDir(run).resolve_resume(str(run / "checkpoints" / "step-6"))

@@ -22,6 +22,7 @@ def test_eval_loss_is_identical_across_two_runs_with_the_same_seed(clips, tmp_pa
     for run in runs:
         train(tiny_config(clips, run, **settings), show_progress=False)
     evals = [[r for r in _records(run) if "eval_loss" in r] for run in runs]
+    assert all(r.pop("eval_s") >= 0 for run_evals in evals for r in run_evals)  # its wall time, for the bench's share
     assert [r["step"] for r in evals[0]] == [2, 4]
     assert evals[0] == evals[1]  # exactly equal, every bucket
     first, second = evals[0]

@@ -94,10 +94,68 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from trainer.outputs.validation_round import validate_lora
+RENDER_FLAGS = ("adapter", "steps", "guidance_scale", "guidance_scale_low", "flow_shift", "scheduler", "lora_strength")
+CLI_RENDER = "cli"  # the render `wanforge validate` makes from its flags
 
-    cfg = _load(args)
+
+def parse_adapter_flag(spec: str) -> dict:
+    """`--adapter PATH[,strength=S][,expert=high|low|both]` -> a [[validation.renders.adapters]] table."""
+    path, *options = spec.split(",")
+    table: dict = {"path": path.strip()}
+    for option in options:
+        key, sep, value = option.partition("=")
+        key = key.strip()
+        if not sep or key not in ("strength", "expert"):
+            raise UserError(f'--adapter "{spec}": after the path come strength=S and expert=high|low|both, comma '
+                            'separated, e.g. --adapter speed.safetensors,strength=1.0,expert=both')
+        if key == "strength":
+            try:
+                table[key] = float(value)
+            except ValueError:
+                raise UserError(f'--adapter "{spec}": strength "{value}" is not a number (e.g. strength=0.8)') from None
+        else:
+            table[key] = value.strip()
+    return table
+
+
+def cli_render(args: argparse.Namespace) -> dict | None:
+    """The one render `wanforge validate` flags describe (None: no flag, the config's renders run)."""
+    if all(getattr(args, name, None) in (None, []) for name in RENDER_FLAGS):
+        return None
+    render: dict = {"name": CLI_RENDER, "adapters": [parse_adapter_flag(a) for a in args.adapter or []]}
+    for flag, field in (("steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"),
+                        ("guidance_scale_low", "guidance_scale_low"), ("flow_shift", "flow_shift"),
+                        ("scheduler", "scheduler"), ("lora_strength", "lora_strength")):
+        if getattr(args, flag) is not None:
+            render[field] = getattr(args, flag)
+    return render
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from trainer.config.files import apply_override, config_from_dict, read_config_data
+    from trainer.outputs.validation_round import validate_lora
+    from trainer.preflight.check import preflight
+
+    render = cli_render(args)
+    if render is None:
+        cfg = _load(args)
+    else:  # the flags replace the config's renders, validated like the file's own (their paths: from the shell's folder)
+        for adapter in render["adapters"]:
+            if adapter["path"] and not adapter["path"].startswith("hf://"):
+                adapter["path"] = str(Path(adapter["path"]).expanduser().resolve())
+        data = read_config_data(args.config)
+        for assignment in args.set:
+            apply_override(data, assignment)
+        data.setdefault("validation", {})["renders"] = [render]
+        cfg = config_from_dict(data, source=f"{args.config} + validate flags",
+                               base_dir=Path(args.config).parent.resolve())
+    report = preflight(cfg, scan=False, training=False)  # the adapters' keys against this model, as `check` reads them
+    for line in report.warnings:
+        if line.startswith("validation."):
+            print(f"warning: {line}", file=sys.stderr)
+    problems = [e for e in report.errors if e.startswith("validation.")]  # what this command needs of the config
+    if problems:
+        raise UserError("\n".join(problems))
     for path in validate_lora(cfg, Path(args.lora), Path(args.out) if args.out else None):
         print(f"{'contact sheet' if path.suffix == '.png' else 'validation video'}: {path}")
     return 0
@@ -138,6 +196,15 @@ def add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p = with_config(sub.add_parser("validate", help="render validation videos with a LoRA"))
     p.add_argument("--lora", required=True, help="a LoRA file (either format)")
     p.add_argument("--out", help="folder for the videos (default: <output_dir>/validation/manual)")
+    p.add_argument("--adapter", action="append", metavar="PATH[,strength=S][,expert=E]",
+                   help="an extra LoRA stacked on --lora (a speed LoRA; a file or hf://owner/repo/file.safetensors; "
+                        "expert high|low|both on Wan 2.2 A14B); repeatable")
+    p.add_argument("--steps", type=int, help="sampling steps of this render (e.g. 4 with a speed LoRA)")
+    p.add_argument("--guidance-scale", type=float, help="CFG of this render (1: off, as speed LoRAs want)")
+    p.add_argument("--guidance-scale-low", type=float, help="Wan 2.2 A14B: CFG of the low-noise expert")
+    p.add_argument("--flow-shift", type=float, help="scheduler flow shift of this render")
+    p.add_argument("--scheduler", choices=["unipc", "flow_match_euler"], help="sampler of this render")
+    p.add_argument("--lora-strength", type=float, help="strength of --lora (default 1)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("export", help="convert a saved LoRA to the other format")
@@ -172,20 +239,35 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
 
     known_warnings.install()
     try:
-        return func(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        code = func(args)
+    except UserError as err:  # one `error:` line per problem
+        print("\n".join(f"error: {line}" for line in str(err).splitlines() if line.strip()) or "error", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt as err:  # trainer.errors.RunStopped carries 128 + the signal (143 SIGTERM, 130 Ctrl-C)
         print(f"stopped: {err}" if str(err) else "stopped", file=sys.stderr)
-        return getattr(err, "exit_code", 130)
-    except Exception as err:
-        if not is_disk_full(err):  # a bug: the traceback is what helps
+        code = getattr(err, "exit_code", 130)
+    except BaseException as err:
+        if not (isinstance(err, Exception) and is_disk_full(err)):  # a bug: the traceback is what helps
+            _exit_if_distributed(1, traceback=True)
             raise
         where = f" writing {err.filename}" if isinstance(err, OSError) and err.filename else ""
         print(f"error: disk full: no space left on the device{where}: free space, then run the command again",
               file=sys.stderr)
-        return 2
+        code = 2
+    _exit_if_distributed(code)
+    return code
+
+
+def _exit_if_distributed(code: int, traceback: bool = False) -> None:
+    """A rank of a multi-process run ends here, without tearing its process group down (trainer/distributed.py)."""
+    if "trainer.distributed" in sys.modules:
+        from trainer.distributed import exit_if_kept
+
+        if traceback:
+            import traceback as tb
+
+            tb.print_exc()
+        exit_if_kept(code)
 
 
 def main(argv: list[str] | None = None) -> int:

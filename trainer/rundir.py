@@ -3,6 +3,7 @@ run.json, and the lock that keeps it to one writer."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +44,50 @@ def _overwrite_in_place(path: Path, text: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_manifest(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """name -> {"size", "sha256"} of a checkpoint's files: the marker lists them, so a copy that lost or cut one short
+    (an asynchronous bucket upload, an rsync stopped midway) is told apart from a finished checkpoint."""
+    return {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)} for name in names}
+
+
+def checkpoint_problem(folder: Path, verify_hashes: bool = False) -> str | None:
+    """Why `folder` is not a complete checkpoint (its marker missing or unreadable, a listed file missing or of
+    another size, with verify_hashes another sha256), or None. A marker without a file list (written before the
+    list existed) counts as complete."""
+    marker = folder / CHECKPOINT_MARKER
+    if not marker.is_file():
+        return f"no {CHECKPOINT_MARKER}"
+    try:
+        files = json.loads(marker.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return f"{CHECKPOINT_MARKER} is unreadable (cut short?)"
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        return f"{CHECKPOINT_MARKER} has no valid file list"
+    problems = []
+    for name, entry in sorted(files.items()):
+        path = folder / name
+        if Path(name).name != name or not isinstance(entry, dict):
+            return f"{CHECKPOINT_MARKER} lists {name!r}, not a file of the checkpoint"
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != entry.get("size"):
+            problems.append(f"{name} has {path.stat().st_size} of its {entry.get('size')} bytes")
+    if not problems and verify_hashes:  # sizes first (cheap, and what an unfinished copy shows), then the contents
+        problems = [f"{name} does not match its sha256" for name, entry in sorted(files.items())
+                    if file_sha256(folder / name) != entry.get("sha256")]
+    return ", ".join(problems) or None
 
 
 def _now() -> str:
@@ -164,8 +209,8 @@ class RunDir:
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"step-{step}"
 
-    def complete_checkpoints(self) -> list[tuple[int, Path]]:
-        """Finished checkpoints, oldest first. Half-written ones live under a temporary name and never match."""
+    def _step_dirs(self) -> list[tuple[int, Path]]:
+        """checkpoints/step-N folders with a marker, oldest first (half-written ones live under a temporary name)."""
         if not self.checkpoints.is_dir():
             return []
         found = []
@@ -175,17 +220,29 @@ class RunDir:
                 found.append((int(m.group(1)), d))
         return sorted(found)
 
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """Finished checkpoints, oldest first: every file their marker lists is there at its size (checkpoint_problem)."""
+        return [(step, d) for step, d in self._step_dirs() if checkpoint_problem(d) is None]
+
     def resolve_resume(self, resume: str) -> Path | None:
-        """`latest` -> the newest complete checkpoint (None on a fresh run); otherwise a checkpoint folder path."""
+        """`latest` -> the newest complete checkpoint, its files checked against their sha256 (None on a fresh run);
+        a newer one that is not complete (a bucket mount still uploading when the machine stopped) is skipped with a
+        warning saying why. Otherwise a checkpoint folder path, which must be complete."""
         if resume == "latest":
-            done = self.complete_checkpoints()
-            return done[-1][1] if done else None
+            for _, d in reversed(self._step_dirs()):
+                problem = checkpoint_problem(d, verify_hashes=True)
+                if problem is None:
+                    return d
+                log.warning("skipping checkpoint %s: %s (a partial upload or copy, e.g. a bucket mount still "
+                            "uploading when the machine stopped); resuming from an older one", d, problem)
+            return None
         path = Path(resume).expanduser()
-        if not (path / CHECKPOINT_MARKER).is_file():
+        problem = checkpoint_problem(path, verify_hashes=True)
+        if problem is not None:
             done = self.complete_checkpoints()
             known = ", ".join(str(p) for _, p in done[-3:]) or "none yet"
-            raise UserError(f"--resume {resume}: not a complete checkpoint folder (this run's newest: {known}; "
-                            "or pass --resume latest)")
+            raise UserError(f"--resume {resume}: not a complete checkpoint folder ({problem}; this run's newest "
+                            f"complete ones: {known}; or pass --resume latest)")
         return path
 
     def prune_checkpoints(self, keep: int | None) -> None:

@@ -164,11 +164,14 @@ class EstimatePanel:
             return (f'<{tag} style="text-align:{align};padding:0 8px;{colour if i == fits and tag == "td" else ""}">'
                     f"{html.escape(text)}</{tag}>")
 
+        from launcher.estimate import cited_rows
+
         head = "".join(cell("th", i, h) for i, h in enumerate(ESTIMATE_HEADER))
         body = "".join(cell("td", i, c) for i, c in enumerate(estimate_cells(est)))
         self.output.value = (f"<table><tr>{head}</tr><tr>{body}</tr></table>"
-                             f'<div style="color:#777;font-size:11px">scaled from {html.escape(est.basis)}; '
-                             "training steps only</div>")
+                             f'<div style="color:#777;font-size:11px">'
+                             + "<br>".join(html.escape(line) for line in cited_rows([est]))
+                             + f"<br>scaled from {html.escape(est.basis)}; training steps only</div>")
         self.last = est
         return est
 

@@ -150,6 +150,10 @@ def _resolve_paths(cfg: WanforgeConfig, base_dir: Path) -> None:
         value = getattr(getattr(cfg, section), name)
         if value is not None and not value.is_absolute():
             setattr(getattr(cfg, section), name, (base_dir / value).resolve())
+    for render in cfg.validation.renders:
+        for adapter in render.adapters:
+            if adapter.hub_file is None and not Path(adapter.path).is_absolute():
+                adapter.path = str((base_dir / adapter.path).resolve())
     if not cfg.train.output_dir.is_absolute():
         cfg.train.output_dir = (base_dir / cfg.train.output_dir).resolve()
     if cfg.lora.lycoris_config is not None and not cfg.lora.lycoris_config.is_absolute():

@@ -3,17 +3,101 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from trainer.config.data import DatasetConfig
-from trainer.config.section import SEED_MAX, Section
+from trainer.config.section import SEED_MAX, Section, not_empty
 from trainer.flavours import WAN_NEGATIVE_PROMPT
 
 
 HUB_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
+HUB_PREFIX = "hf://"
+Scheduler = Literal["unipc", "flow_match_euler"]
+Expert = Literal["high", "low", "both"]
+RENDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """A file in a Hub model repo: `hf://owner/name[@revision]/path/in/repo.safetensors`."""
+
+    repo_id: str
+    filename: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return f"{HUB_PREFIX}{self.repo_id}{'@' + self.revision if self.revision else ''}/{self.filename}"
+
+
+def parse_hub_file(value: str) -> HubFile:
+    """`hf://owner/name[@revision]/path/file.safetensors` -> HubFile; a ValueError names what is wrong."""
+    example = f"{HUB_PREFIX}owner/repo/speed_lora.safetensors"
+    body = value[len(HUB_PREFIX):] if value.startswith(HUB_PREFIX) else value
+    parts = body.split("/")
+    if len(parts) < 3 or not all(parts):
+        raise ValueError(f'"{value}" is not {HUB_PREFIX}owner/repo/file.safetensors (e.g. "{example}")')
+    name, _, revision = parts[1].partition("@")
+    repo_id, filename = f"{parts[0]}/{name}", "/".join(parts[2:])
+    if not HUB_REPO_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")) or "@" in revision:
+        raise ValueError(f'"{value}": "{repo_id}" is not a Hub repo id (letters, digits, ".", "_", "-" as owner/name)')
+    if ".." in parts[2:] or "." in parts[2:]:
+        raise ValueError(f'"{value}": the file path inside the repo may not contain "." or ".." folders')
+    if not filename.endswith(".safetensors"):
+        raise ValueError(f'"{value}": adapters are read from .safetensors files only (pickled .pt / .bin files can '
+                         "run code): pick the repo's .safetensors file")
+    return HubFile(repo_id, filename, revision or None)
+
+
+class ValidationAdapter(Section):
+    """An extra LoRA stacked on the run's own for a validation render (a speed LoRA such as lightx2v / Lightning /
+    CausVid, or a style LoRA). Read with diffusers' Wan LoRA loader: original Wan (ComfyUI), diffusers and kohya names."""
+
+    path: str = Field(description='A .safetensors file, or a Hub file "hf://owner/repo[@revision]/file.safetensors".')
+    strength: float = Field(1.0, ge=-10.0, le=10.0, description="Its weight (Lightning LoRAs are often used at 0.125-1).")
+    expert: Expert = Field(
+        "both", description='Wan 2.2 A14B: the expert it applies to, "high" (noisy steps), "low" or "both".'
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        v = not_empty(v, 'an adapter file, e.g. "speed_lora.safetensors"').strip()
+        if v.startswith(HUB_PREFIX):
+            parse_hub_file(v)
+        return v
+
+    @property
+    def hub_file(self) -> HubFile | None:
+        return parse_hub_file(self.path) if self.path.startswith(HUB_PREFIX) else None
+
+
+class ValidationRender(Section):
+    """One way to render every validation prompt. Unset sampling fields take [validation]'s values; with its
+    `adapters` it is the speed-LoRA render (e.g. 4 steps, guidance 1) beside the full one."""
+
+    name: str = Field(description='Its name in the video file names and labels, e.g. "full" or "speed".')
+    num_inference_steps: int | None = Field(None, ge=1, description="Sampling steps (default: validation's).")
+    guidance_scale: float | None = Field(None, ge=0, description="CFG (1: off, as speed LoRAs want; default: validation's).")
+    guidance_scale_low: float | None = Field(
+        None, ge=0, description="Wan 2.2 A14B: CFG of the low-noise expert (default: guidance_scale when set here).",
+    )
+    flow_shift: float | None = Field(None, gt=0, description="Scheduler flow shift (default: validation's).")
+    scheduler: Scheduler | None = Field(None, description="unipc or flow_match_euler (default: validation's).")
+    skip_layers: list[int] | None = Field(None, description="Skip-layer guidance blocks ([]: off; default: validation's).")
+    lora_strength: float = Field(1.0, ge=-10.0, le=10.0, description="Strength of the run's own LoRA, on top.")
+    adapters: list[ValidationAdapter] = Field(default_factory=list, description="Extra LoRAs stacked for this render.")
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, v: str) -> str:
+        if not RENDER_NAME.match(v):
+            raise ValueError(f'"{v}" must be 1-32 lower-case letters, digits, "-" or "_" (it goes into file names), '
+                             'e.g. "speed"')
+        return v
 
 
 class ValidationConfig(Section):
@@ -30,8 +114,11 @@ class ValidationConfig(Section):
     )
     negative_prompt: str = Field(WAN_NEGATIVE_PROMPT, description="Negative prompt (default: the official Wan one).")
     guidance_scale: float | None = Field(None, ge=0, description="Classifier-free guidance (default: the flavour's).")
+    guidance_scale_low: float | None = Field(
+        None, ge=0, description="Wan 2.2 A14B: guidance of the low-noise expert (default: the flavour's)."
+    )
     num_inference_steps: int = Field(40, ge=1, description="Sampling steps (40 is the common Wan setting).")
-    scheduler: Literal["unipc", "flow_match_euler"] = Field(
+    scheduler: Scheduler = Field(
         "unipc", description="unipc: what the official Wan inference uses; flow_match_euler: the plain flow-matching sampler."
     )
     flow_shift: float | None = Field(
@@ -52,6 +139,11 @@ class ValidationConfig(Section):
         0.9, ge=0.0, le=1.0, description="Skip-layer guidance stops at this fraction of the sampling steps (exclusive)."
     )
     skip_layer_scale: float = Field(3.0, ge=0.0, description="Strength of skip-layer guidance.")
+    renders: list[ValidationRender] = Field(
+        default_factory=list,
+        description="[[validation.renders]]: render every prompt once per entry (e.g. full steps, and a speed LoRA at "
+                    "4 steps); empty: one render with the settings above.",
+    )
     eval_every_n_steps: int = Field(
         250, ge=0, description="Log the fixed-noise eval loss every N steps and at the end (0: off); comparable across steps and runs."
     )
@@ -85,8 +177,12 @@ class ValidationConfig(Section):
     def _skip_window(self) -> ValidationConfig:
         if self.skip_layers and self.skip_layer_start >= self.skip_layer_stop:
             raise ValueError("skip_layer_start must be below skip_layer_stop (fractions of the sampling steps)")
-        if any(i < 0 for i in self.skip_layers):
+        if any(i < 0 for i in self.skip_layers) or any(i < 0 for r in self.renders for i in r.skip_layers or []):
             raise ValueError("skip_layers are block indices, 0 or more")
+        names = [r.name for r in self.renders]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f'renders: the name "{twice[0]}" is used twice: give every render its own name')
         return self
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, mod
 SEED_MAX = 2**32 - 1  # numpy's seed range (accelerate's set_seed seeds numpy too)
 # str fields that name a file or folder when they are not a Hub id (a Hub id never starts with "~")
 PATH_STRINGS = ("pretrained_model_name_or_path", "pretrained_transformer_model_name_or_path",
-                "pretrained_vae_model_name_or_path", "encoder_path")
+                "pretrained_vae_model_name_or_path", "encoder_path", "path")
 # str fields where an empty value means something ("" negative prompt: none; "" subfolder: the folder itself)
 EMPTY_ALLOWED = ("negative_prompt", "pretrained_transformer_subfolder")
 

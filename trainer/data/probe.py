@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from trainer.errors import UserError
+
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".webm", ".mkv", ".avi"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -44,8 +46,22 @@ def probe(path: Path) -> MediaInfo:
     return probe_video(path)
 
 
+def _library(module: str, package: str):
+    """PyAV / Pillow, or one UserError saying how to get it (an environment built before the launcher's [launch]
+    extra had them scans no clip; never a traceback)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"the clips can't be read in this Python ({package} is not installed): pip install "
+                        f'"{package}" (the launcher environment: .venv-launch/bin/pip install -c constraints-launch.txt '
+                        '-e ".[launch]"), or run `wanforge check` in the trainer environment') from None
+
+
 def probe_image(path: Path) -> MediaInfo:
-    from PIL import Image, UnidentifiedImageError
+    pil = _library("PIL.Image", "pillow")
+    Image, UnidentifiedImageError = pil, pil.UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
@@ -58,7 +74,7 @@ def probe_image(path: Path) -> MediaInfo:
 
 def probe_video(path: Path) -> MediaInfo:
     """Exact frame count and duration from the packets' timestamps (headers of webm/mkv often lack a frame count)."""
-    import av
+    av = _library("av", "av")
 
     try:
         with av.open(str(path)) as container:

@@ -138,8 +138,9 @@ def load_clip(path: Path, num_frames: int, height: int, width: int, fps: float, 
     return torch.from_numpy(frames)
 
 
-def write_mp4(path: Path, frames: np.ndarray | torch.Tensor, fps: float, crf: int = 18) -> Path:
-    """[F,H,W,3] uint8 (or float in [0,1]) -> H.264 mp4 at `fps`, written atomically."""
+def write_mp4(path: Path, frames: np.ndarray | torch.Tensor, fps: float, crf: int = 18, comment: str | None = None) -> Path:
+    """[F,H,W,3] uint8 (or float in [0,1]) -> H.264 mp4 at `fps`, written atomically; `comment` goes into the
+    container's comment tag (validation videos carry the settings they were rendered with)."""
     if isinstance(frames, torch.Tensor):
         frames = frames.detach().cpu().numpy()
     if frames.dtype != np.uint8:
@@ -150,6 +151,8 @@ def write_mp4(path: Path, frames: np.ndarray | torch.Tensor, fps: float, crf: in
     tmp = temp_path_beside(path)
     try:
         with av.open(str(tmp), mode="w", format="mp4") as container:
+            if comment:
+                container.metadata["comment"] = comment
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"

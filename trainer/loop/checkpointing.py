@@ -7,7 +7,10 @@ checkpoints/step-N/ holds
                         and torch.save / accelerate's custom states are pickles, which run code when loaded)
   rng.safetensors       every rank's Python / NumPy / torch RNG states, gathered to rank 0
   config.toml           the settings that trained up to here (what a resume compares against)
-  wanforge_state.json   {"step", "format", "world_size"}, written last: without it a folder is not a checkpoint
+  wanforge_state.json   {"step", "format", "world_size", "files": {name: {"size", "sha256"}}}, written last: without
+                        it a folder is not a checkpoint, and one whose files differ from the list is not complete
+                        (a bucket mount uploads asynchronously: after a preemption the newest can be partial;
+                        `--resume latest` skips it, RunDir.resolve_resume)
 Only rank 0 writes, into `.tmp-step-N`, after a collective that every rank must finish (so all parts exist), and
 renames the folder into place when it is complete. A kill on any rank leaves the previous checkpoint as `latest`.
 """
@@ -32,7 +35,7 @@ from trainer.model.lora import adapter_state_dict, load_adapter_state_dict
 from trainer.model.sharding import full_tensors, shard_optimizer_state
 from trainer.outputs.finite import require_finite
 from trainer.preflight.tensors import require_finite_checkpoint
-from trainer.rundir import CHECKPOINT_MARKER, RunDir
+from trainer.rundir import CHECKPOINT_MARKER, RunDir, checkpoint_manifest
 
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.safetensors"
@@ -195,8 +198,9 @@ def save_checkpoint(accelerator, run: RunDir, step: int, keep: int | None, trans
         save_state_file(tmp / STATE_FILE, states)
         atomic_save_safetensors(rng, tmp / RNG_FILE)
         atomic_write_text(tmp / CONFIG_FILE, config_text)
-        atomic_write_json(tmp / CHECKPOINT_MARKER,
-                          {"step": step, "format": FORMAT, "world_size": accelerator.num_processes})
+        files = checkpoint_manifest(tmp, [ADAPTER_FILE, STATE_FILE, RNG_FILE, CONFIG_FILE])
+        atomic_write_json(tmp / CHECKPOINT_MARKER,  # last: it lists every file above with its size and sha256
+                          {"step": step, "format": FORMAT, "world_size": accelerator.num_processes, "files": files})
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (a stop at a checkpoint step): swap, never delete first
             old = run.checkpoints / f".tmp-old-step-{step}"

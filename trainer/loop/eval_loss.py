@@ -7,6 +7,8 @@ numbers and one run's curve moves only because the adapter did.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from trainer.config.schema import WanforgeConfig
@@ -98,8 +100,10 @@ def log_eval_loss(accelerator, transformer, samples: list[Sample], cfg: Wanforge
     from trainer.model.sharding import is_sharded
 
     record = None
+    started = time.perf_counter()
     if accelerator.is_main_process or is_sharded(accelerator.unwrap_model(transformer)):  # a collective forward
         record = eval_record(accelerator.unwrap_model(transformer), samples, cfg, device, step)
+        record["eval_s"] = round(time.perf_counter() - started, 3)  # its wall time (the losses are read back: synced)
     if accelerator.is_main_process:
         run.log_metrics(record)
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)

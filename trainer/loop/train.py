@@ -20,7 +20,7 @@ from trainer.config.schema import WanforgeConfig
 from trainer.data.cache import Sample, build_caches
 from trainer.data.conditioning import build_conditioning, with_conditioning
 from trainer.data.dataset import Collate, TrainingData
-from trainer.distributed import noise_generator
+from trainer.distributed import keep_until_exit, noise_generator
 from trainer.errors import DiskFull, OutOfMemory, UserError, is_disk_full, is_out_of_memory
 from trainer.flavours import Flavour, get_flavour
 from trainer.loop.checkpointing import (OptimizerState, SchedulePosition, TrainState, checkpoint_config, load_checkpoint,
@@ -137,7 +137,7 @@ def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | N
 
     main = accelerator.is_main_process
     resume_from = run.resolve_resume(resume) if resume else None
-    if resume_from is None and run.complete_checkpoints():
+    if resume is None and run.complete_checkpoints():  # (`latest` with none usable: a fresh start, warned above)
         raise UserError(
             f"{run.root} already has checkpoints: pass --resume latest to continue that run, "
             "or set train.output_dir to a new folder"
@@ -314,6 +314,8 @@ def _train(cfg: WanforgeConfig, run: RunDir, accelerator, flavour: Flavour, base
     """The recipe: prepare everything once, loop over the optimizer steps, finish with the LoRA files and the upload."""
     training = _prepare(cfg, run, accelerator, flavour, base_dtype, resume_from, show_progress, webhooks)
     training.reached = reached
+    if accelerator.num_processes > 1:  # its process group must outlive it (trainer/distributed.py)
+        keep_until_exit(training)
     _loop(training, signals, on_step)
     return _finish(training)
 
@@ -541,6 +543,7 @@ def _finish(t: Training) -> TrainResult:
         final_error = t.publisher.final_failure(hub_errors) if t.publisher is not None else None
         run.write_status(status="upload_failed" if final_error else "completed", step=step,
                          lora=str(lora_file.relative_to(run.root)), videos=[str(v.relative_to(run.root)) for v in videos],
+                         video_settings=t.validation.validator.video_settings,
                          error=final_error, hub_errors=hub_errors,
                          remedy=final_upload_remedy(cfg.hub.hub_model_id, run.root) if final_error else None)
         t.webhooks.send("info", f"finished after {step} steps" + (f"; {hub_errors[0]}" if hub_errors else ""))

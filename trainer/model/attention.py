@@ -17,6 +17,8 @@ import torch
 from trainer.errors import UserError
 
 FLASH_4 = "flash_4_hub"
+# compute capabilities FlashAttention 4's CuTe kernels are built for: Hopper (sm90) and datacenter Blackwell (sm100)
+FLASH_4_CAPABILITIES = (9, 10)
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +42,31 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
         return name
     if device.type != "cuda" or torch.version.cuda is None:
         return "native"  # ROCm and CPU: torch picks
-    # H100, Wan shapes (bench/RESULTS.md): FlashAttention 4 654 TF/s fwd+bwd, cuDNN SDPA 553, FA2 330. FA4 on other
-    # architectures is not measured here, so they keep cuDNN.
-    if flash_attn_4_installed() and torch.cuda.get_device_capability(device)[0] == 9:
-        error = flash_attn_4_import_error()
-        if error is None:
-            return FLASH_4
-        log.warning("flash-attn-4 is installed but does not import (%s): using cuDNN SDPA", error)
+    # FlashAttention 4 is faster than cuDNN SDPA at Wan's shapes on the H100 (bench/RESULTS.md); it is taken wherever
+    # it is installed, imports, and the GPU is one its kernels are built for. Why it is not taken is said once.
+    if not flash_attn_4_installed():
+        return "_native_cudnn"
+    major = torch.cuda.get_device_capability(device)[0]
+    if major not in FLASH_4_CAPABILITIES:
+        _say_once(f"flash-attn-4 is installed but its kernels do not run on compute capability {major}.x "
+                  "(Hopper 9.x and Blackwell 10.x only): using cuDNN SDPA")
+        return "_native_cudnn"
+    error = flash_attn_4_import_error()
+    if error is None:
+        return FLASH_4
+    _say_once(f"flash-attn-4 is installed but does not import ({error}): using cuDNN SDPA; reinstall it with "
+              'pip install "wanforge[flash4]"')
     return "_native_cudnn"
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """A warning that training, validation and every rank's setup would otherwise repeat: logged once a process."""
+    if message not in _SAID:
+        _SAID.add(message)
+        log.warning(message)
 
 
 def set_attention_backend(transformer, backend: str, configured: str) -> None:

@@ -80,6 +80,18 @@ def to_diffusers(original: str) -> str | None:
     return _rename(original, _REVERSE_BLOCK, _REVERSE_TOP)
 
 
+def kohya_to_original(name: str) -> str | None:
+    """kohya / musubi module name -> original Wan module path: `lora_unet_blocks_0_self_attn_q` -> `blocks.0.self_attn.q`
+    (None if it names no original Wan module)."""
+    if not name.startswith("lora_unet_"):
+        return None
+    body = name.removeprefix("lora_unet_")
+    m = re.match(r"^blocks_(\d+)_(.+)$", body)
+    candidates = [f"blocks.{m[1]}.{v}" for v in BLOCK_MAP.values() if v.replace(".", "_") == m[2]] if m else []
+    candidates += [v for v in TOP_MAP.values() if v.replace(".", "_") == body]
+    return candidates[0] if len(candidates) == 1 else None
+
+
 def alpha_read_by_diffusers(original: str) -> bool:
     """diffusers' Wan converter applies `.alpha` only to block modules; elsewhere it is left over and loading raises."""
     return _BLOCK.match(original) is not None

@@ -16,7 +16,7 @@ and every answer says whether it is `measured` (a row at this model, shape and p
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,22 @@ def row_tokens(row: dict[str, Any]) -> int:
     return row_shape(row).tokens(row["num_frames"], row["height"], row["width"])
 
 
+def row_number(row: dict[str, Any]) -> int:
+    """A [[measured]] row's place in launcher/calibration.toml (1 = the first), the name `estimate` cites it by."""
+    return measured_rows().index(row) + 1
+
+
+def row_summary(row: dict[str, Any]) -> str:
+    """What a [[measured]] row measured, in one line, with its source."""
+    setting = f"preset {row['preset']}" if row.get("preset") else f"{row['gradient_checkpointing']} checkpointing"
+    kernel = {"flash_4_hub": "FlashAttention 4"}.get(row.get("attention_backend", ""), "cuDNN attention")
+    quant = f", {row['base_quantization']} base" if row.get("base_quantization", "none") != "none" else ""
+    shards = f", base sharded over {row_shards(row)}" if row_shards(row) > 1 else ""
+    return (f"{row['trainer']} {row['flavour']} {row['width']}x{row['height']}x{row['num_frames']} batch {row['batch']}, "
+            f"{setting}, {kernel}{quant}{shards}, on {row['gpu']}: {row['s_per_step']} s/step, {row['peak_gib']} GiB "
+            f"({row['source']})")
+
+
 def measured_gpus() -> set[str]:
     """GPUs with at least one measured row (`--gpu auto` picks among these unless asked otherwise)."""
     return {row["gpu"] for row in measured_rows()}
@@ -208,6 +224,7 @@ class MemoryPrediction:
     basis: str
     gpu_measured: bool = False  # the GPU peak alone was measured at this shape (older rows lack the host peak)
     gpu: str = ""  # the GPU the row was measured on
+    row: dict[str, Any] | None = field(default=None, compare=False)  # the [[measured]] row it was scaled from
 
     @property
     def label(self) -> str:
@@ -299,7 +316,7 @@ def scale_row(row: dict[str, Any], shape: ModelShape, tokens: int, batch: int, q
     basis = (f"{row.get('preset', 'custom')} on {row['flavour']} {row['width']}x{row['height']}x{row['num_frames']} "
              f"({row['gpu']}{sharded}): {row['peak_gib']} GiB GPU, {host_basis} ({row['source']})")
     return MemoryPrediction(round(gpu, 2), round(offloaded, 2), round(base + offloaded, 2),
-                            gpu_measured and "host_peak_gib" in row, basis, gpu_measured, row["gpu"])
+                            gpu_measured and "host_peak_gib" in row, basis, gpu_measured, row["gpu"], row)
 
 
 def fits_gpu(gpu_gib: float, card_gib: float) -> bool:

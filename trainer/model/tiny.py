@@ -50,15 +50,25 @@ def build_tokenizer():
     )
 
 
-def _tiny_transformer(in_channels: int, out_channels: int, image_dim: int | None = None):
-    from diffusers import WanTransformer3DModel
-
-    return WanTransformer3DModel(
+def tiny_transformer_config(in_channels: int, out_channels: int, image_dim: int | None = None) -> dict:
+    """The tiny transformer's WanTransformer3DModel arguments (torch-free: preflight reads them when the model is not
+    built yet)."""
+    return dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
         out_channels=out_channels, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=64, num_layers=TINY_NUM_LAYERS, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=TINY_ROPE_MAX_SEQ_LEN, image_dim=image_dim,
         added_kv_proj_dim=32 if image_dim is not None else None,
     )
+
+
+TINY_CHANNELS = {"t2v-2.1": (16, 16, None), "i2v-2.1": (36, 16, CLIP_DIM), "t2v-2.2": (16, 16, None),
+                 "i2v-2.2": (36, 16, None), "ti2v": (48, 48, None)}  # (in, out, image_dim) of each variant
+
+
+def _tiny_transformer(in_channels: int, out_channels: int, image_dim: int | None = None):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**tiny_transformer_config(in_channels, out_channels, image_dim))
 
 
 def _tiny_vae(wan_2_2: bool):

@@ -80,20 +80,64 @@ def block_count(model, flavour: Flavour) -> int:
     return flavour.num_layers
 
 
-def rotary_positions(model, flavour: Flavour) -> int:
-    """Positions per axis (frames, height, width in patches) the transformer's rotary embedding has: its config.json's
-    rope_max_seq_len where present, else diffusers' default (tiny: trainer.model.tiny's)."""
+def transformer_dims(model, flavour: Flavour) -> dict:
+    """The run's transformer config (diffusers' WanTransformer3DModel keys): its config.json where on this machine,
+    else the flavour's real shape."""
     file = transformer_config_file(model, flavour)
     if file is not None:
         try:
-            return int(json.loads(file.read_text(encoding="utf-8")).get("rope_max_seq_len", 1024))
-        except (OSError, ValueError, TypeError):
+            data = json.loads(file.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and "num_layers" in data:
+                return data
+        except (OSError, ValueError):
             pass
-    if flavour.tiny is not None:
-        from trainer.model.tiny import TINY_ROPE_MAX_SEQ_LEN
+    if flavour.tiny is not None:  # not built yet: its arguments (trainer.model.tiny)
+        from trainer.model.tiny import TINY_CHANNELS, tiny_transformer_config
 
-        return TINY_ROPE_MAX_SEQ_LEN
-    return 1024
+        return tiny_transformer_config(*TINY_CHANNELS[flavour.tiny])
+    heads = flavour.num_heads
+    return {"num_attention_heads": heads, "attention_head_dim": flavour.dim // heads, "ffn_dim": flavour.ffn_dim,
+            "num_layers": block_count(model, flavour), "in_channels": flavour.in_channels,
+            "out_channels": flavour.latent_channels, "patch_size": [1, 2, 2], "text_dim": 4096, "freq_dim": 256,
+            "image_dim": 1280 if flavour.image_encoder else None,
+            "added_kv_proj_dim": flavour.dim if flavour.image_encoder else None}
+
+
+def linear_shapes(dims: dict) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every Linear layer of WanTransformer3DModel with this config, by module path
+    (tests/test_validation_adapters.py checks it against the real class)."""
+    dim = int(dims["num_attention_heads"]) * int(dims["attention_head_dim"])
+    ffn, freq, text = int(dims["ffn_dim"]), int(dims["freq_dim"]), int(dims["text_dim"])
+    patch = 1
+    for p in dims.get("patch_size") or (1, 2, 2):
+        patch *= int(p)
+    ce = "condition_embedder"
+    shapes = {f"{ce}.time_embedder.linear_1": (freq, dim), f"{ce}.time_embedder.linear_2": (dim, dim),
+              f"{ce}.time_proj": (dim, 6 * dim), f"{ce}.text_embedder.linear_1": (text, dim),
+              f"{ce}.text_embedder.linear_2": (dim, dim),
+              "proj_out": (dim, int(dims.get("out_channels") or dims["in_channels"]) * patch)}
+    image = dims.get("image_dim")
+    if image:
+        shapes |= {f"{ce}.image_embedder.ff.net.0.proj": (int(image), int(image)),
+                   f"{ce}.image_embedder.ff.net.2": (int(image), dim)}
+    added = dims.get("added_kv_proj_dim")
+    for n in range(int(dims["num_layers"])):
+        b = f"blocks.{n}"
+        for attn in ("attn1", "attn2"):
+            shapes |= {f"{b}.{attn}.{x}": (dim, dim) for x in ("to_q", "to_k", "to_v", "to_out.0")}
+        if added:
+            shapes |= {f"{b}.attn2.add_k_proj": (int(added), dim), f"{b}.attn2.add_v_proj": (int(added), dim)}
+        shapes |= {f"{b}.ffn.net.0.proj": (dim, ffn), f"{b}.ffn.net.2": (ffn, dim)}
+    return shapes
+
+
+def rotary_positions(model, flavour: Flavour) -> int:
+    """Positions per axis (frames, height, width in patches) the transformer's rotary embedding has: rope_max_seq_len
+    of its config (diffusers' default 1024)."""
+    try:
+        return int(transformer_dims(model, flavour).get("rope_max_seq_len") or 1024)
+    except (TypeError, ValueError):
+        return 1024
 
 
 # ---------------------------------------------------------------- TREAD routes (block ranges; trainer.loop.tread routes them)

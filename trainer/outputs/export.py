@@ -133,13 +133,9 @@ def _check_diffusers(tensors: dict) -> None:
 
 def kohya_module(name: str) -> str | None:
     """`lora_unet_blocks_0_self_attn_q` -> `blocks.0.self_attn.q` (None if it names no original Wan module)."""
-    from trainer.model.lora_names import BLOCK_MAP, TOP_MAP
+    from trainer.model.lora_names import kohya_to_original
 
-    body = name.removeprefix("lora_unet_")
-    m = re.match(r"^blocks_(\d+)_(.+)$", body)
-    candidates = [f"blocks.{m[1]}.{v}" for v in BLOCK_MAP.values() if v.replace(".", "_") == m[2]] if m else []
-    candidates += [v for v in TOP_MAP.values() if v.replace(".", "_") == body]
-    return candidates[0] if name.startswith("lora_unet_") and len(candidates) == 1 else None
+    return kohya_to_original(name)
 
 
 def _check_lycoris(tensors: dict) -> None:

@@ -89,8 +89,19 @@ def flavour_pipeline(cfg: WanforgeConfig, transformer, vae, scheduler, device: t
         )
         call["image"] = validation_image(cfg, height, width)
     pipe.wanforge_call_kwargs = call
+    pipe.wanforge_experts = expert_slots(flavour, first, second, boundary)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def expert_slots(flavour, first, second, boundary) -> dict[str, object]:
+    """Which transformer renders which expert's steps, for validation adapters that name an expert: "high" / "low" on
+    Wan 2.2 A14B ("both" reaches every slot); a model without experts has the one slot "all"."""
+    if not flavour.is_expert:
+        return {"all": first}
+    if boundary is not None and second is not None:
+        return {"high": first, "low": second}
+    return {flavour.stage: first}  # the trained expert renders every step
 
 
 def lora_load_kwargs(cfg: WanforgeConfig, pipe) -> dict:

@@ -2,16 +2,19 @@
 skip-layer guidance, written as mp4 at the model's fps plus one contact sheet per validation.
 
 `render` takes a ready pipeline, so other pipelines (image-to-video, Wan 2.2 two experts) plug in through
-`build_pipeline` without touching the rest.
+`build_pipeline` without touching the rest. `[[validation.renders]]` render every prompt once per entry, each with its
+own sampling settings and extra LoRAs (a speed LoRA at 4 steps beside the full render; trainer.outputs.validation_adapters
+stacks them); every video records the settings it was rendered with (`ValidationSettings.describe`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,35 @@ class ValidationPrompt:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """An extra LoRA of a render (config: ValidationAdapter)."""
+
+    path: str  # a local .safetensors file or hf://owner/repo[@revision]/file.safetensors
+    strength: float = 1.0
+    expert: str = "both"  # Wan 2.2 A14B: high, low or both
+
+    @property
+    def label(self) -> str:
+        stem = Path(self.path.split("@")[-1] if self.path.startswith("hf://") else self.path).stem
+        return f"{stem}@{self.strength:g}" + (f"/{self.expert}" if self.expert != "both" else "")
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """One [[validation.renders]] entry: None takes the base setting."""
+
+    name: str
+    steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_scale_low: float | None = None
+    flow_shift: float | None = None
+    scheduler: str | None = None
+    skip_layers: tuple[int, ...] | None = None
+    lora_strength: float = 1.0
+    adapters: tuple[AdapterSpec, ...] = ()
+
+
+@dataclass(frozen=True)
 class ValidationSettings:
     prompts: tuple[ValidationPrompt, ...]
     negative_prompt: str
@@ -51,10 +83,60 @@ class ValidationSettings:
     fps: int
     skip_layers: SkipLayerGuidance | None = None
     compile: bool = True  # on a GPU, the blocks run compiled (`compiled_blocks`); a failing compile falls back to eager
+    guidance_scale_low: float | None = None  # Wan 2.2 A14B with both experts: the low-noise expert's guidance
+    adapters: tuple[AdapterSpec, ...] = ()  # extra LoRAs stacked on the run's own for this render
+    lora_strength: float = 1.0  # the run's own LoRA's strength
+    render: str = ""  # the render's name ("" when [validation] has no renders)
+    renders: tuple[RenderSpec, ...] = ()  # [[validation.renders]]; empty: one render with the fields above
+    skip_window: tuple[float, float, float] = (0.1, 0.9, 3.0)  # skip-layer start, stop, scale for a render's own layers
 
     @property
     def prompt(self) -> str:
         return self.prompts[0].text
+
+    def each_render(self) -> list[ValidationSettings]:
+        """The settings of every render, in the configured order (itself when there are no renders)."""
+        return [self.with_render(r) for r in self.renders] if self.renders else [self]
+
+    def with_render(self, r: RenderSpec) -> ValidationSettings:
+        """These settings with a render's own: unset fields keep the base ones; a render that sets guidance_scale
+        gives the low-noise expert the same unless it sets guidance_scale_low (a speed LoRA wants CFG 1 on both)."""
+        low = self.guidance_scale_low
+        if low is not None and (r.guidance_scale_low is not None or r.guidance_scale is not None):
+            low = r.guidance_scale_low if r.guidance_scale_low is not None else r.guidance_scale
+        skip = self.skip_layers
+        if r.skip_layers is not None:
+            skip = SkipLayerGuidance(tuple(r.skip_layers), *self.skip_window) if r.skip_layers else None
+        return replace(
+            self, render=r.name, steps=r.steps or self.steps,
+            guidance_scale=self.guidance_scale if r.guidance_scale is None else r.guidance_scale,
+            guidance_scale_low=low, flow_shift=r.flow_shift or self.flow_shift, scheduler=r.scheduler or self.scheduler,
+            skip_layers=skip, lora_strength=r.lora_strength, adapters=r.adapters, renders=(),
+        )
+
+    def describe(self) -> dict:
+        """What a video was rendered with (run.json, metrics.jsonl, videos.json, the mp4's comment)."""
+        out = {"render": self.render, "steps": self.steps, "guidance_scale": self.guidance_scale,
+               "flow_shift": self.flow_shift, "scheduler": self.scheduler, "seed": self.seed,
+               "size": f"{self.width}x{self.height}x{self.num_frames}", "lora_strength": self.lora_strength,
+               "adapters": [{"path": a.path, "strength": a.strength, "expert": a.expert} for a in self.adapters]}
+        if self.guidance_scale_low is not None:
+            out["guidance_scale_low"] = self.guidance_scale_low
+        if self.skip_layers is not None:
+            out["skip_layers"] = list(self.skip_layers.layers)
+        return out
+
+    def label(self) -> str:
+        """One line for the contact sheet: steps, CFG, shift, sampler, LoRA strength, extra adapters."""
+        cfg = f"CFG {self.guidance_scale:g}" + (
+            f"/{self.guidance_scale_low:g}" if self.guidance_scale_low not in (None, self.guidance_scale) else "")
+        parts = [f"{self.steps} steps", cfg, f"shift {self.flow_shift:g}", self.scheduler]
+        if self.skip_layers is not None:
+            parts.append("SLG " + ",".join(str(i) for i in self.skip_layers.layers))
+        if self.lora_strength != 1.0:
+            parts.append(f"LoRA x{self.lora_strength:g}")
+        parts += [f"+{a.label}" for a in self.adapters]
+        return (f"{self.render}: " if self.render else "") + ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -63,6 +145,23 @@ class Rendered:
     prompt: ValidationPrompt
     variant: str  # "" for the weights as they are, "ema" for the EMA weights
     frames: np.ndarray = field(repr=False, compare=False)
+    settings: ValidationSettings | None = field(default=None, repr=False, compare=False)  # what rendered it
+
+    @property
+    def render(self) -> str:
+        return self.settings.render if self.settings is not None else ""
+
+
+def video_stem(prompt: str, render: str, variant: str, taken: set[str]) -> str:
+    """The one place a validation video is named: prompt[-render][-variant], unique within its folder (`taken`, the
+    stems already written this round, gets it added; a clash gets -2, -3, ...)."""
+    stem = "-".join(part for part in (prompt, render, variant) if part)
+    unique, n = stem, 1
+    while unique in taken:
+        n += 1
+        unique = f"{stem}-{n}"
+    taken.add(unique)
+    return unique
 
 
 def validation_prompts(cfg: WanforgeConfig, first_caption: str | None) -> tuple[ValidationPrompt, ...]:
@@ -127,6 +226,12 @@ def settings_for(cfg: WanforgeConfig, first_caption: str | None) -> ValidationSe
     skip = None
     if v.skip_layers:
         skip = SkipLayerGuidance(tuple(v.skip_layers), v.skip_layer_start, v.skip_layer_stop, v.skip_layer_scale)
+    renders = tuple(
+        RenderSpec(r.name, r.num_inference_steps, r.guidance_scale, r.guidance_scale_low, r.flow_shift, r.scheduler,
+                   None if r.skip_layers is None else tuple(r.skip_layers), r.lora_strength,
+                   tuple(AdapterSpec(a.path, a.strength, a.expert) for a in r.adapters))
+        for r in v.renders
+    )
     return ValidationSettings(
         prompts=validation_prompts(cfg, first_caption),
         negative_prompt=v.negative_prompt,
@@ -141,6 +246,10 @@ def settings_for(cfg: WanforgeConfig, first_caption: str | None) -> ValidationSe
         fps=flavour.fps,
         skip_layers=skip,
         compile=render_compiles(cfg.memory),
+        guidance_scale_low=(v.guidance_scale_low if v.guidance_scale_low is not None else flavour.guidance_scale_low)
+        if flavour.is_expert else None,
+        renders=renders,
+        skip_window=(v.skip_layer_start, v.skip_layer_stop, v.skip_layer_scale),
     )
 
 
@@ -177,6 +286,7 @@ def build_pipeline(transformer, vae, settings: ValidationSettings, cfg: Wanforge
                                 vae.device, settings.height, settings.width, transformer_2)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                        scheduler=make_scheduler(settings.scheduler, settings.flow_shift))
+    pipe.wanforge_experts = {"all": transformer}
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -238,7 +348,9 @@ def generate(
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     compile_first = (settings.compile and device.type in COMPILE_ON and settings.skip_layers is None
                      and not _COMPILE_FAILED)
-    extra = getattr(pipe, "wanforge_call_kwargs", {})
+    extra = dict(getattr(pipe, "wanforge_call_kwargs", {}))
+    if "guidance_scale_2" in extra and settings.guidance_scale_low is not None:  # this render's low-noise guidance
+        extra["guidance_scale_2"] = settings.guidance_scale_low
     guidance = [settings.guidance_scale, extra.get("guidance_scale_2", settings.guidance_scale)]  # per expert
     try:
         for compiled in (True, False) if compile_first else (False,):
@@ -278,12 +390,22 @@ def render(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     variant: str = "",
+    taken: set[str] | None = None,
 ) -> list[Rendered]:
-    """One mp4 per prompt at the model's fps. `embeds` maps each prompt text and the negative prompt to its embedding."""
+    """One mp4 per prompt at the model's fps, for one render: its scheduler and flow shift, its extra LoRAs stacked on
+    the run's (trainer.outputs.validation_adapters), named by `video_stem` (`taken`: the stems already written in
+    `out_dir` this round). `embeds` maps each prompt text and the negative prompt to its embedding."""
+    from trainer.outputs.validation_adapters import stacked_adapters
+
+    taken = set() if taken is None else taken
+    pipe.scheduler = make_scheduler(settings.scheduler, settings.flow_shift)
     out = []
-    for prompt in settings.prompts:
-        frames = generate(pipe, settings, embeds[prompt.text], embeds[settings.negative_prompt], device, autocast_dtype)
-        name = prompt.name + (f"-{variant}" if variant else "")
-        path = write_mp4(out_dir / f"{name}.mp4", frames, settings.fps)
-        out.append(Rendered(path, prompt, variant, frames))
+    with stacked_adapters(pipe, settings):
+        for prompt in settings.prompts:
+            frames = generate(pipe, settings, embeds[prompt.text], embeds[settings.negative_prompt], device,
+                              autocast_dtype)
+            name = video_stem(prompt.name, settings.render, variant, taken)
+            comment = json.dumps({"prompt": prompt.text, "variant": variant, **settings.describe()}, ensure_ascii=False)
+            path = write_mp4(out_dir / f"{name}.mp4", frames, settings.fps, comment=comment)
+            out.append(Rendered(path, prompt, variant, frames, settings))
     return out

@@ -285,14 +285,17 @@ def check_output_dir(run: PreflightRun) -> None:
 
 
 def check_resume(run: PreflightRun) -> None:
-    from trainer.rundir import RunDir
-
     from trainer.preflight.tensors import RESUMED_FILES, require_finite_checkpoint
+    from trainer.rundir import RunDir
 
     folder = RunDir(run.cfg.train.output_dir)
     if run.resume is not None:
-        checkpoint = folder.resolve_resume(run.resume)
-        if checkpoint is not None:
+        if run.resume != "latest":  # `latest` always resolves (train says which checkpoints it skips, once)
+            checkpoint = folder.resolve_resume(run.resume)
+        else:
+            done = folder.complete_checkpoints()
+            checkpoint = done[-1][1] if done else None
+        if checkpoint is not None:  # weights or optimizer state with NaN / inf would only diverge later
             require_finite_checkpoint(checkpoint, RESUMED_FILES)
     elif folder.complete_checkpoints():
         run.error(f"train.output_dir: {folder.root} already has checkpoints: pass --resume latest to continue that "
