@@ -250,3 +250,18 @@ def test_a_huge_config_checks_in_seconds_and_scans_each_file_once(few_clips, tmp
     assert report.errors == [], report.errors[:3]
     assert len(listings) == 1 and len(probes) == 2  # one folder, two clips
     assert seconds < 30, f"check took {seconds:.0f} s"
+
+
+def test_a_size_beyond_the_transformers_positions_is_refused_with_one_that_fits(few_clips, tmp_path, capsys):
+    """The shipped demo Wan has 32 rotary positions per axis (its config.json): 768 pixels need 48, which would stop
+    the run at its first step with a shape error."""
+    from trainer.demo.world import DEMO_MODEL_DIR
+
+    cfg = config(few_clips, tmp_path / "run", width=768, height=640)
+    cfg["model"]["pretrained_model_name_or_path"] = str(DEMO_MODEL_DIR)
+    code, _, err = run_check(capsys, tmp_path, cfg)
+    line = next(ln for ln in err.splitlines() if "positions per side" in ln)
+    assert code == 2 and "768x640 needs 48 positions per side, more than the 32" in line, err
+    assert "try datasets[0].width = 512 and datasets[0].height = 416" in line
+    cfg["datasets"][0].update(width=512, height=416)
+    assert run_check(capsys, tmp_path, cfg)[0] == 0

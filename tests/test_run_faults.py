@@ -25,6 +25,7 @@ from trainer.config.files import save_config, to_toml_dict
 from trainer.errors import DiskFull, UserError
 from trainer.loop.train import train
 from trainer.outputs.export import read_lora
+from trainer.rundir import checkpoint_manifest
 
 FAST = {"validation": {"at_end": False, "eval_every_n_steps": 0}}
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,8 +289,13 @@ def test_a_checkpoint_with_nan_weights_is_refused_on_resume_naming_the_file(data
     adapter = run / "checkpoints" / "step-3" / "adapter.safetensors"
     tensors = load_file(str(adapter))
     name = sorted(tensors)[1]
-    tensors[name][0, 0] = float("nan")
+    tensors[name][0, 0] = float("nan")  # what an overflow mid-run, or another tool, leaves in a complete checkpoint
     save_file(tensors, str(adapter))
+    marker = adapter.parent / "wanforge_state.json"
+    state = json.loads(marker.read_text())
+    if "files" in state:  # its file list says so too: a checkpoint complete as written, not a partial copy
+        state["files"] = checkpoint_manifest(adapter.parent, list(state["files"]))
+        marker.write_text(json.dumps(state))
     longer = _cfg(data, run, train={"max_train_steps": 5}, checkpoint={"every_n_steps": 1, "total_limit": None})
     config = tmp_path / "c.toml"
     config.write_text(tomli_w.dumps(to_toml_dict(longer)))

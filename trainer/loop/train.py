@@ -204,9 +204,10 @@ def _plain_fault(run: RunDir, err: BaseException, reached: Reached, device: torc
         done = run.complete_checkpoints()
         good = f"the last good checkpoint is {done[-1][1]}" if done else "no checkpoint was saved yet"
         where = next((e.filename for e in _chain(err) if isinstance(e, OSError) and e.filename), None)
-        return DiskFull(f"disk full: no space left on the device{f' writing {where}' if where else ''} after step "
-                        f"{reached.step} ({good}; run.json keeps both): free space there (df -h {run.root}), then go "
-                        "on with: wanforge train CONFIG --resume latest")
+        when = f"after step {reached.step}" if reached.step else "before the first step"
+        return DiskFull(f"disk full: no space left on the device{f' writing {where}' if where else ''} {when} "
+                        f"({good}; run.json keeps both): free space there (df -h {run.root}), then go on with: "
+                        "wanforge train CONFIG --resume latest")
     if is_out_of_memory(err):
         return OutOfMemory(f"out of {device.type.upper()} memory at step {reached.step + 1} training "
                            f"{_shape(reached.latents)}: this size does not fit this machine (the clips are fine): "

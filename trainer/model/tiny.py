@@ -14,10 +14,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"  # v3: rotary positions for any size (rope_max_seq_len 1024, as the real Wan)
 TEXT_DIM = 32
 TINY_NUM_LAYERS = 2  # transformer blocks of every tiny model (preflight resolves block indices against it)
-TINY_ROPE_MAX_SEQ_LEN = 32  # rotary positions per axis of every tiny transformer (preflight checks sizes against it)
+TINY_ROPE_MAX_SEQ_LEN = 1024  # rotary positions per axis (diffusers' default, the real Wan's; preflight checks sizes)
 CLIP_DIM = 32
 # one tiny pipeline folder per architecture; flavours name theirs in Flavour.tiny
 TINY_VARIANTS = ("t2v-2.1", "i2v-2.1", "t2v-2.2", "i2v-2.2", "ti2v")
