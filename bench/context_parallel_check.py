@@ -1,10 +1,14 @@
-"""Does diffusers' context parallelism give the right gradients for training? A tiny Wan transformer, one step of
-loss backward with `enable_parallelism(ContextParallelConfig(...))` on every rank, against the same model unsplit.
-Each CP rank holds the parameter gradients of its own sequence shard, so they are summed over ranks (what DDP/FSDP
-over the CP group would do) before comparing. Checked on CPU (gloo, diffusers 0.42.1): ulysses with the native
-backend matches to ~1e-6 relative; ring needs a backend that returns the log-sum-exp (cuDNN, flash), so GPU only.
+"""Does diffusers' context parallelism give the right gradients for training, with a given attention backend? A tiny
+Wan transformer, one step of loss backward split over every rank, against the same model unsplit. Each CP rank holds
+the parameter gradients of its own sequence shard, so they are summed over ranks (what the trainer's backward scale
+under DDP does) before comparing. `ulysses` goes through the trainer's own path (trainer/model/context_parallel.py,
+`[memory] context_parallel`); `ring` through diffusers directly (the trainer does not use it). Checked on CPU (gloo,
+diffusers 0.42.1): ulysses with the native backend matches to ~1e-6 relative (tests/test_context_parallel.py holds
+it); ring needs a backend that returns the log-sum-exp (cuDNN, flash), so GPU only. On a GPU, the first thing to run
+before trusting `context_parallel` there: `auto` under context parallel is `_native_cudnn`.
 
     torchrun --standalone --nproc_per_node=2 bench/context_parallel_check.py ulysses native          # CPU or GPU
+    torchrun --standalone --nproc_per_node=2 bench/context_parallel_check.py ulysses _native_cudnn   # GPU
     torchrun --standalone --nproc_per_node=2 bench/context_parallel_check.py ring _native_cudnn      # GPU
 """
 
@@ -12,9 +16,15 @@ from __future__ import annotations
 
 import sys
 
+import os
+
 import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig, WanTransformer3DModel
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from trainer.model.context_parallel import parallel_config_on_cpu, enable_context_parallel  # noqa: E402
 
 
 def main(mode: str, backend: str) -> None:
@@ -23,8 +33,6 @@ def main(mode: str, backend: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    else:
-        torch.accelerator.device_count = lambda: 1  # diffusers 0.42 takes rank % device_count: 0 on CPU
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     torch.manual_seed(0)
     shape = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64 if cuda else 16, in_channels=4,
@@ -37,9 +45,12 @@ def main(mode: str, backend: str) -> None:
     t = torch.tensor([500], device=device)
     ref.set_attention_backend(backend)
     ref(x, t, text, return_dict=False)[0].float().square().mean().backward()
-    degree = {"ring_degree": world} if mode == "ring" else {"ulysses_degree": world}
-    model.enable_parallelism(config=ContextParallelConfig(**degree))
-    model.set_attention_backend(backend)
+    model.set_attention_backend(backend)  # before the split, as the trainer does (enable_parallelism checks it)
+    if mode == "ring":
+        with parallel_config_on_cpu():
+            model.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
+    else:
+        enable_context_parallel(model, world, device)
     model(x, t, text, return_dict=False)[0].float().square().mean().backward()
     worst = 0.0
     for a, b in zip(model.parameters(), ref.parameters()):

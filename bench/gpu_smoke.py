@@ -68,9 +68,11 @@ def make_clips(folder: Path, count: int = 4) -> None:
 
 
 def write_config(path: Path, work: Path, run_dir: Path, steps: int, preset: str, checkpoint_every: int,
-                 validation: str, flavour: str = "t2v-480p-1.3b-2.1", memory: str = "") -> None:
-    """The run's config: the smoke model and clips at 832x480x81, LoRA rank 16, `validation` as [validation] lines,
-    `memory` as more [memory] lines."""
+                 validation: str, flavour: str = "t2v-480p-1.3b-2.1", memory: str = "",
+                 size: tuple[int, int, int] = (81, 480, 832)) -> None:
+    """The run's config: the smoke model and clips at `size` (frames, height, width; 832x480x81), LoRA rank 16,
+    `validation` as [validation] lines, `memory` as more [memory] lines."""
+    frames, height, width = size
     path.write_text(f"""
 [model]
 flavour = "{flavour}"
@@ -78,9 +80,9 @@ pretrained_model_name_or_path = "{work / 'model'}"
 
 [[datasets]]
 path = "{work / 'clips'}"
-num_frames = 81
-width = 832
-height = 480
+num_frames = {frames}
+width = {width}
+height = {height}
 
 [lora]
 rank = 16

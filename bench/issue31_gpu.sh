@@ -9,6 +9,8 @@
 #   bash bench/issue31_gpu.sh setup1 floor-cudnn          # device call 1, carry .whl-gpu .fa4a
 #   bash bench/issue31_gpu.sh setup2 floor-fa4 13b        # device call 2, carry .fa4b
 #   bash bench/issue31_gpu.sh a14b-t2v a14b-t2v-fp8 a14b-i2v   # device call 3 (FlashAttention 4 still in /tmp/site)
+# Without FlashAttention 4 (cuDNN attention), one call carrying .whl-gpu and .whl-av (PyAV, pytest):
+#   bash bench/issue31_gpu.sh setup-av 16gb cache validation 5b
 set -u
 OUT=${OUT:-/tmp/issue31}
 mkdir -p "$OUT"
@@ -44,6 +46,24 @@ for part in "$@"; do
     setup2)
       cat /tmp/fa4/libs.part1 .fa4b/libs.part2 > /tmp/fa4/$LIBS && md5sum /tmp/fa4/$LIBS && install /tmp/fa4/$LIBS \
         && python3 -c "import flash_attn.cute.interface; print('flash-attn-4 imports')" ;;
+    setup-av)
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+      grep -E "MemTotal|MemAvailable" /proc/meminfo | tee -a "$LOG"
+      install .whl-gpu/*.whl .whl-av/*.whl && echo "setup-av ok" ;;
+    16gb)  # 14B on a 16 GB card: the allocator capped at 15 GiB; then the streaming tests that need a GPU
+      run 16gb 300 python3 bench/speed_bench.py --model 14b --warmup 1 --steps 2 --cap-gib 15 --variants low-16gb \
+        --out "$OUT/16gb.md"
+      run 16gb-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_weight_streaming.py -k gpu ;;
+    cache)  # latent caching beside plain AutoencoderKLWan.encode, alone on the GPU
+      run cache 200 python3 bench/cache_throughput.py --clips 6 --out "$OUT/cache.md" ;;
+    validation)  # issue 32: 40 steps against 4 steps with a speed-LoRA-shaped adapter, and validation's share of a run
+      run validation 280 python3 bench/validation_speed_bench.py --out "$OUT/validation.md" ;;
+    5b)  # TI2V-5B at its own 1280x704x121: naive beside balanced (the estimate's 5B preset row)
+      run 5b 300 python3 bench/speed_bench.py --model 5b --shape 1280x704x121 --flavour ti2v-5b-2.2 --warmup 1 --steps 2 \
+        --variants naive,balanced --out "$OUT/5b.md" ;;
+    vace)  # issue 33: VACE 1.3B at 832x480x81 beside the naive loop
+      run vace 300 python3 bench/speed_bench.py --model 1.3b --flavour vace-1.3b-2.1 --warmup 2 --steps 3 \
+        --variants naive,balanced --out "$OUT/vace.md" ;;
     floor-cudnn)
       run floor-cudnn-1.3b 120 python3 bench/attention_bench.py --tokens 32760 --heads 12 --kernels cudnn --gemm --reps 5
       run floor-cudnn-a14b 150 python3 bench/attention_bench.py --tokens 75600 --heads 40 --kernels cudnn --gemm --reps 3 ;;

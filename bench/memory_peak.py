@@ -19,8 +19,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import speed_bench  # noqa: E402
-
 
 def _where(frames: list[dict]) -> str:
     keep = [f for f in frames if any(k in f["filename"] for k in ("wanforge", "/trainer/", "diffusers", "peft",
@@ -30,10 +28,12 @@ def _where(frames: list[dict]) -> str:
     return " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in picked)
 
 
-def peak_report(snapshot: dict, top: int = 25) -> str:
+def peak_report(snapshot: dict, top: int = 25, device: int = 0) -> str:
+    """The live allocations at the highest total the trace of `device` reached, by the code line that made them
+    (bench/shard_bench.py --memory-history uses it too)."""
     live: dict[int, tuple[int, str]] = {}
     total, peak, at_peak = 0, 0, {}
-    for event in snapshot["device_traces"][0]:
+    for event in snapshot["device_traces"][device]:
         if event["action"] == "alloc":
             live[event["addr"]] = (event["size"], _where(event.get("frames", [])))
             total += event["size"]
@@ -52,6 +52,8 @@ def peak_report(snapshot: dict, top: int = 25) -> str:
 
 
 def main() -> None:
+    from bench import speed_bench
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=list(speed_bench.SHAPES), default="1.3b")
     parser.add_argument("--variant", default="int8-selective-compile-offload")

@@ -141,7 +141,8 @@ def _lora_params(cfg: WanforgeConfig, model: ModelShape) -> float:
             total += cfg.lora.rank * (model.ffn + model.dim)
         else:
             total += 2 * cfg.lora.rank * model.dim
-    return total * model.layers
+    vace = model.vace_blocks if getattr(cfg.lora, "vace_blocks", True) else 0  # the adapter in the VACE blocks too
+    return total * (model.layers + vace)
 
 
 def config_shape(cfg: WanforgeConfig) -> Shape:
@@ -167,7 +168,8 @@ def memory_on(cfg: WanforgeConfig, card: Gpu, count: int = 1) -> MemoryConfig:
     does with its own."""
     return resolve_memory(cfg.memory, FLAVOURS[cfg.model.flavour], card.memory_gib, tokens=config_shape(cfg).tokens,
                           batch=cfg.train.train_batch_size, host_gib=card.host_ram_gib - sizing.idle_expert_gib(cfg),
-                          warn=False, processes=count, world_size=count)  # "does not fit" is in the table
+                          warn=False, processes=count, world_size=count,  # "does not fit" is in the table
+                          both_experts=cfg.model.train_both_experts)
 
 
 def expected_attention(memory: MemoryConfig, card: Gpu | None) -> str:
@@ -247,7 +249,7 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
         lora_gib = (want.lora_params - ref.lora_params) * LORA_BYTES_PER_PARAM / 1024**3
         predicted = sizing.scale_row(row, want.model, want.tokens, batch, memory.base_quantization,
                                      cfg.model.base_dtype, offload=memory.activation_offload, lora_gib=lora_gib,
-                                     shards=shards)
+                                     shards=shards, streamed=sizing.streamed_count(memory.model_dump(), want.model.layers))
         predicted = dataclasses.replace(predicted, measured=False, gpu_measured=False)
     idle = sizing.idle_expert_gib(cfg, memory.base_quantization)  # train_both_experts: the other expert in host RAM
     vram, offload, host = predicted.gpu_gib, predicted.offload_gib, predicted.host_gib + idle
@@ -278,7 +280,8 @@ def estimate(cfg: WanforgeConfig, gpu: str) -> Estimate:
         gpu=card.name, count=count, vram_gib=round(vram, 2), host_gib=round(host, 1), host_ram_gib=card.host_ram_gib,
         s_per_step=round(s_per_step, 3), total_hours=round(hours, 3), cost_usd_per_hour=round(per_hour, 2),
         cost_usd=round(hours * per_hour, 2),
-        fits=(sizing.fits_gpu(vram, card.memory_gib) and sizing.fits_host(offload, card.host_ram_gib - idle) and fp8_runs
+        fits=(sizing.fits_gpu(vram, card.memory_gib) and sizing.fits_host(predicted.pinned_gib, card.host_ram_gib - idle)
+              and fp8_runs
               and oom is None),
         memory_preset=(preset or "custom") + (f", base sharded over {shards}" if shards > 1 else ""),
         speed_row=row, memory_row=predicted.row,

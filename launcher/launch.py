@@ -167,6 +167,19 @@ def check_model_travels(cfg: WanforgeConfig) -> None:
                             "push it to a Hub repo and give its id (or use --target local)")
 
 
+def check_control_travels(cfg: WanforgeConfig) -> None:
+    """VACE control / mask / reference folders travel inside their dataset folder (the only thing uploaded)."""
+    for i, ds in enumerate(cfg.datasets):
+        for name in ("control_path", "mask_path", "reference_path"):
+            value = getattr(ds, name)
+            if value is None:
+                continue
+            folder = Path(value) if Path(value).is_absolute() else ds.path / value
+            if not folder.resolve().is_relative_to(ds.path.resolve()):
+                raise UserError(f"datasets[{i}].{name}: {value} is outside the dataset folder {ds.path}, and only that "
+                                f"folder is uploaded: move it inside and set {name} relative to it (e.g. \"control\")")
+
+
 def dataset_folders(cfg: WanforgeConfig, hub_dataset: str) -> dict[int, Path]:
     """The local dataset folders the task uploads, by index (datasets[0] comes from the Hub with --hub-dataset)."""
     return {i: ds.path for i, ds in enumerate(cfg.datasets) if not (i == 0 and hub_dataset)}
@@ -232,6 +245,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     launch_preflight(cfg, plan, {i for i, f in folders.items() if not f.is_dir()})
     if plan.target.kind != "local":
         check_model_travels(cfg)
+        check_control_travels(cfg)
     # what this machine must have for the launch, before SkyPilot is called: each missing piece one line
     missing = readiness_lines(plan, needed_secrets(cfg, plan, hub_dataset), secret_value, folders,
                               check_credentials=not args.skip_credential_check)

@@ -297,28 +297,78 @@ def _whole(name: str, default: str, low: int) -> int:
     return int(text)
 
 
+def _layout() -> tuple[int, int, int, list[str]]:
+    """(nodes, GPUs per node, this node's rank, node IPs) from SkyPilot's variables, checked where several processes
+    train (one process needs neither its rank nor the IPs)."""
+    nodes = _whole("SKYPILOT_NUM_NODES", "1", 1)
+    gpus = _whole("SKYPILOT_NUM_GPUS_PER_NODE", "1", 1)
+    if nodes * gpus <= 1:
+        return nodes, gpus, 0, []
+    rank = _whole("SKYPILOT_NODE_RANK", "0", 0)
+    ips = [ip.strip() for ip in env("SKYPILOT_NODE_IPS", "127.0.0.1").splitlines() if ip.strip()]
+    if rank >= nodes or len(ips) < nodes:
+        raise UserError(f"SKYPILOT_NODE_RANK={rank} with SKYPILOT_NUM_NODES={nodes} and {len(ips)} line(s) in "
+                        "SKYPILOT_NODE_IPS: the rank must be below the node count and every node needs its IP line")
+    return nodes, gpus, rank, ips
+
+
 def train_command(config: Path) -> list[str]:
     """`wanforge train` for one GPU; torchrun over all GPUs of all nodes from SkyPilot's variables.
 
     torchrun (static rendezvous at the first IP of SKYPILOT_NODE_IPS, port MASTER_PORT or 29500) and not
     `accelerate launch --multi_gpu`: the same command then runs on CPU (gloo, the rehearsal in tests/test_multiprocess.py)
     and on GPUs (NCCL), and it is the path the 2-GPU runs were measured with (bench/gpu_smoke.py --torchrun)."""
-    nodes = _whole("SKYPILOT_NUM_NODES", "1", 1)
-    gpus = _whole("SKYPILOT_NUM_GPUS_PER_NODE", "1", 1)
+    nodes, gpus, rank, ips = _layout()
     train = ["-m", "trainer.cli", "train", str(config), "--resume", "latest"]
     if nodes * gpus <= 1:
         return [sys.executable, *train]
-    rank = _whole("SKYPILOT_NODE_RANK", "0", 0)
-    ips = [ip.strip() for ip in env("SKYPILOT_NODE_IPS", "127.0.0.1").splitlines() if ip.strip()]
-    if rank >= nodes or len(ips) < nodes:
-        raise UserError(f"SKYPILOT_NODE_RANK={rank} with SKYPILOT_NUM_NODES={nodes} and {len(ips)} line(s) in "
-                        "SKYPILOT_NODE_IPS: the rank must be below the node count and every node needs its IP line")
     port = _whole("MASTER_PORT", str(MASTER_PORT), 1)
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nnodes={nodes}", f"--node_rank={rank}", f"--nproc_per_node={gpus}",
         f"--master_addr={ips[0]}", f"--master_port={port}", *train,
     ]
+
+
+SOCKET_INTERFACE_VARIABLES = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")
+
+
+def interface_toward(host: str) -> str:
+    """The name of this machine's network interface that reaches `host`: the kernel's route picks the source address
+    (a UDP socket "connected" to the host sends nothing), and the interface holding that address is the answer. On
+    the head node its own IP gives the interface that holds it (eth0, say: where the other nodes reach it), a loopback
+    address gives the loopback interface."""
+    import socket
+
+    import psutil
+
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, MASTER_PORT, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(address)
+            local = probe.getsockname()[0].split("%", 1)[0]
+    except OSError as err:  # an unresolvable name, no route
+        raise UserError(f"SKYPILOT_NODE_IPS: this node cannot reach the head node {host} ({err}): check the nodes "
+                        "share a network, or pin the interface with --env NCCL_SOCKET_IFNAME=NAME "
+                        "--env GLOO_SOCKET_IFNAME=NAME") from None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == family and a.address.split("%", 1)[0] == local for a in addresses):
+            return name
+    raise UserError(f"no network interface of this node holds {local}, its address toward the head node {host}: pin "
+                    "the interface with --env NCCL_SOCKET_IFNAME=NAME --env GLOO_SOCKET_IFNAME=NAME")
+
+
+def train_env() -> dict[str, str]:
+    """The environment of the training command. Across nodes, NCCL and Gloo are pinned to the interface toward the
+    head node (Gloo otherwise resolves this host's name, often to 127.0.1.1, and the rendezvous hangs); values the task
+    already sets win. One node: the environment as it is."""
+    nodes, _, _, ips = _layout()
+    out = dict(os.environ)
+    if nodes > 1 and not all(out.get(name) for name in SOCKET_INTERFACE_VARIABLES):
+        interface = interface_toward(ips[0])
+        for name in SOCKET_INTERFACE_VARIABLES:
+            out[name] = out.get(name) or interface
+    return out
 
 
 def checked_env() -> tuple[str, str, str]:
@@ -343,13 +393,14 @@ def run() -> int:
     rank0 = env("SKYPILOT_NODE_RANK", "0") == "0"
     if mode == "upload" and not (folder / "checkpoints").is_dir():
         download(output, name, folder)  # a recovered managed job: carry on from the uploaded checkpoint
-    cmd = train_command(config)
-    print(f"wanforge node: {' '.join(cmd)}", flush=True)
+    cmd, child_env = train_command(config), train_env()
+    pinned = " ".join(f"{k}={child_env[k]}" for k in SOCKET_INTERFACE_VARIABLES if child_env.get(k))
+    print(f"wanforge node: {pinned + ' ' if pinned else ''}{' '.join(cmd)}", flush=True)
     if not (mode == "upload" and rank0):
-        code = subprocess.call(cmd)
+        code = subprocess.call(cmd, env=child_env)
     else:
         with Uploader(folder, output, name, float(env("UPLOAD_EVERY_MIN", "15")) * 60) as uploader:
-            code = subprocess.call(cmd)
+            code = subprocess.call(cmd, env=child_env)
         if uploader.final_error is not None:
             if code == 0:
                 upload_failed(folder, uploader.final_error)

@@ -125,8 +125,10 @@ def _template_plans() -> dict[str, tuple[Plan, str]]:
                "VM clouds (aws, gcp, azure, lambda, nebius, oci: change `cloud`): the image runs inside the VM, the run "
                "folder is a MOUNT_CACHED bucket. Spot + recovery: `sky jobs launch sky/vm.yaml --use-spot ...`."),
         "multinode": (check_request("aws", "H100", 8, nodes=2, managed=True, output="s3://bucket/prefix"),
-                      "Two nodes x 8 GPUs as a managed job: accelerate starts one process per GPU, rendezvous on the "
-                      "first of SKYPILOT_NODE_IPS; checkpoints in the bucket, so a recovery resumes."),
+                      "Two nodes x 8 GPUs as a managed job: torchrun starts one process per GPU, rendezvous on the "
+                      "first of SKYPILOT_NODE_IPS; each node pins NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME to its "
+                      "interface toward that head node (launcher/node.py, unless --env sets them); checkpoints in the "
+                      "bucket, so a recovery resumes."),
         "kubernetes": (check_request("kubernetes", "H100", 1),
                        "Kubernetes (NVIDIA): the image is the pod; outputs stay on it until `wanforge sync` / rsync, "
                        "or set OUTPUT=hf://USER/REPO and OUTPUT_MODE=upload."),

@@ -18,23 +18,33 @@ from __future__ import annotations
 import torch
 
 
-def original_names(num_blocks: int, image_embedder: bool) -> list[str]:
-    """Parameter names of the original Wan transformer (Wan's model.py layout)."""
+def _block_names(b: str, image_embedder: bool) -> list[str]:
+    names = [f"{b}.modulation", f"{b}.norm3.weight", f"{b}.norm3.bias"]
+    for attn in ("self_attn", "cross_attn"):
+        linears = ["q", "k", "v", "o"] + (["k_img", "v_img"] if attn == "cross_attn" and image_embedder else [])
+        names += [f"{b}.{attn}.{x}.{p}" for x in linears for p in ("weight", "bias")]
+        names += [f"{b}.{attn}.norm_q.weight", f"{b}.{attn}.norm_k.weight"]
+        if attn == "cross_attn" and image_embedder:
+            names.append(f"{b}.cross_attn.norm_k_img.weight")
+    return names + [f"{b}.ffn.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
+
+
+def original_names(num_blocks: int, image_embedder: bool, vace_blocks: int = 0) -> list[str]:
+    """Parameter names of the original Wan transformer (Wan's model.py layout; with `vace_blocks`, the official Wan
+    VACE model's: `vace_patch_embedding` and `vace_blocks.N.*` with `before_proj` (block 0) and `after_proj`)."""
     names = ["patch_embedding.weight", "patch_embedding.bias", "head.head.weight", "head.head.bias", "head.modulation"]
     for m in ("text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2", "time_projection.1"):
         names += [f"{m}.weight", f"{m}.bias"]
     if image_embedder:
         names += [f"img_emb.proj.{i}.{p}" for i in (0, 1, 3, 4) for p in ("weight", "bias")]
     for n in range(num_blocks):
-        b = f"blocks.{n}"
-        names += [f"{b}.modulation", f"{b}.norm3.weight", f"{b}.norm3.bias"]
-        for attn in ("self_attn", "cross_attn"):
-            linears = ["q", "k", "v", "o"] + (["k_img", "v_img"] if attn == "cross_attn" and image_embedder else [])
-            names += [f"{b}.{attn}.{x}.{p}" for x in linears for p in ("weight", "bias")]
-            names += [f"{b}.{attn}.norm_q.weight", f"{b}.{attn}.norm_k.weight"]
-            if attn == "cross_attn" and image_embedder:
-                names.append(f"{b}.cross_attn.norm_k_img.weight")
-        names += [f"{b}.ffn.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
+        names += _block_names(f"blocks.{n}", image_embedder)
+    if vace_blocks:
+        names += ["vace_patch_embedding.weight", "vace_patch_embedding.bias"]
+    for n in range(vace_blocks):
+        b = f"vace_blocks.{n}"
+        names += _block_names(b, image_embedder) + [f"{b}.after_proj.weight", f"{b}.after_proj.bias"]
+        names += [f"{b}.before_proj.weight", f"{b}.before_proj.bias"] if n == 0 else []
     return names
 
 
@@ -47,7 +57,7 @@ def _to_diffusers(state: dict) -> dict:
 def original_layout(model) -> dict[str, torch.Tensor]:
     """The diffusers model's weights under original Wan names (diffusers' converter decides where each one goes)."""
     image = getattr(model.condition_embedder, "image_embedder", None) is not None
-    names = original_names(len(model.blocks), image)
+    names = original_names(len(model.blocks), image, len(getattr(model, "vace_blocks", None) or []))
     where = _to_diffusers({name: torch.tensor([float(i)]) for i, name in enumerate(names)})
     diffusers_state = model.state_dict()
     assert set(where) == set(diffusers_state), set(where) ^ set(diffusers_state)  # the layout above is complete
@@ -112,12 +122,15 @@ def load_like_comfyui(model_factory, lora: dict[str, torch.Tensor], strength: fl
     return model.eval()
 
 
-def transformer_inputs(image: bool, timestep: float = 700.0) -> dict:
-    """Fixed inputs for the tiny transformers (T2V, or I2V with 36 channels and CLIP image tokens)."""
+def transformer_inputs(image: bool, timestep: float = 700.0, vace: bool = False) -> dict:
+    """Fixed inputs for the tiny transformers (T2V, or I2V with 36 channels and CLIP image tokens, or VACE with its
+    96-channel control context)."""
     g = torch.Generator().manual_seed(0)
     inputs = dict(hidden_states=torch.randn(1, 36 if image else 16, 3, 8, 8, generator=g),
                   timestep=torch.tensor([timestep]), encoder_hidden_states=torch.randn(1, 12, 32, generator=g),
                   return_dict=False)
     if image:
         inputs["encoder_hidden_states_image"] = torch.randn(1, 5, 32, generator=g)
+    if vace:
+        inputs["control_hidden_states"] = torch.randn(1, 96, 3, 8, 8, generator=g)
     return inputs

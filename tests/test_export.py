@@ -133,10 +133,11 @@ IMAGE = ["add_k_proj", "add_v_proj", "ff.net.0.proj", "ff.net.2"]  # cross_attn.
 
 def test_module_table_is_the_real_transformer():
     """lora_names.wan_modules (torch-free, what preflight reasons about) lists exactly diffusers' modules."""
-    for flavour, image in (("tiny", False), ("tiny-i2v-2.1", True), ("tiny-ti2v", False), ("tiny-i2v-2.2-high", False)):
+    for flavour, image in (("tiny", False), ("tiny-i2v-2.1", True), ("tiny-ti2v", False), ("tiny-i2v-2.2-high", False),
+                           ("tiny-vace-2.1", False)):
         model = load_transformer(ModelConfig(flavour=flavour))
         real = [(n, type(m).__name__) for n, m in model.named_modules()]
-        assert wan_modules(image, len(model.blocks)) == real, flavour
+        assert wan_modules(image, len(model.blocks), len(getattr(model, "vace_blocks", []) or [])) == real, flavour
 
 
 def _adapted(flavour: str, targets: list[str], rank: int = 4, alpha: float = 6.0):

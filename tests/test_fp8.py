@@ -153,7 +153,7 @@ def test_estimate_uses_the_fp8_rows_and_refuses_gpus_without_fp8():
     assert h100.memory_preset == "balanced-fp8" and h100.fits
     assert h100.s_per_step == pytest.approx(7.851, rel=1e-3) and h100.vram_gib == pytest.approx(38.55, abs=0.3)
     small = estimate(cfg("t2v-480p-1.3b-2.1"), "H100")
-    assert small.s_per_step == pytest.approx(1.691, rel=1e-3)
+    assert small.s_per_step == pytest.approx(1.703, rel=1e-3)  # the newest balanced-fp8 row (issue 31)
     a100 = estimate(cfg("t2v-480p-1.3b-2.1"), "A100-80GB")
     assert not a100.fits and "fp8 base weights need an Ada, Hopper or Blackwell GPU" in a100.basis
 

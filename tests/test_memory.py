@@ -46,13 +46,30 @@ def plain_losses(clips, tmp_path_factory) -> list[float]:
         {"gradient_checkpointing": "full", "checkpoint_sublayers": True, "activation_offload": True},
         {"gradient_checkpointing": "selective", "checkpointed_blocks": 1, "checkpoint_sublayers": True,
          "activation_offload": True},
+        {"gradient_checkpointing": "full", "streamed_blocks": 1},
+        {"gradient_checkpointing": "selective", "checkpoint_sublayers": True, "activation_offload": True,
+         "streamed_blocks": 2},
     ],
     ids=["full", "selective", "partial", "ff-chunk", "math-attention", "sublayers", "sublayers-full-offload",
-         "partial-sublayers-offload"],
+         "partial-sublayers-offload", "streamed-full", "streamed-sublayers-offload"],
 )
 def test_memory_option_trains_like_the_plain_path(clips, tmp_path, plain_losses, memory):
     """Exact options (recompute, chunking, backend) give the plain path's losses to float tolerance."""
     np.testing.assert_allclose(_run(clips, tmp_path / "run", **memory), plain_losses, rtol=1e-4)  # fp32 summation order differs under recompute
+
+
+def test_the_16gb_preset_trains_close_to_bf16(clips, tmp_path, plain_losses, monkeypatch):
+    """`low-16gb`'s settings through the trainer on the tiny model (both of its two blocks streamed; int8, full
+    checkpointing, offload, FF chunks; compile off to keep the CPU test short) train like int8 does."""
+    import trainer.model.memory as memory
+    from trainer.model.presets import PRESETS
+
+    streamed = []
+    real = memory.stream_blocks
+    monkeypatch.setattr(memory, "stream_blocks", lambda t, ids, device: streamed.append(ids) or real(t, ids, device))
+    losses = _run(clips, tmp_path / "run", **{**PRESETS["low-16gb"], "compile": False, "streamed_blocks": 2})
+    assert streamed == [[0, 1]]
+    np.testing.assert_allclose(losses, plain_losses, rtol=2e-2)
 
 
 def test_int8_base_weights_train_close_to_bf16(clips, tmp_path, plain_losses):
@@ -123,7 +140,11 @@ def test_auto_preset_picks_by_gpu_memory_host_ram_and_keeps_explicit_fields():
     on_40 = resolve_memory(MemoryConfig(preset="auto"), big, 40.0)
     assert preset_of(on_40) == "low" and on_40.feed_forward_chunk_size
     on_24 = resolve_memory(MemoryConfig(preset="auto"), big, 24.0)
-    assert preset_of(on_24) == "low-int8" and on_24.base_quantization == "int8"
+    assert preset_of(on_24) == "low-int8" and on_24.base_quantization == "int8" and not on_24.streamed_blocks
+    # a 16 GB card: 30 of the 40 blocks stream their int8 weights from host RAM (issue 31)
+    on_16 = resolve_memory(MemoryConfig(preset="auto"), big, 16.0, host_gib=48.0)
+    assert preset_of(on_16) == "low-16gb" and on_16.streamed_blocks == 30 and on_16.base_quantization == "int8"
+    assert on_16.gradient_checkpointing == "full" and on_16.activation_offload
     # 25 GiB of offload at 14B does not go into 30 GiB of free host RAM: no offload, int8 + full recompute instead
     small_host = resolve_memory(MemoryConfig(preset="auto"), big, 48.0, host_gib=30.0)
     assert preset_of(small_host) == "low-host-ram" and not small_host.activation_offload

@@ -39,7 +39,7 @@ def test_flavour_table_and_simpletuner_aliases(tmp_path):
         config_from_dict({"model": {"flavour": "ti2v-5b-2.2"},
                           "datasets": [{"path": str(tmp_path), "width": 1280, "height": 720}]})
     tiny = {f.tiny for f in FLAVOURS.values() if f.hub_id is None}
-    assert tiny == {"t2v-2.1", "i2v-2.1", "t2v-2.2", "i2v-2.2", "ti2v"}
+    assert tiny == {"t2v-2.1", "i2v-2.1", "t2v-2.2", "i2v-2.2", "ti2v", "vace-2.1", "vace-2.2"}
 
 
 @pytest.mark.parametrize("sampling", ["logit_normal", "uniform", "shift"])

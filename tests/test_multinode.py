@@ -134,3 +134,57 @@ def test_inconsistent_skypilot_variables_are_one_clear_error(monkeypatch, nodes,
     _node_env(monkeypatch, nodes, gpus, rank, ips)
     with pytest.raises(UserError, match="SKYPILOT_"):
         train_command(Path("/c.toml"))
+
+
+# ---------------------------------------------------------------- the network interface NCCL and Gloo use across nodes
+
+
+def _interfaces() -> dict[str, list[str]]:
+    import socket
+
+    import psutil
+
+    return {name: [a.address for a in addresses if a.family == socket.AF_INET]
+            for name, addresses in psutil.net_if_addrs().items()}
+
+
+def test_interface_toward_the_head_node_is_the_one_holding_the_route_s_source_address():
+    """Loopback head -> the loopback interface; the head's own address (the head node itself) -> the interface that
+    holds it, not the loopback one the kernel would route it through; derived here, never a fixed name."""
+    from launcher.node import interface_toward
+
+    interfaces = _interfaces()
+    loopback = next(name for name, ips in interfaces.items() if "127.0.0.1" in ips)
+    assert interface_toward("127.0.0.1") == loopback
+    real = [(name, ips[0]) for name, ips in interfaces.items() if ips and not ips[0].startswith("127.")]
+    if not real:
+        pytest.skip("this machine has no non-loopback IPv4 interface")
+    for name, ip in real:
+        assert interface_toward(ip) == name
+
+
+def test_node_pins_nccl_and_gloo_to_that_interface_across_nodes_only(monkeypatch):
+    from launcher.node import train_env
+
+    interfaces = _interfaces()
+    loopback = next(name for name, ips in interfaces.items() if "127.0.0.1" in ips)
+    for name in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+        monkeypatch.delenv(name, raising=False)
+    _node_env(monkeypatch, nodes="2", rank="1", ips="127.0.0.1\n127.0.0.2")
+    pinned = train_env()
+    assert pinned["NCCL_SOCKET_IFNAME"] == pinned["GLOO_SOCKET_IFNAME"] == loopback  # toward the FIRST IP (the head)
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")  # what the task sets wins
+    assert train_env()["NCCL_SOCKET_IFNAME"] == "ib0" and train_env()["GLOO_SOCKET_IFNAME"] == loopback
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME")
+    _node_env(monkeypatch, nodes="1", gpus="2", ips="127.0.0.1")
+    assert "NCCL_SOCKET_IFNAME" not in train_env() and "GLOO_SOCKET_IFNAME" not in train_env()
+
+
+def test_an_unreachable_head_node_is_one_clear_error(monkeypatch):
+    from launcher.node import train_env
+
+    for name in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+        monkeypatch.delenv(name, raising=False)
+    _node_env(monkeypatch, ips="head.invalid\n10.0.0.6")
+    with pytest.raises(UserError, match="cannot reach the head node head.invalid.*--env GLOO_SOCKET_IFNAME=NAME"):
+        train_env()

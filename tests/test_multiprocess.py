@@ -10,8 +10,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -57,19 +57,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_as_two_nodes(config: Path) -> list[str]:
-    """Both "nodes" run exactly the command launcher/node.py builds from their own SkyPilot variables."""
-    from launcher.node import train_command
+def _run_rendered_task(config: Path, nodes: int, gpus: int) -> list[str]:
+    """Every "node" runs the rendered multi-node task's own `run:` script (launcher/render.py, as in sky/multinode.yaml)
+    with its SkyPilot variables, on this machine: bash -> launcher/node.py run -> torchrun (+ the pinned interfaces)
+    -> wanforge train. Returns each node's command line as launcher/node.py printed it."""
+    from launcher.render import template_task
 
-    common = {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "1", "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1",
-              "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    commands, procs = [], []
-    for rank in ("0", "1"):
-        node_env = {**os.environ, **common, "SKYPILOT_NODE_RANK": rank}
-        with mock.patch.dict(os.environ, node_env, clear=True):
-            commands.append(train_command(config))
-        procs.append(subprocess.Popen(commands[-1], env=node_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+    script = template_task("multinode")["run"]
+    run_name, runs_dir = config.stem, config.parent
+    common = {"SKYPILOT_NUM_NODES": str(nodes), "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus),
+              "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * nodes), "MASTER_PORT": str(_free_port()),
+              "OMP_NUM_THREADS": "1", "WANFORGE_PYTHON": sys.executable, "RUN_NAME": run_name,
+              "WANFORGE_RUNS_DIR": str(runs_dir), "OUTPUT_MODE": "node", "OUTPUT": ""}
+    procs = []
+    for rank in range(nodes):
+        root = runs_dir / f"{run_name}-node{rank}"  # the node's WANFORGE_ROOT, its staged config already there
+        root.mkdir()
+        (root / "config.toml").write_text(config.read_text())
+        node_env = {**os.environ, **common, "SKYPILOT_NODE_RANK": str(rank), "WANFORGE_ROOT": str(root)}
+        for name in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+            node_env.pop(name, None)
+        procs.append(subprocess.Popen(["bash", "-c", script], env=node_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     try:
         outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     finally:
@@ -78,7 +87,7 @@ def _train_as_two_nodes(config: Path) -> list[str]:
                 proc.kill()
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output[-20000:]
-    return [" ".join(c) for c in commands]
+    return [next(line for line in output.splitlines() if line.startswith("wanforge node: ")) for output in outputs]
 
 
 def _config(clips, root: Path, name: str, steps: int, accumulation: int, checkpoint_every: int = 2) -> Path:
@@ -111,12 +120,14 @@ def runs(clips, one_process, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def node_runs(clips, one_process, tmp_path_factory) -> dict:
-    """The multi-node rehearsal and the one-node two-process run it must match (no checkpoints: the rehearsal is
-    about the launch; checkpoints under several ranks are the tests above)."""
+    """The multi-node rehearsal and the one-node two-process run it must match, both through the rendered task at
+    the same settings (no checkpoints: the rehearsal is about the launch; checkpoints under several ranks are the
+    tests above)."""
     root = tmp_path_factory.mktemp("multinode")
-    _train([str(_config(clips, root, "pair", 4, 1, checkpoint_every=1000))], processes=2)
-    commands = _train_as_two_nodes(_config(clips, root, "nodes", 4, 1, checkpoint_every=1000))
-    return {"one": one_process, "pair": root / "pair", "nodes": root / "nodes", "commands": commands}
+    pair = _run_rendered_task(_config(clips, root, "pair", 4, 1, checkpoint_every=1000), nodes=1, gpus=2)
+    commands = _run_rendered_task(_config(clips, root, "nodes", 4, 1, checkpoint_every=1000), nodes=2, gpus=1)
+    return {"one": one_process, "pair": root / "pair", "nodes": root / "nodes", "commands": commands,
+            "pair_command": pair[0]}
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(runs):
@@ -143,13 +154,16 @@ def test_checkpoint_from_two_ranks_resumes_on_one(runs):
 
 
 def test_multinode_command_from_skypilot_variables_trains_like_one_node(node_runs):
-    """The rehearsal: two "nodes" of one process each (node ranks 0 and 1, loopback rendezvous, gloo). Same ranks,
-    same data shards and the same gloo all-reduce as the one-node two-process run, so the losses agree to float32
-    rounding (rel 1e-6); against one process accumulating the two micro-batches, only the summation order of the
-    gradients differs (rel 1e-4, as above)."""
+    """The rehearsal: two "nodes" of one process each (node ranks 0 and 1, loopback rendezvous, gloo pinned to the
+    interface toward the head node: here the loopback one). Same ranks, same data shards and the same gloo all-reduce
+    as the one-node two-process run, so the losses agree to float32 rounding (rel 1e-6); against one process
+    accumulating the two micro-batches, only the summation order of the gradients differs (rel 1e-4, as above)."""
     rank0, rank1 = node_runs["commands"]
     assert "torch.distributed.run --nnodes=2 --node_rank=0 --nproc_per_node=1 --master_addr=127.0.0.1" in rank0
-    assert "--node_rank=1" in rank1 and rank0.replace("--node_rank=0", "--node_rank=1") == rank1
+    assert rank0.replace("--node_rank=0", "--node_rank=1").replace("-node0/", "-node1/") == rank1  # its own copy
+    lo = next(name for name, addresses in psutil.net_if_addrs().items() if any(a.address == "127.0.0.1" for a in addresses))
+    assert rank0.startswith(f"wanforge node: NCCL_SOCKET_IFNAME={lo} GLOO_SOCKET_IFNAME={lo} ")  # derived on the node
+    assert "SOCKET_IFNAME" not in node_runs["pair_command"]  # one node: nothing pinned, the measured path
     nodes, two, one = _losses(node_runs["nodes"]), _losses(node_runs["pair"]), _losses(node_runs["one"])
     assert sorted(nodes) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):

@@ -258,6 +258,18 @@ CASES = [
      "overlap"),
     ("crepa-block", _set("crepa", enabled=True, block_index=5, encoder_path=None), "crepa.block_index = 5"),
     ("attention-typo", _set("memory", attention_backend="natve"), 'memory.attention_backend: unknown backend "natve"'),
+    ("streamed-more-than-blocks", _set("memory", streamed_blocks=5),
+     "memory.streamed_blocks = 5: tiny has 2 transformer blocks: try 2"),
+    ("streamed-more-than-checkpointed", _set("memory", streamed_blocks=2, checkpointed_blocks=1),
+     "only checkpointed blocks stream"),
+    ("streamed-without-checkpointing", _set("memory", streamed_blocks=1, gradient_checkpointing="none"),
+     "streamed_blocks needs gradient_checkpointing"),
+    ("streamed-fp8", _set("memory", preset="low-16gb", base_quantization="fp8"),
+     'memory.preset = "low-16gb" (it streams the weights of 30 blocks): fp8 base weights do not stream'),
+    ("streamed-both-experts", lambda cfg, files: cfg["model"].update(flavour="tiny-t2v-2.2-high", train_both_experts=True)
+     or cfg.update(memory={"streamed_blocks": 1}), "memory.streamed_blocks: not with model.train_both_experts"),
+    ("streamed-sharded", _set("memory", streamed_blocks=1, shard_base=True),
+     "memory.streamed_blocks: not supported with memory.shard_base = true"),
     ("attention-not-installed", _set("memory", attention_backend="sage"), 'memory.attention_backend = "sage" is not usable here'),
     ("flow-misses-expert", lambda cfg, files: cfg["model"].update(flavour="tiny-t2v-2.2-high") or cfg.update(
         flow={"timestep_sampling": "logit_normal", "logit_mean": -8.0}), "flow: only"),
@@ -397,6 +409,7 @@ SUGGESTIONS = [
     ("train.text_max_length=1024", r"try (\d+)", "train.text_max_length={}"),
     ("datasets.0.width=70", r"try (\d+) or", "datasets.0.width={}"),
     ("memory.attention_backend=natve", r'did you mean "([a-z_]+)"\?', "memory.attention_backend={}"),
+    ("memory.streamed_blocks=9", r"try (\d+) \(every block\)", "memory.streamed_blocks={}"),
     ("datasets.0.resolution=0.5", r"did you mean (\d+),", "datasets.0.resolution={}"),
     ("datasets.0.resolution_type=area", r"did you mean ([0-9.]+),", "datasets.0.resolution={}"),
 ]

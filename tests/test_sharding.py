@@ -127,6 +127,7 @@ def test_sharded_checkpoint_resumes_like_the_uninterrupted_run(runs, resume):
     ({"base_quantization": "int8"}, {}, "memory.base_quantization"),
     ({"compile": True}, {}, "memory.compile"),
     ({}, {"ema": {"use_ema": True}}, "ema.use_ema"),
+    ({}, {"scheduled_sampling": {"probability": 0.5}}, "scheduled_sampling.probability"),
 ])
 def test_preflight_refuses_what_sharding_cannot_train(clips, tmp_path, memory, other, field):
     from trainer.preflight.check import preflight

@@ -2,8 +2,10 @@
 importers read it).
 
 Every flavour carries what the rest of the kit needs to know about its model: frame rate, default clip shape,
-validation flow shift / guidance, the task (t2v / i2v / ti2v), which VAE, the transformer's input channels and
-real shape, and for the Wan 2.2 A14B experts the stage it trains and the boundary between the two experts.
+validation flow shift / guidance, the task (t2v / i2v / ti2v / vace), which VAE, the transformer's input channels and
+real shape, and for the Wan 2.2 A14B experts the stage it trains and the boundary between the two experts. VACE
+flavours (a control clip, an optional mask and reference images steer the video) also say which main blocks get a
+VACE block's hint (`vace_layers`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ WAN_NEGATIVE_PROMPT = (
 T2V_BOUNDARY = 0.875
 I2V_BOUNDARY = 0.900
 
-Task = Literal["t2v", "i2v", "ti2v"]
+Task = Literal["t2v", "i2v", "ti2v", "vace"]
 Stage = Literal["high", "low"]
 
 
@@ -54,6 +56,7 @@ class Flavour:
     num_heads: int = 12
     num_layers: int = 30
     tiny: str | None = None  # which locally built tiny model (trainer.model.tiny) stands in for the Hub repo
+    vace_layers: tuple[int, ...] = ()  # VACE: the main blocks after which a VACE block's hint is added (one VACE block each)
 
     @property
     def is_expert(self) -> bool:
@@ -69,6 +72,11 @@ class Flavour:
         return "transformer" if self.stage == "low" else "transformer_2"
 
     @property
+    def is_vace(self) -> bool:
+        """Trains with a control clip (+ mask, reference images) through diffusers' WanVACETransformer3DModel."""
+        return self.task == "vace"
+
+    @property
     def conditioned(self) -> bool:
         """Trains with image conditioning (I2V channels or the TI2V clean first frame)."""
         return self.task in ("i2v", "ti2v")
@@ -76,13 +84,15 @@ class Flavour:
 
 _14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 _5B = dict(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30)
+_VACE_1_3B = tuple(range(0, 30, 2))  # Wan2.1-VACE-1.3B: a VACE block beside every second main block
+_VACE_14B = tuple(range(0, 40, 5))  # Wan2.1-VACE-14B and Wan2.2-VACE-Fun-A14B: every fifth
 _TI2V = dict(task="ti2v", wan_version="2.2", vae="2.2", latent_channels=48, vae_spatial=16, in_channels=48,
              expand_timesteps=True)
 
 
 def _expert_pair(prefix: str, hub_id: str | None, task: Task, label: str, **common) -> list[Flavour]:
     """The -high and -low flavours of a Wan 2.2 A14B model (same repo, one expert each)."""
-    boundary = T2V_BOUNDARY if task == "t2v" else I2V_BOUNDARY
+    boundary = I2V_BOUNDARY if task == "i2v" else T2V_BOUNDARY  # VACE-Fun A14B is built on the T2V experts
     side = {"high": f"high-noise (t >= {boundary})", "low": f"low-noise (t < {boundary})"}
     return [
         Flavour(
@@ -124,6 +134,22 @@ FLAVOURS: dict[str, Flavour] = {
             width=1280, height=720, num_frames=81, flow_shift=5.0, guidance_scale=3.5, guidance_scale_low=3.5, **_14B,
         ),
         Flavour(
+            name="vace-1.3b-2.1", hub_id="Wan-AI/Wan2.1-VACE-1.3B-diffusers", fps=16, width=832, height=480,
+            num_frames=81, flow_shift=3.0, guidance_scale=5.0, task="vace", vace_layers=_VACE_1_3B,
+            description="Wan 2.1 VACE 1.3B: control clip (depth, pose, edges, masked region) + reference images",
+        ),
+        Flavour(
+            name="vace-14b-2.1", hub_id="Wan-AI/Wan2.1-VACE-14B-diffusers", fps=16, width=832, height=480,
+            num_frames=81, flow_shift=3.0, guidance_scale=5.0, task="vace", vace_layers=_VACE_14B,
+            description="Wan 2.1 VACE 14B: control clip (depth, pose, edges, masked region) + reference images", **_14B,
+        ),
+        *_expert_pair(
+            "vace-14b-2.2", "linoyts/Wan2.2-VACE-Fun-14B-diffusers", "vace",
+            label="Wan 2.2 VACE-Fun A14B (alibaba-pai's, diffusers conversion by the diffusers team)", fps=16,
+            width=1280, height=720, num_frames=81, flow_shift=12.0, guidance_scale=4.0, guidance_scale_low=3.0,
+            vace_layers=_VACE_14B, **_14B,
+        ),
+        Flavour(
             name="ti2v-5b-2.2", hub_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers", fps=24, width=1280, height=704,
             num_frames=121, flow_shift=5.0, guidance_scale=5.0,
             description="Wan 2.2 text-image-to-video 5B (Wan 2.2 VAE, 24 fps, first-frame conditioning)", **_TI2V, **_5B,
@@ -142,6 +168,14 @@ FLAVOURS: dict[str, Flavour] = {
                       num_frames=9, flow_shift=3.0, guidance_scale=4.0, guidance_scale_low=3.0, tiny="t2v-2.2"),
         *_expert_pair("tiny-i2v-2.2", None, "i2v", label="tiny Wan 2.2 image-to-video", fps=16, width=64, height=64,
                       num_frames=9, flow_shift=3.0, guidance_scale=3.5, guidance_scale_low=3.5, tiny="i2v-2.2"),
+        Flavour(
+            name="tiny-vace-2.1", hub_id=None, fps=16, width=64, height=64, num_frames=9, flow_shift=3.0,
+            guidance_scale=5.0, task="vace", vace_layers=(0, 1), tiny="vace-2.1",
+            description="tiny Wan 2.1 VACE (control clip, mask, reference images), for CPU trials and tests",
+        ),
+        *_expert_pair("tiny-vace-2.2", None, "vace", label="tiny Wan 2.2 VACE", fps=16, width=64, height=64,
+                      num_frames=9, flow_shift=3.0, guidance_scale=4.0, guidance_scale_low=3.0, vace_layers=(0, 1),
+                      tiny="vace-2.2"),
         Flavour(
             name="tiny-ti2v", hub_id=None, fps=24, width=64, height=64, num_frames=9, flow_shift=3.0,
             guidance_scale=5.0, description="tiny Wan 2.2 TI2V (Wan 2.2 VAE layout), for tests", tiny="ti2v", **_TI2V,

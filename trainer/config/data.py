@@ -109,6 +109,26 @@ class DatasetConfig(Section):
     window_start: Literal["beginning", "random"] = Field(
         "beginning", description="Where the frames of a longer clip start: at 0 s, or a random time fixed per clip (cached)."
     )
+    # ---- VACE: the control inputs of each clip (VACE flavours only; docs/models.md "VACE datasets")
+    control_path: str | None = Field(
+        None, description="VACE: folder of control clips (depth, pose, edges, a masked copy...), one per clip with the "
+        "clip's file stem (any video or image extension); relative to path (keep it inside, so it travels with the "
+        "dataset) or absolute.",
+    )
+    mask_path: str | None = Field(
+        None, description="VACE, optional: folder of masks by the clip's stem, a video (a mask per frame) or an image "
+        "(the same mask on every frame): white = the region to generate, black = kept from the control clip.",
+    )
+    reference_path: str | None = Field(
+        None, description="VACE, optional: folder of reference images by the clip's stem: <stem>.png, several as "
+        "<stem>_1.png, <stem>_2.png, ..., or a <stem>/ folder of images (any image extension).",
+    )
+    control_pairing: Literal["stem", "metadata"] = Field(
+        "stem", description='VACE: "stem" pairs files by the clip\'s stem in control_path / mask_path / '
+        'reference_path; "metadata" reads them from the metadata table (metadata_file, default metadata.jsonl or '
+        '.csv): columns "control", "mask", "reference" with paths relative to path (several references: a JSON list, '
+        'or separated by "|" in a CSV).',
+    )
     # ---- problems and caches
     delete_problematic: bool = Field(
         False, description="Move unusable files (with their captions) to <path>/.quarantine/ instead of only listing them."
@@ -170,7 +190,15 @@ class DatasetConfig(Section):
             raise ValueError("maximum_image_size and target_downsample_size go together: set both or neither")
         if self.hf_repo is not None and self.hf_repo.count("/") != 1:
             raise ValueError('hf_repo must look like "user/name"')
+        if self.control_pairing == "metadata" and any((self.control_path, self.mask_path, self.reference_path)):
+            raise ValueError('control_pairing = "metadata" reads the control, mask and reference files from the metadata '
+                             'table: remove control_path / mask_path / reference_path, or use control_pairing = "stem"')
         return self
+
+    @property
+    def has_control(self) -> bool:
+        """The dataset names control clips (VACE): a control folder, or pairing through the metadata table."""
+        return self.control_path is not None or self.control_pairing == "metadata"
 
 
 class CacheConfig(Section):

@@ -146,10 +146,13 @@ def _resolve_paths(cfg: WanforgeConfig, base_dir: Path) -> None:
             d.cache_dir = (base_dir / d.cache_dir).resolve()
         if d.text_cache_dir is not None and not d.text_cache_dir.is_absolute():
             d.text_cache_dir = (base_dir / d.text_cache_dir).resolve()
-    for section, name in (("validation", "prompt_library"), ("tracking", "webhook_config")):
+    for section, name in (("validation", "prompt_library"), ("tracking", "webhook_config"),
+                          ("validation", "control_video"), ("validation", "control_mask")):
         value = getattr(getattr(cfg, section), name)
         if value is not None and not value.is_absolute():
             setattr(getattr(cfg, section), name, (base_dir / value).resolve())
+    cfg.validation.reference_images = [p if Path(p).is_absolute() else str((base_dir / p).resolve())
+                                       for p in cfg.validation.reference_images]
     for render in cfg.validation.renders:
         for adapter in render.adapters:
             if adapter.hub_file is None and not Path(adapter.path).is_absolute():

@@ -93,6 +93,12 @@ class LoraConfig(Section):
         'block\'s self/cross attention and FFN). Top-level "proj_out", "time_proj", "linear_1", "linear_2" and, on Wan 2.1 '
         'I2V, "add_k_proj" + "add_v_proj" and "ff.net.0.proj" / "ff.net.2" (image embedder) save too.',
     )
+    vace_blocks: bool = Field(
+        True,
+        description="VACE flavours: the target modules inside the VACE blocks (the control branch, where a control "
+        "LoRA learns a new kind of control) are adapted too; false: the main blocks only (e.g. a style or subject LoRA "
+        "used with VACE). Other flavours have no VACE blocks and ignore it.",
+    )
     save_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the saved LoRA weights.")
     save_format: Literal["comfyui", "diffusers"] = Field(
         "comfyui", description="comfyui: the interchange format ComfyUI and diffusers both load; diffusers: diffusers keys."
@@ -128,14 +134,16 @@ class LoraConfig(Section):
 
 class MemoryConfig(Section):
     preset: Literal["none", "auto", "fast", "balanced", "balanced-lean", "low", "low-int8", "low-host-ram",
-                    "balanced-fp8"] = Field(
+                    "low-16gb", "balanced-fp8"] = Field(
         "auto",
         description='"auto": on a GPU, the fastest measured preset that fits its memory and the free host RAM (fields '
         'you set yourself win; on CPU nothing changes). "balanced" = selective checkpointing per sub-layer + compile + '
         'activation offload (fastest measured, needs host RAM); "balanced-lean" = balanced without sub-layers (half the '
         'host RAM); "fast" = selective checkpointing + compile, no offload; '
         '"low" = balanced + chunked feed-forward; "low-int8" = offload + int8 base weights + 4096-token FF chunks; '
-        '"low-host-ram" = full checkpointing + compile + int8, no offload; "balanced-fp8" = balanced with fp8 base '
+        '"low-host-ram" = full checkpointing + compile + int8, no offload; "low-16gb" = full checkpointing + compile + '
+        'offload + int8 + 4096-token FF chunks + 30 blocks streamed from host RAM (Wan 14B on a 16 GB card; not '
+        'measured yet); "balanced-fp8" = balanced with fp8 base '
         'weights (fastest on Ada / Hopper, slightly different numbers: never picked by "auto"). "none": exactly the '
         'fields below. Numbers: bench/RESULTS.md.',
     )
@@ -180,12 +188,38 @@ class MemoryConfig(Section):
         'matmul). NF4 / int4 are refused: 4-bit base weights ruin Wan video quality.',
     )
 
+    streamed_blocks: int | None = Field(
+        None, ge=0,
+        description="How many transformer blocks keep their frozen base weights in pinned host RAM (like other "
+        "trainers' blocks_to_swap): each is copied to the GPU for its forward and again for its backward, the next "
+        "block's copy overlapping the current block's compute. GPU memory drops by one block's weights per streamed "
+        "block (14B: ~0.33 GiB int8, ~0.65 GiB bf16) plus two blocks' worth of slots; host RAM rises by as much, "
+        "and each step moves about twice the streamed weights over PCIe. Only checkpointed blocks stream (spread "
+        "evenly over them; more than there are: all of them); LoRA weights and optimizer state stay on the GPU. "
+        "Needs gradient_checkpointing; bf16 or int8 base weights. none / 0: every block on the GPU.",
+    )
     shard_base: bool = Field(
         False,
         description="Shard the frozen base model over the training processes (FSDP2): each GPU holds 1/N of the "
         "weights, so a model larger than one card trains on several (N >= 2 processes; bf16 base, peft LoRA). Costs "
         "an all-gather of each block's weights per forward and backward; regional compile is not used with it.",
     )
+    context_parallel: int = Field(
+        1, ge=1,
+        description="Split each sample's video tokens over this many training processes (Ulysses context parallel, "
+        "through diffusers): activations per GPU shrink about that many times, for 720p and long clips. Groups of "
+        "this many consecutive processes train on one sample; the rest is data parallel (8 GPUs with 2: 4 samples "
+        "per step). Must divide the process count and the model's attention heads (12 at 1.3B, 40 at 14B); "
+        "1 turns it off. Not combined with shard_base, TREAD or CREPA.",
+    )
+
+    @field_validator("context_parallel", mode="before")
+    @classmethod
+    def _no_bool_degree(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("context_parallel is a number of processes per sample (2, 4, ...), not true/false: "
+                             "e.g. context_parallel = 2; 1 turns it off")
+        return v
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -198,11 +232,19 @@ class MemoryConfig(Section):
     def _offload_needs_checkpointing(self) -> "MemoryConfig":
         if self.checkpoint_sublayers and self.gradient_checkpointing == "none":
             raise ValueError('checkpoint_sublayers needs gradient_checkpointing = "selective" or "full"')
+        if self.streamed_blocks and self.gradient_checkpointing == "none":
+            raise ValueError('streamed_blocks needs gradient_checkpointing = "selective" or "full": a block that keeps '
+                             "its activations for backward keeps references to the weights it streamed in")
         if self.activation_offload and self.gradient_checkpointing == "none":
             raise ValueError('activation_offload needs gradient_checkpointing = "selective" or "full": without '
                              "checkpointing every block's full activations (~2.8 GiB per 1.3B block at 832x480x81) "
                              "would cross PCIe each step")
         return self
+
+    @field_validator("streamed_blocks")
+    @classmethod
+    def _zero_streams_nothing(cls, v: int | None) -> int | None:
+        return v or None
 
     @field_validator("base_quantization", mode="before")
     @classmethod

@@ -139,6 +139,18 @@ class ValidationConfig(Section):
         0.9, ge=0.0, le=1.0, description="Skip-layer guidance stops at this fraction of the sampling steps (exclusive)."
     )
     skip_layer_scale: float = Field(3.0, ge=0.0, description="Strength of skip-layer guidance.")
+    control_video: Path | None = Field(
+        None, description="VACE: the control clip validation renders from (default: the control clip of the first "
+        "dataset's last clip, which eval_holdout keeps out of training); a video, or an image for one frame.",
+    )
+    control_mask: Path | None = Field(
+        None, description="VACE: the mask for control_video (a video, or one image for every frame; white = generate). "
+        "Default: the held-out clip's mask when the default control is used, else none.",
+    )
+    reference_images: list[str] = Field(
+        default_factory=list, description="VACE: reference images for validation (default: the held-out clip's, when "
+        "the default control is used).",
+    )
     renders: list[ValidationRender] = Field(
         default_factory=list,
         description="[[validation.renders]]: render every prompt once per entry (e.g. full steps, and a speed LoRA at "

@@ -1,6 +1,7 @@
 """Which shape each sample trains at: frame size (multiple of 16) from the pixel target and its aspect, and frame count.
 
-A bucket is one (width, height, frames) shape, named "WxH@F"; a batch only ever holds samples of one bucket.
+A bucket is one (width, height, frames) shape, named "WxH@F"; a batch only ever holds samples of one bucket. VACE
+samples with reference images also bucket by how many they have ("WxH@F+2ref"): the references are latent frames.
 Torch-free: `wanforge check` prints the report without loading the trainer's GPU stack.
 """
 
@@ -23,16 +24,18 @@ class Bucket:
     width: int
     height: int
     frames: int
+    refs: int = 0  # VACE reference images, each one more latent frame before the clip's
 
     @property
     def key(self) -> str:
-        return f"{self.width}x{self.height}@{self.frames}"
+        return f"{self.width}x{self.height}@{self.frames}" + (f"+{self.refs}ref" if self.refs else "")
 
     @classmethod
     def parse(cls, key: str) -> Bucket:
-        size, frames = key.split("@")
+        size, rest = key.split("@")
+        frames, _, refs = rest.partition("+")
         width, height = size.split("x")
-        return cls(int(width), int(height), int(frames))
+        return cls(int(width), int(height), int(frames), int(refs.removesuffix("ref") or 0))
 
 
 def size_multiple(flavour: Flavour) -> int:

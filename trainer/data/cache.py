@@ -4,6 +4,8 @@ Each entry is one safetensors file named by a hash of everything that determines
 size and frames, fps, window start, crop, VAE), and each cache folder has a manifest.json saying which source each
 entry came from. A change (a new clip, another resolution for some samples) builds only the entries it changes.
 Several processes split the missing entries between them (rank::world_size): no two write one file.
+VACE samples keep their control conditioning (trainer.data.vace_inputs) in the same entry, under `vace_context`,
+encoded with the same VAE in the same pass; the control files' identity is part of the entry's name.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from trainer.data.discovery import Clip, cache_root, scan_dataset, target_fps
 from trainer.data.entries import entry_problem
 from trainer.data.probe import MediaError
 from trainer.data.sources import quarantine
+from trainer.data.vace_pairing import ControlFiles
 from trainer.data.video import fit_to_size, read_frames_at, read_image, sample_times
 from trainer.errors import OutOfMemory, UserError, is_disk_full, is_out_of_memory
 from trainer.fileio import atomic_save_safetensors, atomic_write_json, writing_into
@@ -39,6 +42,7 @@ from trainer.model.memory import cudnn_benchmark
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+VACE_CACHE_VERSION = "vace-v1"  # how the VACE conditioning is built (trainer.data.vace_inputs): a change renames entries
 FAILED_SUFFIX = ".failed"  # beside a latent entry that could not be built: the reason, so a broken file isn't retried
 
 
@@ -80,11 +84,14 @@ class LatentSpec:
     crop: bool
     crop_at: tuple[float, float]
     pre_scale: float | None
+    control: ControlFiles | None = None  # VACE: the control clip, mask and references (trainer.data.vace_inputs)
+    source_width: int = 0  # the clip's width (a control of another resolution gets the same relative crop)
 
     def identity(self) -> list:
         st = self.source.stat()
-        return [str(self.source.resolve()), st.st_size, st.st_mtime_ns, self.kind, self.bucket.key, self.fps,
-                round(self.start, 6), self.crop, [round(c, 6) for c in self.crop_at], self.pre_scale]
+        ident = [str(self.source.resolve()), st.st_size, st.st_mtime_ns, self.kind, self.bucket.key, self.fps,
+                 round(self.start, 6), self.crop, [round(c, 6) for c in self.crop_at], self.pre_scale]
+        return ident + [VACE_CACHE_VERSION, self.control.identity()] if self.control is not None else ident
 
 
 def _digest(obj: object) -> str:
@@ -107,7 +114,7 @@ def latent_spec(ds: DatasetConfig, flavour: str, clip: Clip) -> LatentSpec:
         start = int(u[0] * (spare + 1)) / fps if spare > 0 else 0.0
     crop_at = (u[1], u[2]) if ds.crop_style == "random" else (0.5, 0.5)
     return LatentSpec(clip.video, clip.info.kind, clip.bucket, fps, start, ds.crop, crop_at,
-                      downsample_scale(ds, clip.info.width, clip.info.height))
+                      downsample_scale(ds, clip.info.width, clip.info.height), clip.control, clip.info.width)
 
 
 def latent_path(cfg: WanforgeConfig, ds_index: int, spec: LatentSpec) -> Path:
@@ -317,11 +324,16 @@ def _mark_failed(lp: Path, spec: LatentSpec, why: str) -> None:
     atomic_write_json(lp.with_suffix(FAILED_SUFFIX), {"why": why, "source": _source_identity(spec)})
 
 
-def _try_read(spec: LatentSpec) -> torch.Tensor | MediaError:
-    """The clip's frames, or the MediaError that makes it unusable. Running out of memory is no fault of the clip:
-    it is raised (OutOfMemory, naming the size), never recorded against the file."""
+def _try_read(spec: LatentSpec) -> tuple[torch.Tensor, object] | MediaError:
+    """(the clip's frames, its VACE control frames or None), or the MediaError that makes it unusable. Running out of
+    memory is no fault of the clip: it is raised (OutOfMemory, naming the size), never recorded against the file."""
     try:
-        return read_sample(spec)
+        extra = None
+        if spec.control is not None:
+            from trainer.data.vace_inputs import read_vace_frames
+
+            extra = read_vace_frames(spec)
+        return read_sample(spec), extra
     except MediaError as err:
         return err
     except (OSError, ValueError, RuntimeError, EOFError, MemoryError) as err:  # decoders raise these on damaged files
@@ -339,7 +351,7 @@ def _too_big(bucket: Bucket, doing: str, memory: str, batch: int = 1) -> OutOfMe
                        + (", or set cache.vae_batch_size = 1" if batch > 1 else ""))
 
 
-def _decoded(todo: list[tuple[Path, LatentSpec]], workers: int) -> Iterator[tuple[Path, torch.Tensor | MediaError]]:
+def _decoded(todo: list[tuple[Path, LatentSpec]], workers: int) -> Iterator[tuple[Path, tuple | MediaError]]:
     """Decode in order, `workers` threads ahead of the consumer (PyAV and Pillow release the GIL while decoding)."""
     if workers == 0:
         for lp, spec in todo:
@@ -375,32 +387,37 @@ def encode_latent_entries(cfg: WanforgeConfig, todo: list[tuple[Path, LatentSpec
     store = torch.bfloat16 if cfg.cache.compress_latents else torch.float32
     buckets = {lp: spec.bucket for lp, spec in todo}
     specs = dict(todo)
-    pending: list[tuple[Path, torch.Tensor]] = []
+    pending: list[tuple[Path, torch.Tensor, object]] = []
     built = 0
 
     def flush() -> int:
         try:
-            latents = encode_videos(vae, torch.stack([clip for _, clip in pending]), device)
+            latents = encode_videos(vae, torch.stack([clip for _, clip, _ in pending]), device)
         except (RuntimeError, MemoryError) as err:
             if not is_out_of_memory(err):
                 raise
             raise _too_big(buckets[pending[0][0]], "encoding", device.type.upper(), len(pending)) from None
-        for (lp, clip), z in zip(pending, latents):
+        for (lp, clip, control), z in zip(pending, latents):
             # I2V: the clip's first frame rides along; trainer.data.conditioning builds the image conditioning from it
-            _save_atomic({"latents": z.to(store), **first_frame_entry(cfg, clip)}, lp)
+            entry = {"latents": z.to(store), **first_frame_entry(cfg, clip)}
+            if control is not None:  # VACE: the pipeline's control conditioning, encoded by the same VAE
+                from trainer.data.vace_inputs import VACE_KEY, vace_context
+
+                entry[VACE_KEY] = vace_context(vae, control, device).to(store)
+            _save_atomic(entry, lp)
         n = len(pending)
         pending.clear()
         return n
 
     with tqdm(total=len(todo), desc="caching latents", unit="clip", disable=not show_progress) as bar, \
             cudnn_benchmark():  # one bucket, one shape: cuDNN's fastest 3D convolutions, timed once
-        for lp, clip in _decoded(todo, cfg.cache.decode_workers):
-            if isinstance(clip, MediaError):
-                _mark_failed(lp, specs[lp], str(clip))
+        for lp, decoded in _decoded(todo, cfg.cache.decode_workers):
+            if isinstance(decoded, MediaError):
+                _mark_failed(lp, specs[lp], str(decoded))
             else:
                 if pending and (buckets[pending[0][0]] != buckets[lp] or len(pending) >= cfg.cache.vae_batch_size):
                     built += flush()
-                pending.append((lp, clip))
+                pending.append((lp, *decoded))
             bar.update(1)
         if pending:
             built += flush()
@@ -431,7 +448,8 @@ def _quarantine(cfg: WanforgeConfig, skipped: list[tuple[Path, str]], broken: di
         if where is None or not path.is_file():
             continue
         ds = cfg.datasets[where[0]]
-        if ds.delete_problematic and not why.startswith(("too short", "too long", "too small")):
+        # a clip whose control inputs fail is not itself broken (trainer.data.vace_inputs.CONTROL_FAILURE)
+        if ds.delete_problematic and not why.startswith(("too short", "too long", "too small", "control input")):
             moved.append(quarantine(where[1], path, why, ds.caption_extension))
     return moved
 

@@ -10,6 +10,10 @@ The cache step stores the clip's first frame beside its latents (`first_frame`),
 TI2V-5B, as the pipelines' expand_timesteps path: the first latent frame is the clean latent of the first frame (the
 Wan VAE is causal: it equals the encoded image alone, so it is taken from the cached latents), its tokens get timestep
 0, and it is left out of the loss.
+
+VACE: the control conditioning rides in the latent entry (trainer.data.vace_inputs, built in the latent pass) and is
+fed to the transformer as control_hidden_states, at full strength on every VACE layer (the pipeline's default
+conditioning_scale 1.0).
 """
 
 from __future__ import annotations
@@ -215,8 +219,14 @@ def ti2v_first_frame_mask(latents: torch.Tensor) -> torch.Tensor:
 
 def transformer_inputs(flavour: Flavour, model: ModelConfig, batch: dict[str, torch.Tensor], latents: torch.Tensor,
                        noisy: torch.Tensor, timesteps: torch.Tensor, device, dtype, patch_size=(1, 2, 2)) -> dict:
-    """hidden_states / timestep (/ encoder_hidden_states_image) for the transformer, as the flavour's pipeline feeds
-    it at inference: I2V concatenates the cached condition, TI2V pins the clean first frame at timestep 0."""
+    """hidden_states / timestep (/ encoder_hidden_states_image, control_hidden_states) for the transformer, as the
+    flavour's pipeline feeds it at inference: I2V concatenates the cached condition, TI2V pins the clean first frame at
+    timestep 0, VACE adds the cached control conditioning."""
+    if flavour.task == "vace":
+        from trainer.data.vace_inputs import VACE_KEY
+
+        control = batch[VACE_KEY].to(device, non_blocking=True).to(dtype)
+        return {"hidden_states": noisy.to(dtype), "timestep": timesteps, "control_hidden_states": control}
     if flavour.task == "i2v":
         condition = batch["condition"].to(device, non_blocking=True).float()
         inputs = {"hidden_states": torch.cat([noisy, condition], dim=1).to(dtype), "timestep": timesteps}

@@ -16,6 +16,21 @@ from trainer.data.cache import Sample
 from trainer.errors import UserError, is_disk_full
 
 
+def load_latents(path: Path) -> dict[str, torch.Tensor]:
+    """A latent entry's training tensors: `latents`, and for VACE `vace_context` with the reference latents put in
+    front of the clip's (trainer.data.vace_inputs.training_latents), as float32."""
+    from safetensors import safe_open
+
+    from trainer.data.vace_inputs import VACE_KEY, training_latents
+
+    with safe_open(str(path), framework="pt") as f:
+        item = {"latents": f.get_tensor("latents").float()}
+        if VACE_KEY in f.keys():
+            item[VACE_KEY] = f.get_tensor(VACE_KEY).float()
+            item["latents"] = training_latents(item["latents"], item[VACE_KEY])
+    return item
+
+
 class CachedDataset(torch.utils.data.Dataset):
     """Item i < N is samples[i]; with empty_text_path, item N + i is samples[i] with the empty caption (dropout)."""
 
@@ -30,16 +45,17 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s = self.samples[index]
         text = self.empty_text_path if index >= self.unique else s.text_path
-        item = {"latents": read_entry(s.latent_path)["latents"].float(), "text": read_entry(text)["embeds"]}
+        item = {**read_entry(s.latent_path, load_latents), "text": read_entry(text)["embeds"]}
         for path in s.extra.values():  # more cached tensors per sample (e.g. conditioning), batched by Collate
             item.update(read_entry(path))
         return item
 
 
-def read_entry(path: Path) -> dict[str, torch.Tensor]:
-    """One cache entry; one damaged since the run checked it is named (deleting it makes the next run build it again)."""
+def read_entry(path: Path, reader=None) -> dict[str, torch.Tensor]:
+    """One cache entry (through `reader`, default safetensors' load_file); one damaged since the run checked it is
+    named (deleting it makes the next run build it again)."""
     try:
-        return load_file(str(path))
+        return reader(path) if reader is not None else load_file(str(path))
     except Exception as err:  # safetensors' own error types, or a vanished file
         if is_disk_full(err):
             raise

@@ -1,10 +1,12 @@
-"""Scan a dataset: every video and image with its caption, size, length and bucket; what can't be used and why."""
+"""Scan a dataset: every video and image with its caption, size, length and bucket; what can't be used and why.
+VACE datasets also pair each clip with its control inputs (trainer.data.vace_pairing); unpaired or mismatched files
+are listed with the reason like every other unusable file."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from trainer.config.data import DatasetConfig
@@ -12,6 +14,7 @@ from trainer.data.buckets import Bucket, assign_bucket, fit_of, size_in_units, s
 from trainer.data.captions import Captions
 from trainer.data.probe import MediaError, MediaInfo, probe
 from trainer.data.sources import dataset_folder, list_media
+from trainer.data.vace_pairing import ControlFiles, ControlPairing
 from trainer.errors import UserError
 from trainer.fileio import atomic_write_json
 from trainer.flavours import FLAVOURS, Flavour
@@ -27,6 +30,7 @@ class Clip:
     caption: str
     info: MediaInfo | None = None
     bucket: Bucket | None = None
+    control: ControlFiles | None = None  # VACE: the control clip, mask and reference images
 
 
 @dataclass
@@ -54,8 +58,8 @@ class ScanMemo:
         self.captions: dict[tuple, Captions] = {}
         self.probes: dict[Path, _ProbeCache] = {}
 
-    def listing(self, folder: Path, skip: dict[Path, str]) -> tuple[list[Path], list[tuple[Path, str]]]:
-        key = (str(folder), tuple(sorted((str(p), w) for p, w in skip.items())))
+    def listing(self, folder: Path, skip: dict[Path, str | None]) -> tuple[list[Path], list[tuple[Path, str]]]:
+        key = (str(folder), tuple(sorted((str(p), w or "") for p, w in skip.items())))
         if key not in self.listings:
             self.listings[key] = list_media(folder, skip)
         return self.listings[key]
@@ -102,9 +106,15 @@ def scan_dataset(ds: DatasetConfig, index: int = 0, flavour: str | None = None, 
     scan = Scan(folder=folder)
     captions = memo.captions_for(ds, folder, index)
     probes = memo.probe_cache(cache_root(ds) / PROBE_FILE)
-    files, left_out = memo.listing(folder, cache_skips(ds, index))
+    pairing = ControlPairing(ds, folder, index) if ds.has_control else None
+    skip: dict[Path, str | None] = dict(cache_skips(ds, index))
+    if pairing is not None:  # control, mask and reference folders: other clips' inputs, neither clips nor problems
+        skip.update({p: None for p in pairing.skip_folders()})
+    files, left_out = memo.listing(folder, skip)
     scan.problems += left_out
     for file in files:
+        if pairing is not None and pairing.is_input_file(file):
+            continue  # another clip's control, mask or reference (metadata pairing)
         caption, why = captions.caption_for(file)
         if caption is None:
             scan.problems.append((file, why))
@@ -122,7 +132,16 @@ def scan_dataset(ds: DatasetConfig, index: int = 0, flavour: str | None = None, 
             if bucket is None:
                 scan.problems.append((file, why))
                 continue
-        scan.clips.append(Clip(file, caption, info, bucket))
+        control = None
+        if pairing is not None:
+            control, why = pairing.pair(file, info, probes.get)
+            if control is None:
+                scan.problems.append((file, why))
+                continue
+            bucket = replace(bucket, refs=len(control.references)) if bucket is not None else None
+        scan.clips.append(Clip(file, caption, info, bucket, control))
+    if pairing is not None:
+        scan.problems += pairing.orphans()
     if not shared:
         memo.save()
     return scan
@@ -200,6 +219,7 @@ def check_datasets(cfg, num_processes: int = 1) -> tuple[list[str], list[str]]:
 def dataset_findings(cfg, num_processes: int = 1) -> DatasetFindings:
     """The scan of every enabled dataset, one pass: buckets, what stops training, and what wastes money."""
     from trainer.data.buckets import plan_batches, report_lines, step_problems
+    from trainer.model.context_parallel import bucket_problems, data_parallel_size
 
     found = DatasetFindings()
     keys: dict[int, list[str]] = {}
@@ -231,7 +251,10 @@ def dataset_findings(cfg, num_processes: int = 1) -> DatasetFindings:
     repeats = {d: cfg.datasets[d].repeats for d in keys}
     plan = plan_batches(keys, repeats, batch)
     names = [f"datasets[{d}] ({ds.name})" for d, ds in enumerate(cfg.datasets)]
-    found.problems += step_problems(plan, names, repeats, batch, cfg.train.gradient_accumulation_steps * num_processes)
+    # whole batches in one optimizer step: one per data-parallel rank (a context-parallel group shares its batches)
+    needed = cfg.train.gradient_accumulation_steps * data_parallel_size(cfg, num_processes)
+    found.problems += step_problems(plan, names, repeats, batch, needed)
+    found.problems += bucket_problems(cfg, keys)
     found.report = report_lines(names, plan, skipped, batch)
     return found
 

@@ -55,11 +55,11 @@ def is_run_folder(folder: Path) -> bool:
     return (folder / "run.json").is_file() and any((folder / d).is_dir() for d in ("validation", "checkpoints"))
 
 
-def list_media(folder: Path, skip: dict[Path, str] | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+def list_media(folder: Path, skip: dict[Path, str | None] | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """(videos and images under folder, sorted; [(path, why it is left out)]). Hidden folders (caches, quarantine,
     .cache/huggingface) are left out silently; folder links are followed once (a link back up is listed, not
     walked forever); links that loop or lead nowhere, unreadable folders, run folders and the folders in `skip`
-    (folder -> why) are listed with the reason, never raised."""
+    (folder -> why; None: left out silently, e.g. VACE control folders) are listed with the reason, never raised."""
     skip_real = {_real(p): why for p, why in (skip or {}).items()}
     found: list[Path] = []
     left_out: list[tuple[Path, str]] = []
@@ -99,7 +99,8 @@ def list_media(folder: Path, skip: dict[Path, str] | None = None) -> tuple[list[
             if stat.S_ISDIR(target.st_mode):
                 real = _real(path)
                 if real in skip_real:
-                    left_out.extend((p, skip_real[real]) for p in media_below(path))
+                    if skip_real[real] is not None:
+                        left_out.extend((p, skip_real[real]) for p in media_below(path))
                     continue
                 walk(path, (*ancestors, key))
             elif is_media and stat.S_ISREG(target.st_mode):
@@ -108,8 +109,8 @@ def list_media(folder: Path, skip: dict[Path, str] | None = None) -> tuple[list[
                 left_out.append((path, "not a regular file"))
 
     if _real(folder) in skip_real:
-        left_out += [(p, skip_real[_real(folder)]) for p in media_below(folder)]
-        return [], left_out
+        why = skip_real[_real(folder)]
+        return [], [(p, why) for p in media_below(folder)] if why is not None else []
     walk(folder, ())
     return sorted(found), left_out
 

@@ -108,3 +108,42 @@ def demo_config(data_dir: Path, output_dir: Path, max_train_steps: int = 100, mo
                                  guidance_scale=DEMO_GUIDANCE, num_inference_steps=20,
                                  eval_every_n_steps=max_train_steps)
     return config_from_dict(raw, source="demo")
+
+
+# ---------------------------------------------------------------- VACE: clips with their control inputs
+
+
+def control_clip(shape: str, motion: tuple[float, float], frames: int, size: int) -> np.ndarray:
+    """The control of a world clip: the shape's white silhouette on black, moving the same way (a pose / edge map
+    stands in the same relation to a real clip)."""
+    return draw_clip(shape, (255, 255, 255), (0, 0, 0), motion, frames, size)
+
+
+def make_vace_dataset(folder: Path, num_clips: int = 8, frames: int = 24, size: int = 64, fps: int = 16,
+                      mask: bool = False, references: bool = False) -> Path:
+    """World clips with same-stem captions in `folder`, their silhouette control clips in `folder/control`, and
+    with `mask` a mask image per clip in `folder/masks` (the left half kept from the control, the right half generated),
+    with `references` a reference image per clip in `folder/references` (a swatch of the shape's colour). The layout
+    docs/models.md describes for VACE datasets (control_path = "control", mask_path = "masks",
+    reference_path = "references")."""
+    from PIL import Image
+
+    from trainer.data.video import write_mp4
+
+    combos = list(itertools.product(SHAPES, COLOURS, BACKGROUNDS, MOTIONS))
+    for sub in ("control", *(("masks",) if mask else ()), *(("references",) if references else ())):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(num_clips):
+        s, c, b, m = combos[(i * 7) % len(combos)]
+        stem = f"clip_{i:02d}"
+        write_mp4(folder / f"{stem}.mp4", draw_clip(s, COLOURS[c], BACKGROUNDS[b], MOTIONS[m], frames, size), fps)
+        (folder / f"{stem}.txt").write_text(caption(s, c, m, b) + "\n", encoding="utf-8")
+        write_mp4(folder / "control" / f"{stem}.mp4", control_clip(s, MOTIONS[m], frames, size), fps)
+        if mask:
+            half = np.zeros((size, size, 3), dtype=np.uint8)
+            half[:, size // 2:] = 255
+            Image.fromarray(half).save(folder / "masks" / f"{stem}.png")
+        if references:
+            swatch = np.full((size // 2, size, 3), COLOURS[c], dtype=np.uint8)  # another aspect: letterboxed
+            Image.fromarray(swatch).save(folder / "references" / f"{stem}.png")
+    return folder

@@ -97,12 +97,13 @@ def eval_record(transformer, samples: list[Sample], cfg: WanforgeConfig, device:
 
 def log_eval_loss(accelerator, transformer, samples: list[Sample], cfg: WanforgeConfig, run, device, step: int) -> dict | None:
     """Measure on the main process (the others wait), append to metrics.jsonl and the trackers."""
+    from trainer.model.context_parallel import is_context_parallel
     from trainer.model.sharding import is_sharded
 
-    record = None
+    record, model = None, accelerator.unwrap_model(transformer)
     started = time.perf_counter()
-    if accelerator.is_main_process or is_sharded(accelerator.unwrap_model(transformer)):  # a collective forward
-        record = eval_record(accelerator.unwrap_model(transformer), samples, cfg, device, step)
+    if accelerator.is_main_process or is_sharded(model) or is_context_parallel(model):  # a collective forward
+        record = eval_record(model, samples, cfg, device, step)
         record["eval_s"] = round(time.perf_counter() - started, 3)  # its wall time (the losses are read back: synced)
     if accelerator.is_main_process:
         run.log_metrics(record)

@@ -64,9 +64,13 @@ class StepExtras:
 
 
 def _predictor(transformer, cfg: WanforgeConfig, flavour: Flavour, batch: dict, latents, text, dtype):
-    """The model's velocity for a subset of the batch, with the flavour's inputs (I2V condition, TI2V first frame)."""
+    """The model's velocity for a subset of the batch, with the flavour's inputs (I2V condition, TI2V first frame).
+    It runs the module inside DDP: each rank rolls out its own number of samples, and DDP's forward would sync buffers
+    with the other ranks every time (a collective mismatch). A context-parallel group draws alike, so its split forwards
+    stay in step; a sharded model's forward needs every rank, which is why sharding refuses scheduled sampling."""
     from trainer.data.conditioning import transformer_inputs
 
+    transformer = getattr(transformer, "module", transformer)  # torch DDP (accelerate.prepare): the model inside
     size = latents.shape[0]
 
     def predict(x, s, chosen):

@@ -34,6 +34,7 @@ from trainer.loop.resume import check_resume_settings
 from trainer.loop.step_extras import StepExtras
 from trainer.loop.training_step import training_step
 from trainer.model.components import base_model_path
+from trainer.model.context_parallel import backward_scale, data_parallel
 from trainer.model.ema import AdapterEMA, weights_for
 from trainer.model.experts import setup_expert_pair
 from trainer.model.lora import adapter_state_dict, trainable_parameters
@@ -147,7 +148,8 @@ def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | N
     host_gib = (host_memory_gib() - idle_expert_gib(cfg)) / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # offloaders
     flavour = get_flavour(cfg.model.flavour)  # resolved once for the whole run
     memory = resolve_memory(cfg.memory, flavour, gpu_gib, tokens=config_tokens(cfg),
-                            batch=cfg.train.train_batch_size, host_gib=host_gib)
+                            batch=cfg.train.train_batch_size, host_gib=host_gib,
+                            both_experts=cfg.model.train_both_experts)
     memory_record = memory_choice(cfg.memory, memory, gpu_gib, host_gib)
     cfg = cfg.model_copy(update={"memory": memory})
     start_step, changes = _check_resume(cfg, resume_from)
@@ -391,10 +393,13 @@ def _prepare_data(cfg: WanforgeConfig, accelerator, show_progress: bool
                           show_progress=show_progress and main, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
     train_samples, eval_samples = split_eval_samples(cfg, report.samples)
-    data = TrainingData.build(cfg, train_samples, report.skipped, accelerator.num_processes, report.empty_text_path)
+    data = TrainingData.build(cfg, train_samples, report.skipped, _data_rank(cfg, accelerator)[1],
+                              report.empty_text_path)
     if main:
         _say("\n".join(["buckets:", *data.report]), show_progress)  # the skipped files and why, once
-    first_caption = report.samples[0][0].caption if report.samples and report.samples[0] else None
+    from trainer.outputs.vace_validation import default_caption
+
+    first_caption = default_caption(cfg, [s.caption for s in report.samples[0]] if report.samples else [])
     return data, eval_samples, settings_for(cfg, first_caption), report.built
 
 
@@ -440,11 +445,18 @@ def _resume_state(cfg: WanforgeConfig, accelerator, transformer, params, optimiz
     return state, ema, resumable
 
 
+def _data_rank(cfg: WanforgeConfig, accelerator) -> tuple[int, int]:
+    """(rank, size) of this process among the data-parallel ranks: every process, except under context parallel,
+    where the processes of one group train on the same micro-batches (trainer/model/context_parallel.py)."""
+    return data_parallel(accelerator.process_index, accelerator.num_processes, cfg.memory.context_parallel)
+
+
 def _loader(cfg: WanforgeConfig, data: TrainingData, step: int, accelerator, show_progress: bool
             ) -> torch.utils.data.DataLoader:
     """This rank's batches from `step` on, with the cached I2V conditioning joined to each sample; its own seeded
     generator keeps the global RNG (LoRA dropout) resumable."""
     device = accelerator.device
+    rank, world_size = _data_rank(cfg, accelerator)
     dataset, collate = with_conditioning(
         data.dataset(), Collate(cfg.train.text_max_length),
         build_conditioning(cfg, [s.latent_path for s in data.samples], device,
@@ -453,8 +465,7 @@ def _loader(cfg: WanforgeConfig, data: TrainingData, step: int, accelerator, sho
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=data.batch_sampler(
-            cfg.train.seed, start_batch=step * cfg.train.gradient_accumulation_steps,
-            rank=accelerator.process_index, world_size=accelerator.num_processes,
+            cfg.train.seed, start_batch=step * cfg.train.gradient_accumulation_steps, rank=rank, world_size=world_size,
         ),
         collate_fn=collate,
         num_workers=cfg.train.dataloader_num_workers,
@@ -496,15 +507,17 @@ def _loop(t: Training, signals: StopSignals, on_step) -> None:
 
 def _micro_step(t: Training, batch: dict, micro: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(loss, gradient norm) of one micro-batch under accelerate's accumulation; the last micro-batch of a step
-    clips, checks and applies the gradients. Its noise is seeded by (seed, micro-batch, rank): a resume draws the same."""
+    clips, checks and applies the gradients. Its noise is seeded by (seed, micro-batch, data-parallel rank): a resume
+    draws the same, and the ranks of a context-parallel group draw alike (their gradients sum: the backward scale)."""
     cfg, accelerator = t.cfg, t.accelerator
-    generator = noise_generator(cfg.train.seed, micro * accelerator.num_processes + accelerator.process_index,
-                                accelerator.device)
+    rank, world_size = _data_rank(cfg, accelerator)
+    generator = noise_generator(cfg.train.seed, micro * world_size + rank, accelerator.device)
     t.reached.latents = tuple(batch["latents"].shape)
     with accelerator.accumulate(t.transformer):
         loss = training_step(t.transformer, batch, cfg, generator, accelerator.device, t.base_dtype, t.extras,
                              t.state.step, t.flavour)
-        accelerator.backward(loss)
+        scale = backward_scale(cfg.memory.context_parallel)
+        accelerator.backward(loss * scale if scale != 1 else loss)
         t.guard.watch_loss(loss)
         grad_norm = _clip_gradients(t) if accelerator.sync_gradients else None
         t.optimizer.step()

@@ -36,12 +36,15 @@ def flash_attn_4_import_error() -> str | None:
     return None
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
-    """The diffusers attention backend to use. Always explicit: diffusers otherwise falls back to a process-wide one."""
+def resolve_attention_backend(name: str, device: torch.device, context_parallel: bool = False) -> str:
+    """The diffusers attention backend to use. Always explicit: diffusers otherwise falls back to a process-wide one.
+    Under `context_parallel`, "auto" is cuDNN SDPA on NVIDIA (FlashAttention 4 has no context-parallel path)."""
     if name != "auto":
         return name
     if device.type != "cuda" or torch.version.cuda is None:
         return "native"  # ROCm and CPU: torch picks
+    if context_parallel:  # diffusers 0.42 registers no context-parallel path for flash_4_hub
+        return "_native_cudnn"
     # FlashAttention 4 is faster than cuDNN SDPA at Wan's shapes on the H100 (bench/RESULTS.md); it is taken wherever
     # it is installed, imports, and the GPU is one its kernels are built for. Why it is not taken is said once.
     if not flash_attn_4_installed():

@@ -2,6 +2,7 @@
 
 The tiny flavours are built locally first (trainer.model.tiny) and then loaded through exactly the same calls.
 Wan 2.2 A14B: the flavour's expert comes from `transformer` (high noise) or `transformer_2` (low noise).
+VACE flavours load diffusers' WanVACETransformer3DModel (the Wan blocks plus the VACE blocks of the control branch).
 Custom finetunes: a transformer override (Hub id / folder + subfolder, or one .safetensors file in the diffusers,
 original Wan or ComfyUI layout) and a separate VAE (folder, Hub id or single file).
 """
@@ -142,10 +143,17 @@ def expert_subfolder(model: ModelConfig, other: bool = False) -> str:
     return flavour.other_expert_subfolder if other else flavour.expert_subfolder
 
 
+def transformer_class(model: ModelConfig):
+    """diffusers' transformer class of the flavour: WanVACETransformer3DModel for VACE, else WanTransformer3DModel."""
+    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
+
+    return WanVACETransformer3DModel if get_flavour(model.flavour).is_vace else WanTransformer3DModel
+
+
 def load_transformer(model: ModelConfig, dtype: torch.dtype = torch.float32, subfolder: str | None = None):
     """The trained transformer (the flavour's expert), or the override: a Hub id / folder (+ subfolder), or one
     .safetensors file. `subfolder` names another expert of the base model (`transformer` / `transformer_2`)."""
-    from diffusers import WanTransformer3DModel
+    cls = transformer_class(model)
 
     base = base_model_path(model)
     override = model.pretrained_transformer_model_name_or_path
@@ -153,40 +161,41 @@ def load_transformer(model: ModelConfig, dtype: torch.dtype = torch.float32, sub
     if override is None or (subfolder is not None and subfolder != own):
         sub = subfolder or own
         try:
-            return WanTransformer3DModel.from_pretrained(base, subfolder=sub, revision=model.revision, torch_dtype=dtype)
+            return cls.from_pretrained(base, subfolder=sub, revision=model.revision, torch_dtype=dtype)
         except (OSError, ValueError) as err:
             raise _friendly(err, f"transformer ({sub})", base) from None
     if override.endswith(".safetensors"):
-        return _transformer_from_file(Path(override), base, own, model.revision, dtype)
+        return _transformer_from_file(Path(override), base, own, model.revision, dtype, cls)
     try:
-        return WanTransformer3DModel.from_pretrained(
+        return cls.from_pretrained(
             override, subfolder=model.pretrained_transformer_subfolder, torch_dtype=dtype
         )
     except (OSError, ValueError) as err:
         raise _friendly(err, "transformer override", override, "model.pretrained_transformer_model_name_or_path") from None
 
 
-def _transformer_from_file(file: Path, base: str, subfolder: str, revision: str | None, dtype: torch.dtype):
+def _transformer_from_file(file: Path, base: str, subfolder: str, revision: str | None, dtype: torch.dtype,
+                           cls):
     """One .safetensors file: diffusers keys load into the base config; original Wan keys (bare, or with ComfyUI's
-    `model.diffusion_model.` / `diffusion_model.` prefix) go through diffusers' from_single_file conversion."""
-    from diffusers import WanTransformer3DModel
+    `model.diffusion_model.` / `diffusion_model.` prefix) go through diffusers' from_single_file conversion. `cls`: the
+    flavour's transformer class (transformer_class)."""
     from safetensors.torch import load_file
 
     if not file.is_file():
         raise UserError(f"model.pretrained_transformer_model_name_or_path: {file} does not exist")
-    config = WanTransformer3DModel.load_config(base, subfolder=subfolder, revision=revision)
+    config = cls.load_config(base, subfolder=subfolder, revision=revision)
     with torch.device("meta"):
-        probe = WanTransformer3DModel.from_config(config)
+        probe = cls.from_config(config)
     expected = set(probe.state_dict())
     state = load_file(str(file))
     if set(state) == expected:
-        transformer = WanTransformer3DModel.from_config(config).to(dtype)
+        transformer = cls.from_config(config).to(dtype)
         transformer.load_state_dict(state)
         return transformer
     # diffusers strips `model.diffusion_model.` itself; a bare `diffusion_model.` prefix it doesn't know
     state = {k.removeprefix("diffusion_model."): v for k, v in state.items()}
     try:
-        return WanTransformer3DModel.from_single_file(
+        return cls.from_single_file(
             state, config=base, subfolder=subfolder, revision=revision, torch_dtype=dtype
         )
     except Exception as err:  # diffusers raises assorted types for unknown layouts

@@ -14,6 +14,7 @@ import logging
 import torch
 
 from trainer.flavours import Flavour, Stage
+from trainer.model.streaming import move_trainable
 
 log = logging.getLogger(__name__)
 def expert_boundary(model) -> float | None:
@@ -125,8 +126,8 @@ class ExpertPair(torch.nn.Module):
         incoming, outgoing = self.expert(stage), self.expert("low" if stage == "high" else "high")
         if self._slot is not None:
             self._slot.exchange(frozen_tensors(incoming), frozen_tensors(outgoing))
-            _move_trainable(outgoing, torch.device("cpu"))
-            _move_trainable(incoming, device)
+            move_trainable(outgoing, torch.device("cpu"))
+            move_trainable(incoming, device)
         else:
             if not _on(outgoing, torch.device("cpu")):
                 outgoing.to("cpu")
@@ -174,16 +175,6 @@ def _same_layout(a: torch.nn.Module, b: torch.nn.Module) -> bool:
         type(x) in plain and type(y) in plain and x.shape == y.shape and x.dtype == y.dtype for x, y in zip(ta, tb))
 
 
-def _move_trainable(module: torch.nn.Module, device: torch.device) -> None:
-    """The LoRA parameters (and any gradient they hold) to `device`, keeping each parameter's identity."""
-    for p in module.parameters():
-        if p.requires_grad and p.device.type != device.type:
-            p.data = p.data.to(device)
-            if p.grad is not None:
-                p.grad = p.grad.to(device)
-
-
-_ALIGN = 512  # byte offset of each tensor in the slot (any dtype's alignment, and DMA-friendly)
 _CHUNK_BYTES = 1 << 30  # copies in flight at most two of these ahead: the GPU never holds both experts whole
 
 
@@ -197,20 +188,13 @@ class _IdleSlot:
     """
 
     def __init__(self, idle: list[torch.Tensor], device: torch.device) -> None:
-        from trainer.model.offload import PinnedPool
+        from trainer.model.offload import PinnedPool, pinned_copies
 
         self.device = device
         self.cuda = device.type == "cuda"
         self._pool = PinnedPool(self.cuda)  # owns the buffer (and unregisters it when the slot goes)
-        offsets, total = [], 0
-        for t in idle:
-            offsets.append(total)
-            total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-        buffer = self._pool.take(max(total, 1))
-        self.views = [buffer[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-                      for o, t in zip(offsets, idle)]
+        self.views = pinned_copies(self._pool, [t.data for t in idle])
         for view, t in zip(self.views, idle):
-            view.copy_(t.data)
             t.data = view
 
     def holds(self, tensors: list[torch.Tensor]) -> bool:

@@ -121,10 +121,10 @@ def check_float8_device(device: torch.device) -> None:
 
 
 def convert_blocks_to_float8(transformer) -> int:
-    """Every linear layer inside the transformer blocks (the embedders and the output projection stay as they are),
-    where both sizes are multiples of 16 as fp8 matmuls need. Returns how many were converted."""
+    """Every linear layer inside the transformer blocks and a VACE model's VACE blocks (the embedders and the output
+    projection stay as they are), where both sizes are multiples of 16 as fp8 matmuls need. Returns how many."""
     count = 0
-    for block in transformer.blocks:
+    for block in [*transformer.blocks, *(getattr(transformer, "vace_blocks", None) or [])]:
         for module in block.modules():
             if type(module) is nn.Linear and module.in_features % 16 == 0 and module.out_features % 16 == 0:
                 to_float8(module)

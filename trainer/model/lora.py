@@ -12,7 +12,11 @@ from trainer.errors import UserError
 
 
 def add_lora(transformer, cfg: LoraConfig, adapter_name: str = "default") -> None:
-    names = [n for n, _ in transformer.named_modules()]
+    """The adapter on the frozen transformer. A VACE model's VACE blocks get it too unless lora.vace_blocks is off."""
+    from trainer.model.lora_names import VACE_EXCLUDE, is_vace_module
+
+    vace = hasattr(transformer, "vace_blocks") and cfg.vace_blocks
+    names = [n for n, _ in transformer.named_modules() if vace or not is_vace_module(n)]
     for target in cfg.target_modules:
         if not any(n == target or n.endswith("." + target) for n in names):
             raise UserError(
@@ -22,7 +26,7 @@ def add_lora(transformer, cfg: LoraConfig, adapter_name: str = "default") -> Non
     if cfg.lora_type == "lycoris":
         from trainer.model.lycoris import add_lycoris
 
-        add_lycoris(transformer, cfg.lycoris_config, cfg.target_modules)
+        add_lycoris(transformer, cfg.lycoris_config, cfg.target_modules, vace)
         return
     transformer.requires_grad_(False)
     transformer.add_adapter(
@@ -31,6 +35,7 @@ def add_lora(transformer, cfg: LoraConfig, adapter_name: str = "default") -> Non
             lora_alpha=cfg.effective_alpha,
             lora_dropout=cfg.dropout,
             target_modules=cfg.target_modules,
+            exclude_modules=None if vace or not hasattr(transformer, "vace_blocks") else VACE_EXCLUDE,
             init_lora_weights=True,
         ),
         adapter_name=adapter_name,

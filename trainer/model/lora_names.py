@@ -2,7 +2,10 @@
 
 The interchange LoRA format names modules as the original Wan code does (`blocks.0.self_attn.q`, `head.head`,
 `img_emb.proj.1`); diffusers names them `blocks.0.attn1.to_q`, `proj_out`, `condition_embedder.image_embedder.ff.net.0.proj`.
-The mapping follows diffusers' WanLoraLoaderMixin converter, which reads these files back. `interchange_problems`
+The mapping follows diffusers' WanLoraLoaderMixin converter, which reads these files back. VACE blocks keep the
+official Wan VACE names (`vace_blocks.0.self_attn.q`, `vace_blocks.0.before_proj` / `after_proj` for diffusers'
+`proj_in` / `proj_out`), as diffusers' single-file converter (convert_wan_transformer_to_diffusers) and ComfyUI read
+them; diffusers' LoRA converter has no VACE names, so a file with VACE-block keys also gets a diffusers-format twin. `interchange_problems`
 says, from the config alone (no weights), which adapter targets could not be saved in that format, so `check` refuses
 them before training instead of the final save failing after it.
 """
@@ -42,24 +45,36 @@ TOP_MAP = {
     "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
     "proj_out": "head.head",
 }
+# a VACE block is a Wan block plus the hint projections (VACE block 0 also projects the control in)
+VACE_BLOCK_MAP = {**BLOCK_MAP, "proj_in": "before_proj", "proj_out": "after_proj"}
 _BLOCK = re.compile(r"^blocks\.(?P<n>\d+)\.(?P<rest>.+)$")
+_VACE_BLOCK = re.compile(r"^vace_blocks\.(?P<n>\d+)\.(?P<rest>.+)$")
+VACE_PREFIX = "vace_blocks."
 _REVERSE_BLOCK = {v: k for k, v in BLOCK_MAP.items()}
+_REVERSE_VACE_BLOCK = {v: k for k, v in VACE_BLOCK_MAP.items()}
 _REVERSE_TOP = {v: k for k, v in TOP_MAP.items()}
 # LyCORIS algorithms whose exported keys and strength are checked against ComfyUI's rules (tests/comfyui_rules.py)
 LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr", "full")
 
 
-def _rename(module: str, block_names: dict[str, str], top_names: dict[str, str]) -> str | None:
-    m = _BLOCK.match(module)
-    if m:
-        rest = block_names.get(m["rest"])
-        return f"blocks.{m['n']}.{rest}" if rest else None
+def _rename(module: str, block_names: dict[str, str], top_names: dict[str, str],
+            vace_names: dict[str, str]) -> str | None:
+    for pattern, names, prefix in ((_BLOCK, block_names, "blocks"), (_VACE_BLOCK, vace_names, "vace_blocks")):
+        m = pattern.match(module)
+        if m:
+            rest = names.get(m["rest"])
+            return f"{prefix}.{m['n']}.{rest}" if rest else None
     return top_names.get(module)
 
 
 def to_original(module: str) -> str | None:
     """diffusers module path -> original Wan module path; None for a module the original layout has no LoRA name for."""
-    return _rename(module, BLOCK_MAP, TOP_MAP)
+    return _rename(module, BLOCK_MAP, TOP_MAP, VACE_BLOCK_MAP)
+
+
+def is_vace_module(module: str) -> bool:
+    """A module of a VACE block (the same prefix in the original and the diffusers layout)."""
+    return module.startswith(VACE_PREFIX)
 
 
 class LoRAFileError(RuntimeError):
@@ -77,7 +92,7 @@ def original_name(module: str) -> str:
 
 def to_diffusers(original: str) -> str | None:
     """Original Wan module path -> diffusers module path (None: not a module wanforge saves)."""
-    return _rename(original, _REVERSE_BLOCK, _REVERSE_TOP)
+    return _rename(original, _REVERSE_BLOCK, _REVERSE_TOP, _REVERSE_VACE_BLOCK)
 
 
 def kohya_to_original(name: str) -> str | None:
@@ -86,25 +101,53 @@ def kohya_to_original(name: str) -> str | None:
     if not name.startswith("lora_unet_"):
         return None
     body = name.removeprefix("lora_unet_")
-    m = re.match(r"^blocks_(\d+)_(.+)$", body)
-    candidates = [f"blocks.{m[1]}.{v}" for v in BLOCK_MAP.values() if v.replace(".", "_") == m[2]] if m else []
+    m = re.match(r"^(vace_blocks|blocks)_(\d+)_(.+)$", body)  # a VACE model's VACE blocks: their own names
+    names = (VACE_BLOCK_MAP if m and m[1] == "vace_blocks" else BLOCK_MAP).values()
+    candidates = [f"{m[1]}.{m[2]}.{v}" for v in names if v.replace(".", "_") == m[3]] if m else []
     candidates += [v for v in TOP_MAP.values() if v.replace(".", "_") == body]
     return candidates[0] if len(candidates) == 1 else None
 
 
 def alpha_read_by_diffusers(original: str) -> bool:
-    """diffusers' Wan converter applies `.alpha` only to block modules; elsewhere it is left over and loading raises."""
+    """diffusers' Wan converter applies `.alpha` only to block modules; elsewhere it is left over and loading raises
+    (VACE blocks: the converter reads none of their keys, their alpha is folded like the top-level modules')."""
     return _BLOCK.match(original) is not None
 
 
 # ---------------------------------------------------------------- the transformer's modules, without torch
 
 
-def wan_modules(image_embedder: bool, num_layers: int) -> list[tuple[str, str]]:
+def _block_modules(b: str, image_embedder: bool, vace: bool = False, first: bool = False) -> list[tuple[str, str]]:
+    """(name, class) of one WanTransformerBlock (or, with `vace`, one WanVACETransformerBlock; `first`: VACE block 0,
+    which also has the input projection)."""
+    mods = [(b, "WanVACETransformerBlock" if vace else "WanTransformerBlock")]
+    if vace and first:
+        mods.append((f"{b}.proj_in", "Linear"))
+    mods.append((f"{b}.norm1", "FP32LayerNorm"))
+    for attn in ("attn1", "attn2"):
+        a = f"{b}.{attn}"
+        mods += [(a, "WanAttention"), (f"{a}.to_q", "Linear"), (f"{a}.to_k", "Linear"), (f"{a}.to_v", "Linear"),
+                 (f"{a}.to_out", "ModuleList"), (f"{a}.to_out.0", "Linear"), (f"{a}.to_out.1", "Dropout"),
+                 (f"{a}.norm_q", "RMSNorm"), (f"{a}.norm_k", "RMSNorm")]
+        if attn == "attn2" and image_embedder:
+            mods += [(f"{a}.add_k_proj", "Linear"), (f"{a}.add_v_proj", "Linear"), (f"{a}.norm_added_k", "RMSNorm")]
+    mods += [(f"{b}.norm2", "FP32LayerNorm"), (f"{b}.ffn", "FeedForward"), (f"{b}.ffn.net", "ModuleList"),
+             (f"{b}.ffn.net.0", "GELU"), (f"{b}.ffn.net.0.proj", "Linear"), (f"{b}.ffn.net.1", "Dropout"),
+             (f"{b}.ffn.net.2", "Linear"), (f"{b}.norm3", "FP32LayerNorm")]
+    if vace:
+        mods.append((f"{b}.proj_out", "Linear"))
+    return mods
+
+
+def wan_modules(image_embedder: bool, num_layers: int, vace_blocks: int = 0) -> list[tuple[str, str]]:
     """(name, class name) of every module of diffusers' WanTransformer3DModel, in named_modules() order.
-    image_embedder: Wan 2.1 I2V (CLIP image tokens: image embedder + add_k/v_proj in every block).
-    tests/test_export.py checks this table against the real class."""
-    mods = [("", "WanTransformer3DModel"), ("rope", "WanRotaryPosEmbed"), ("patch_embedding", "Conv3d")]
+    image_embedder: Wan 2.1 I2V (CLIP image tokens: image embedder + add_k/v_proj in every block); vace_blocks: the
+    number of VACE blocks of a WanVACETransformer3DModel (0: not a VACE model).
+    tests/test_export.py checks this table against the real classes."""
+    cls = "WanVACETransformer3DModel" if vace_blocks else "WanTransformer3DModel"
+    mods = [("", cls), ("rope", "WanRotaryPosEmbed"), ("patch_embedding", "Conv3d")]
+    if vace_blocks:
+        mods.append(("vace_patch_embedding", "Conv3d"))
     ce = "condition_embedder"
     mods += [(ce, "WanTimeTextImageEmbedding"), (f"{ce}.timesteps_proj", "Timesteps"),
              (f"{ce}.time_embedder", "TimestepEmbedding"), (f"{ce}.time_embedder.linear_1", "Linear"),
@@ -119,43 +162,50 @@ def wan_modules(image_embedder: bool, num_layers: int) -> list[tuple[str, str]]:
                  (f"{ie}.ff.net.1", "Dropout"), (f"{ie}.ff.net.2", "Linear"), (f"{ie}.norm2", "FP32LayerNorm")]
     mods.append(("blocks", "ModuleList"))
     for n in range(num_layers):
-        b = f"blocks.{n}"
-        mods += [(b, "WanTransformerBlock"), (f"{b}.norm1", "FP32LayerNorm")]
-        for attn in ("attn1", "attn2"):
-            a = f"{b}.{attn}"
-            mods += [(a, "WanAttention"), (f"{a}.to_q", "Linear"), (f"{a}.to_k", "Linear"), (f"{a}.to_v", "Linear"),
-                     (f"{a}.to_out", "ModuleList"), (f"{a}.to_out.0", "Linear"), (f"{a}.to_out.1", "Dropout"),
-                     (f"{a}.norm_q", "RMSNorm"), (f"{a}.norm_k", "RMSNorm")]
-            if attn == "attn2" and image_embedder:
-                mods += [(f"{a}.add_k_proj", "Linear"), (f"{a}.add_v_proj", "Linear"), (f"{a}.norm_added_k", "RMSNorm")]
-        mods += [(f"{b}.norm2", "FP32LayerNorm"), (f"{b}.ffn", "FeedForward"), (f"{b}.ffn.net", "ModuleList"),
-                 (f"{b}.ffn.net.0", "GELU"), (f"{b}.ffn.net.0.proj", "Linear"), (f"{b}.ffn.net.1", "Dropout"),
-                 (f"{b}.ffn.net.2", "Linear"), (f"{b}.norm3", "FP32LayerNorm")]
+        mods += _block_modules(f"blocks.{n}", image_embedder)
+    if vace_blocks:
+        mods.append(("vace_blocks", "ModuleList"))
+        for n in range(vace_blocks):
+            mods += _block_modules(f"vace_blocks.{n}", image_embedder, vace=True, first=n == 0)
     mods += [("norm_out", "FP32LayerNorm"), ("proj_out", "Linear")]
     return mods
 
 
 def flavour_modules(flavour_name: str, num_layers: int | None = None) -> list[tuple[str, str]]:
     flavour = get_flavour(flavour_name)
-    return wan_modules(flavour.image_encoder, num_layers or flavour.num_layers)
+    return wan_modules(flavour.image_encoder, num_layers or flavour.num_layers, len(flavour.vace_layers))
 
 
-def peft_targets(target_modules: list[str], modules: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The modules peft adapts for a list of target names (a name matches itself or any path ending in "." + it).
-    Each module's dotted suffixes are looked up in a set: linear in modules + targets, however long the list."""
+# peft's exclude_modules (a regex it matches against the whole module path) that keeps an adapter off the VACE blocks
+VACE_EXCLUDE = r"vace_blocks\..*"
+
+
+def adapts_vace_blocks(lora_cfg, flavour_name: str) -> bool:
+    """Whether the run's adapter reaches into the VACE blocks: a VACE flavour with lora.vace_blocks on."""
+    return get_flavour(flavour_name).is_vace and bool(getattr(lora_cfg, "vace_blocks", True))
+
+
+def _suffixes(name: str) -> list[str]:
+    """"blocks.0.attn1.to_q" -> itself, "0.attn1.to_q", "attn1.to_q", "to_q": every name peft matches it by."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def peft_targets(target_modules: list[str], modules: list[tuple[str, str]],
+                 vace_blocks: bool = True) -> list[tuple[str, str]]:
+    """The modules peft adapts for a list of target names (a name matches itself or any path ending in "." + it);
+    `vace_blocks` False: none inside a VACE block (peft's exclude_modules = VACE_EXCLUDE). Each module's suffixes are
+    looked up in a set: linear in modules + targets, however long the list."""
     wanted = set(target_modules)
-    out = []
-    for n, c in modules:
-        parts = n.split(".") if n else []
-        if any(".".join(parts[i:]) in wanted for i in range(len(parts))):
-            out.append((n, c))
-    return out
+    return [(n, c) for n, c in modules if n and (vace_blocks or not is_vace_module(n))
+            and any(s in wanted for s in _suffixes(n))]
 
 
-def targets_matching_nothing(target_modules: list[str], modules: list[tuple[str, str]]) -> list[str]:
+def targets_matching_nothing(target_modules: list[str], modules: list[tuple[str, str]],
+                             vace_blocks: bool = True) -> list[str]:
     """The target names that select no module (in their order), from one index of every module's suffixes."""
-    suffixes = {".".join(parts[i:]) for n, _ in modules if n for parts in [n.split(".")] for i in range(len(parts))}
-    return [t for t in target_modules if t not in suffixes]
+    found = {s for n, _ in modules if n and (vace_blocks or not is_vace_module(n)) for s in _suffixes(n)}
+    return [t for t in target_modules if t not in found]
 
 
 def _is_conv(cls: str) -> bool:
@@ -213,9 +263,24 @@ _OTHER_PRESET_KEYS = {"lora_prefix", "unet_target_module", "unet_target_name", "
                       "text_encoder_target_name"}
 
 
-def default_lycoris_preset(target_modules: list[str]) -> dict:
-    """Without "apply_preset": the modules lora.target_modules names, in every block (the LoRA default)."""
-    return {"target_module": [], "target_name": [rf"^blocks\.\d+\.{re.escape(t)}$" for t in target_modules]}
+def default_lycoris_preset(target_modules: list[str], vace_blocks: bool = False) -> dict:
+    """Without "apply_preset": the modules lora.target_modules names, in every block (the LoRA default), and with
+    `vace_blocks` in every VACE block too."""
+    prefixes = ("blocks", "vace_blocks") if vace_blocks else ("blocks",)
+    return {"target_module": [], "target_name": [rf"^{p}\.\d+\.{re.escape(t)}$" for p in prefixes
+                                                 for t in target_modules]}
+
+
+def lycoris_preset(preset: dict | None, target_modules: list[str], vace_blocks: bool) -> dict:
+    """The preset a run applies: the config's apply_preset (kept off the VACE blocks unless `vace_blocks`), or the
+    default one."""
+    if preset is None:
+        return default_lycoris_preset(target_modules, vace_blocks)
+    if vace_blocks or not isinstance(preset, dict):
+        return preset
+    excluded = preset.get("exclude_name", [])
+    pattern = "vace_blocks.*" if preset.get("use_fnmatch") else VACE_EXCLUDE
+    return {**preset, "exclude_name": [*excluded, pattern] if isinstance(excluded, list) else excluded}
 
 
 # ---------------------------------------------------------------- preflight
@@ -225,15 +290,20 @@ def interchange_problems(cfg) -> list[str]:
     """Every reason the run's adapter could not be saved as a LoRA file both native ComfyUI and diffusers load
     (from the config and flavour alone; one line each, naming the field and a fix). Empty: it can be saved."""
     modules = flavour_modules(cfg.model.flavour)
+    vace = adapts_vace_blocks(cfg.lora, cfg.model.flavour)
     if cfg.lora.lora_type == "lycoris":
-        return _lycoris_problems(cfg, modules)
-    problems = [f'lora.target_modules: "{target}" matches no module of the {cfg.model.flavour} transformer (diffusers '
-                'names, e.g. "attn1.to_q", "attn2.to_out.0", "ffn.net.0.proj", "proj_out")'
-                for target in targets_matching_nothing(cfg.lora.target_modules, modules)]
-    reached = peft_targets(cfg.lora.target_modules, modules)
+        return _lycoris_problems(cfg, modules, vace)
+    nowhere = set(targets_matching_nothing(cfg.lora.target_modules, modules))
+    problems = []
+    for target in targets_matching_nothing(cfg.lora.target_modules, modules, vace):
+        hint = " outside the VACE blocks (lora.vace_blocks = false)" if target not in nowhere else ""
+        problems.append(f'lora.target_modules: "{target}" matches no module of the {cfg.model.flavour} transformer'
+                        f'{hint} (diffusers names, e.g. "attn1.to_q", "attn2.to_out.0", "ffn.net.0.proj", "proj_out")')
+    reached = peft_targets(cfg.lora.target_modules, modules, vace)
     problems += _unsaveable(reached, "lora.target_modules")
     if cfg.lora.save_format == "comfyui":
-        if reached and not any(n.startswith("blocks.") for n, _ in reached):
+        # VACE-block modules are read by ComfyUI from the interchange file and by diffusers from its diffusers twin
+        if reached and not any(n.startswith(("blocks.", VACE_PREFIX)) for n, _ in reached):
             problems.append("lora.target_modules: the adapter reaches no transformer block, and diffusers' loader "
                             'reads an interchange LoRA file only with block modules: add some, e.g. "attn1.to_q"')
         names = {n.rsplit(".", 1)[-1] for n, _ in reached if n.startswith("blocks.")}
@@ -252,7 +322,7 @@ def _unsaveable(reached: list[tuple[str, str]], field: str) -> list[str]:
             "original Wan layout can): leave them out of the targets"]
 
 
-def _lycoris_problems(cfg, modules: list[tuple[str, str]]) -> list[str]:
+def _lycoris_problems(cfg, modules: list[tuple[str, str]], vace_blocks: bool = False) -> list[str]:
     path = Path(cfg.lora.lycoris_config)
     try:
         kwargs = json.loads(path.read_text(encoding="utf-8"))
@@ -273,9 +343,7 @@ def _lycoris_problems(cfg, modules: list[tuple[str, str]]) -> list[str]:
     if str(kwargs.get("dora_wd", False)).lower() in ("1", "true", "yes") and multiplier != 1.0:
         problems.append(f'{field}: "multiplier" {multiplier} with "dora_wd" cannot be baked into the saved weights '
                         '(DoRA is not linear in its strength): use "multiplier": 1.0')
-    preset = kwargs.get("apply_preset")
-    if preset is None:
-        preset = default_lycoris_preset(cfg.lora.target_modules)
+    preset = lycoris_preset(kwargs.get("apply_preset"), cfg.lora.target_modules, vace_blocks)
     if not isinstance(preset, dict):
         return problems + [f'{field}: "apply_preset" must be a JSON object of lycoris preset keys']
     unknown = sorted(set(preset) - set(lycoris_preset_defaults()) - _OTHER_PRESET_KEYS)

@@ -29,19 +29,19 @@ ATTRIBUTE = "lycoris"
 PREFIX = "lycoris"  # lycoris' own module prefix: lycoris_<module path with dots as underscores>
 
 
-def add_lycoris(transformer, config_path: Path, target_modules: list[str]):
-    """Create the network on the transformer (frozen base, adapter in fp32) and register it as `transformer.lycoris`."""
+def add_lycoris(transformer, config_path: Path, target_modules: list[str], vace_blocks: bool = False):
+    """Create the network on the transformer (frozen base, adapter in fp32) and register it as `transformer.lycoris`.
+    `vace_blocks`: a VACE model's adapter reaches into its VACE blocks too (else they are left out)."""
     try:
         from lycoris import LycorisNetwork, create_lycoris
     except ImportError:
         raise UserError('lora.lora_type = "lycoris" needs the lycoris-lora package: pip install lycoris-lora') from None
 
-    from trainer.model.lora_names import default_lycoris_preset, lycoris_preset_defaults
+    from trainer.model.lora_names import lycoris_preset, lycoris_preset_defaults
 
     kwargs = read_lycoris_config(config_path)
-    preset = kwargs.pop("apply_preset", None)
-    if preset is None:  # the same modules as the LoRA default: every block's attention projections and FFN
-        preset = default_lycoris_preset(target_modules)
+    # without apply_preset: the same modules as the LoRA default, every block's attention projections and FFN
+    preset = lycoris_preset(kwargs.pop("apply_preset", None), target_modules, vace_blocks)
     transformer.requires_grad_(False)
     try:
         LycorisNetwork.apply_preset({**lycoris_preset_defaults(), **preset, "lora_prefix": PREFIX})

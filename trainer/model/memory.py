@@ -1,5 +1,6 @@
 """Speed and memory options for the Wan transformer: attention backend, block checkpointing that keeps attention,
-activation offload to CPU, regional compile, chunked feed-forward, and int8 / fp8 base weights.
+activation offload to CPU, regional compile, chunked feed-forward, int8 / fp8 base weights, and the frozen weights of
+some blocks streamed from host RAM (trainer/model/streaming.py).
 
 Everything here acts on a loaded diffusers `WanTransformer3DModel` through diffusers' own hooks
 (`set_attention_backend`, `enable_gradient_checkpointing(func)`) and torch's
@@ -21,6 +22,7 @@ from trainer.model.attention import resolve_attention_backend, set_attention_bac
 from trainer.model.fp8 import check_float8_device, convert_blocks_to_float8
 from trainer.model.offload import ActivationOffloader
 from trainer.model.sizing import HOST_SHARE, host_memory_gib
+from trainer.model.streaming import WeightStreamer, stream_blocks, streamed_block_ids, weight_streamer
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,23 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_keep_self_attention)
 
 
+def vace_blocks(transformer) -> list:
+    """A VACE model's VACE blocks (the control branch; diffusers runs them through the same checkpointing hook as the
+    main blocks, before them); [] for every other model."""
+    return list(getattr(transformer, "vace_blocks", None) or [])
+
+
 def checkpointed_block_ids(num_blocks: int, cfg: MemoryConfig) -> set[int]:
     """Which blocks recompute in backward. `checkpointed_blocks = N` checkpoints the first N (the rest keep everything)."""
     if cfg.gradient_checkpointing == "none":
         return set()
     count = num_blocks if cfg.checkpointed_blocks is None else min(cfg.checkpointed_blocks, num_blocks)
     return set(range(count))
+
+
+def streamed_ids(num_blocks: int, cfg: MemoryConfig) -> list[int]:
+    """Which blocks stream their frozen weights from host RAM: `streamed_blocks` of the checkpointed ones."""
+    return streamed_block_ids(sorted(checkpointed_block_ids(num_blocks, cfg)), cfg.streamed_blocks)
 
 
 def _plain(block, *args):
@@ -70,30 +83,46 @@ def _keep_attention(block, *args):
 
 
 def make_block_runner(blocks: list, checkpointed: set[int], mode: str, compile: bool,
-                      offloader: ActivationOffloader | None = None, sublayers: bool = False) -> Callable:
+                      offloader: ActivationOffloader | None = None, sublayers: bool = False,
+                      extra_blocks: list = (), streamer: WeightStreamer | None = None) -> Callable:
     """The function diffusers calls for each block in training: plain, fully recomputed, or attention-keeping.
 
     With `compile`, the checkpoint call itself is inside the compiled region (so selective checkpointing still sees the
     attention ops); every block shares the same compiled code, so it compiles once per variant, not once per block.
     With an `offloader`, what a checkpointed block keeps for backward goes to CPU memory (trainer/model/offload.py).
     With `sublayers`, checkpointed blocks checkpoint their three sub-layers themselves (`enable_sublayer_checkpointing`).
+    `extra_blocks`: a VACE model's VACE blocks, numbered after the main ones in `checkpointed`; they recompute like the
+    main blocks but keep what they save on the GPU (the offloader's groups are the main blocks, in their order).
+    With a `streamer`, a streamed block's weights are bound to a device slot around the (compiled) call, outside the
+    compiled region, and again when its backward starts (trainer/model/streaming.py).
     """
     recompute = _keep_attention if mode == "selective" else _recompute_all
     plain = _plain
     if compile:
         recompute, plain = torch.compile(recompute, dynamic=False), torch.compile(plain, dynamic=False)
+    whole = recompute
     if sublayers:
         recompute = plain
-    index = {id(b): i for i, b in enumerate(blocks)}
+    index = {id(b): i for i, b in enumerate([*blocks, *extra_blocks])}
+    main = len(blocks)
 
-    def run_block(block, *args):
-        i = index[id(block)]
+    def run(i, block, args):
         if i not in checkpointed:
             return plain(block, *args)
+        if i >= main:  # a VACE block: never sub-layer checkpointed, never offloaded
+            return whole(block, *args)
         if offloader is None:
             return recompute(block, *args)
         with offloader.group(i):
             return recompute(block, *args)
+
+    def run_block(block, *args):
+        i = index[id(block)]
+        if streamer is None or not streamer.streams(i):
+            return run(i, block, args)
+        with streamer.running(i):
+            output = run(i, block, args)
+        return streamer.watch_backward(i, output)
 
     return run_block
 
@@ -165,7 +194,7 @@ def enable_feed_forward_chunking(transformer, chunk_size: int) -> None:
     rather than a per-instance patched `forward`: one shared code object, so regional compile reuses one graph for all
     blocks instead of recompiling for each.
     """
-    for block in transformer.blocks:
+    for block in [*transformer.blocks, *vace_blocks(transformer)]:
         ff = block.ffn
         if not isinstance(ff, _ChunkedFeedForward):
             ff.__class__ = _chunked_class(type(ff))
@@ -203,9 +232,15 @@ def quantize_base_weights(transformer, kind: str) -> None:
 
 def place_base_model(transformer, cfg: MemoryConfig, device: torch.device) -> None:
     """Quantize and place the frozen base model on the device (before LoRA is added). int8 is quantized before the
-    move (half the bytes cross); fp8 after it (the same bytes either way, and the GPU quantizes faster)."""
+    move (half the bytes cross); fp8 after it (the same bytes either way, and the GPU quantizes faster). The blocks
+    of `streamed_blocks` put their weights in host RAM first: they never reach the device whole."""
     if cfg.base_quantization == "int8":
         quantize_base_weights(transformer, cfg.base_quantization)
+    ids = streamed_ids(len(transformer.blocks), cfg)
+    if ids:
+        if cfg.base_quantization == "fp8":
+            raise ValueError('memory.streamed_blocks with base_quantization = "fp8" (preflight refuses it)')
+        stream_blocks(transformer, ids, device)
     transformer.to(device)
     if cfg.base_quantization == "fp8":
         check_float8_device(device)
@@ -236,21 +271,32 @@ def apply_memory_options(transformer, cfg: MemoryConfig, device: torch.device) -
     accelerate.prepare). Returns the activation offloader when `activation_offload` is on (its byte count is a metric)."""
     if cfg.base_quantization == "fp8":
         check_float8_device(device)
-    set_attention_backend(transformer, resolve_attention_backend(cfg.attention_backend, device), cfg.attention_backend)
+    backend = resolve_attention_backend(cfg.attention_backend, device, context_parallel=cfg.context_parallel > 1)
+    set_attention_backend(transformer, backend, cfg.attention_backend)
     chunk = cfg.feed_forward_chunk_size or int(os.environ.get(FF_CHUNK_ENV, "0") or 0)
     if chunk:
         enable_feed_forward_chunking(transformer, chunk)
-    blocks = list(transformer.blocks)
+    blocks, extra = list(transformer.blocks), vace_blocks(transformer)
     checkpointed = checkpointed_block_ids(len(blocks), cfg)
+    streamer = weight_streamer(transformer)
+    if streamer is None and streamed_ids(len(blocks), cfg):
+        raise RuntimeError("memory.streamed_blocks: place_base_model puts the streamed weights in host RAM first")
+    if streamer is not None:
+        streamer.attach(transformer)
     offloader = None
     if cfg.activation_offload and checkpointed:
         offloader = ActivationOffloader(device, num_groups=max(checkpointed) + 1, max_host_bytes=offload_host_budget())
         offloader.exclude_parameters(transformer)
+        if streamer is not None:
+            offloader.exclude_tensors(streamer.device_tensors())
     if cfg.checkpoint_sublayers and checkpointed:
         enable_sublayer_checkpointing(blocks, checkpointed, keep_attention=cfg.gradient_checkpointing == "selective")
     if checkpointed or cfg.compile:
+        # VACE blocks: checkpointed whenever checkpointing is on (checkpointed_blocks counts main blocks)
+        both = checkpointed | ({len(blocks) + j for j in range(len(extra))} if checkpointed else set())
         transformer.enable_gradient_checkpointing(make_block_runner(
-            blocks, checkpointed, cfg.gradient_checkpointing, cfg.compile, offloader, cfg.checkpoint_sublayers))
+            blocks, both, cfg.gradient_checkpointing, cfg.compile, offloader, cfg.checkpoint_sublayers, extra,
+            streamer))
     if device.type == "cuda":
         # Under bf16 autocast the adapter matmuls run in bf16 anyway; peft's cast of each LoRA input to the fp32
         # adapter dtype would only add a full-size copy per adapted layer.

@@ -40,15 +40,21 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _storages(t: torch.Tensor) -> list[int]:
-    """Storage addresses of a tensor, or of the plain tensors a tensor subclass is made of (`__tensor_flatten__`)."""
+def plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """`t` itself, or the plain tensors a tensor subclass is made of (`__tensor_flatten__`: optimum-quanto's int8 data
+    and scale); [] for a subclass without it."""
     if type(t) in (torch.Tensor, torch.nn.Parameter):
-        return [t.untyped_storage().data_ptr()]
+        return [t]
     flatten = getattr(t, "__tensor_flatten__", None)
     if flatten is None:
         return []
     names, _ = flatten()
-    return [ptr for name in names for ptr in _storages(getattr(t, name))]
+    return [inner for name in names for inner in plain_tensors(getattr(t, name))]
+
+
+def _storages(t: torch.Tensor) -> list[int]:
+    """Storage addresses of a tensor, or of the plain tensors a tensor subclass is made of."""
+    return [inner.untyped_storage().data_ptr() for inner in plain_tensors(t)]
 
 
 class PinnedPool:
@@ -104,6 +110,23 @@ class PinnedPool:
             return buf
         log.warning("cudaHostRegister failed: activation offload falls back to torch's pinned allocator")
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+ALIGN = 512  # byte offset of each tensor in a shared buffer (any dtype's alignment, and DMA-friendly)
+
+
+def pinned_copies(pool: PinnedPool, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of `tensors` in one exact-size page-locked buffer from `pool`, as views with their shapes and dtypes
+    (each at an ALIGN-byte offset): how host RAM holds frozen weights that go back and forth to the device."""
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    buffer = pool.take(max(total, 1))
+    views = [buffer[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for o, t in zip(offsets, tensors)]
+    for view, t in zip(views, tensors):
+        view.copy_(t)
+    return views
 
 
 def _unregister(buffers: list[torch.Tensor]) -> None:
@@ -168,6 +191,11 @@ class ActivationOffloader:
         if replace:
             self._excluded.clear()
         for t in [*module.parameters(), *module.buffers()]:
+            self._excluded.update(_storages(t))
+
+    def exclude_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Never offload these either (the weight streaming's device slots: weights, not activations)."""
+        for t in tensors:
             self._excluded.update(_storages(t))
 
     def set_host_budget(self, max_host_bytes: int | None) -> None:

@@ -14,7 +14,7 @@ import os
 
 from trainer.config.model import MemoryConfig
 from trainer.flavours import Flavour
-from trainer.model.presets import OPT_IN, PRESETS, preset_of, preset_values
+from trainer.model.presets import OPT_IN, PRESETS, preset_of, preset_values, streams
 from trainer.model.sizing import (fits_gpu, fits_host, flavour_shape, local_processes, predict_memory,
                                   relative_step_seconds)
 
@@ -38,17 +38,19 @@ def estimated_offload_gib(f: Flavour, preset: str, tokens: int, batch: int = 1) 
 
 def choose_preset(f: Flavour, gpu_gib: float, tokens: int | None = None, batch: int = 1,
                   host_gib: float | None = None, warn: bool = True, base_quantization: str | None = None,
-                  processes: int = 1, shards: int = 1) -> str:
-    """The first (fastest) preset whose predicted GPU peak fits the GPU and whose offload fits the free host RAM
-    (with the user's own `base_quantization` in place of the preset's, where set). With `processes` > 1 training
-    processes on the machine: the fitting preset with the least predicted s/step including offload contention.
-    `shards` > 1: the frozen base is sharded over that many processes (`shard_base`)."""
+                  processes: int = 1, shards: int = 1, streaming: bool = True) -> str:
+    """The first (fastest) preset whose predicted GPU peak fits the GPU and whose pinned host memory (offload and
+    streamed weights) fits the free host RAM (with the user's own `base_quantization` in place of the preset's, where
+    set). With `processes` > 1 training processes on the machine: the fitting preset with the least predicted s/step
+    including offload contention. `shards` > 1: the frozen base is sharded over that many processes (`shard_base`).
+    `streaming` False: no preset that streams weights from host RAM (a Wan 2.2 pair trained in one run)."""
     tokens = tokens or flavour_tokens(f)
     shape = flavour_shape(f.name)
     predicted = {name: predict_memory(shape, name, tokens, batch, base_quantization, shards=shards)
                  for name in PRESETS if name not in OPT_IN
-                 and not (shards > 1 and "base_quantization" in PRESETS[name])}  # sharded: bf16 weights only
-    usable = [name for name, p in predicted.items() if fits_host(p.offload_gib, host_gib)]
+                 and not (shards > 1 and "base_quantization" in PRESETS[name])  # sharded: bf16 weights only
+                 and not (streams(name) and (not streaming or base_quantization == "fp8"))}
+    usable = [name for name, p in predicted.items() if fits_host(p.pinned_gib, host_gib)]
     fitting = [name for name in usable if fits_gpu(predicted[name].gpu_gib, gpu_gib)]
     if fitting and processes > 1:
         return min(fitting, key=lambda name: relative_step_seconds(shape, name, tokens, batch, processes,
@@ -64,10 +66,12 @@ def choose_preset(f: Flavour, gpu_gib: float, tokens: int | None = None, batch: 
 
 def resolve_memory(cfg: MemoryConfig, f: Flavour, gpu_gib: float | None, tokens: int | None = None,
                    batch: int = 1, host_gib: float | None = None, warn: bool = True,
-                   processes: int | None = None, world_size: int | None = None) -> MemoryConfig:
+                   processes: int | None = None, world_size: int | None = None,
+                   both_experts: bool = False) -> MemoryConfig:
     """The [memory] settings to train with: the preset's values under the fields the user set explicitly.
     `processes`: training processes on the machine (default: this process's LOCAL_WORLD_SIZE); `world_size`: of the
-    whole run, what `shard_base` shards over (default: WORLD_SIZE, else `processes`)."""
+    whole run, what `shard_base` shards over (default: WORLD_SIZE, else `processes`); `both_experts`: the run trains a
+    Wan 2.2 pair (model.train_both_experts), which `auto` gives no weight-streaming preset."""
     if cfg.preset == "none" or (cfg.preset == "auto" and not gpu_gib):
         return cfg
     name = cfg.preset
@@ -76,14 +80,15 @@ def resolve_memory(cfg: MemoryConfig, f: Flavour, gpu_gib: float | None, tokens:
         processes = local_processes() if processes is None else processes
         world_size = world_size or int(os.environ.get("WORLD_SIZE", "0") or 0) or processes
         name = choose_preset(f, gpu_gib, tokens, batch, host_gib, warn, quantization, processes,
-                             world_size if cfg.shard_base else 1)
+                             world_size if cfg.shard_base else 1, streaming=not both_experts)
         (log.info if warn else log.debug)("memory preset auto -> %s (%.0f GiB GPU, %d process(es) on this machine)",
                                           name, gpu_gib, processes)
     explicit = {k: getattr(cfg, k) for k in cfg.model_fields_set if k != "preset"}
     values = preset_values(name, cfg.shard_base)
-    if explicit.get("gradient_checkpointing") == "none":  # offload and sub-layers act on checkpointed blocks only
+    if explicit.get("gradient_checkpointing") == "none":  # offload, sub-layers, streaming: checkpointed blocks only
         values.pop("activation_offload", None)
         values.pop("checkpoint_sublayers", None)
+        values.pop("streamed_blocks", None)
     return MemoryConfig(**{**values, **explicit, "preset": cfg.preset})
 
 

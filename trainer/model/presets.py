@@ -24,14 +24,28 @@ PRESETS: dict[str, dict] = {
                  "feed_forward_chunk_size": 4096, "base_quantization": "int8"},
     # for machines without the host RAM to offload into
     "low-host-ram": {"gradient_checkpointing": "full", "compile": True, "base_quantization": "int8"},
+    # Wan 14B at 832x480x81 on a 16 GB card (issue 31): 30 of the 40 blocks stream their int8 weights from host RAM
+    # (trainer/model/streaming.py); full checkpointing so the offload keeps one hidden-size tensor per block instead
+    # of selective's two (host RAM: offload + streamed weights stay under 32 GiB)
+    "low-16gb": {"gradient_checkpointing": "full", "compile": True, "activation_offload": True,
+                 "feed_forward_chunk_size": 4096, "base_quantization": "int8", "streamed_blocks": 30},
     # balanced with fp8 base weights and fp8 matmuls: the fastest measured step, but fp8 changes the numbers (~3%
     # relative error per matmul), so it is opt-in: `auto` never picks it
     "balanced-fp8": {"gradient_checkpointing": "selective", "compile": True, "activation_offload": True,
                      "checkpoint_sublayers": True, "base_quantization": "fp8"},
 }
 OPT_IN = {"balanced-fp8"}
-# what a preset's values lose under `shard_base` (trainer/model/sharding.py: bf16 base weights, no regional compile)
-NOT_SHARDED = ("compile", "base_quantization")
+# presets without measured rows of their own yet: the measured presets whose rows size them (memory: GPU and host,
+# speed: s/step), adjusted for what differs (trainer/model/sizing.py); every such figure is labelled extrapolated
+SIZED_FROM: dict[str, dict[str, str]] = {"low-16gb": {"memory": "low-int8", "speed": "low-host-ram"}}
+# what a preset's values lose under `shard_base` (trainer/model/sharding.py: bf16 base weights, no regional compile,
+# every block's weights on the GPU)
+NOT_SHARDED = ("compile", "base_quantization", "streamed_blocks")
+
+
+def streams(name: str) -> bool:
+    """Preset `name` streams block weights from host RAM (`streamed_blocks`)."""
+    return bool(PRESETS[name].get("streamed_blocks"))
 
 
 def preset_values(name: str, shard_base: bool = False) -> dict:
@@ -46,7 +60,7 @@ def preset_of(memory: MemoryConfig) -> str | None:
         if all(getattr(memory, k) == v for k, v in values.items()) and all(
                 getattr(memory, k) == MemoryConfig.model_fields[k].default
                 for k in {"checkpointed_blocks", "base_quantization", "feed_forward_chunk_size", "activation_offload",
-                          "checkpoint_sublayers"}
+                          "checkpoint_sublayers", "streamed_blocks"}
                 - set(values)):
             return name
     return None

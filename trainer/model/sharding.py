@@ -27,12 +27,18 @@ _CONFLICTS: tuple[tuple[str, Any, str], ...] = (
      'memory.base_quantization = "none" (sharding needs bf16 base weights: int8 / fp8 weights do not shard)'),
     ("memory.compile", lambda c: "compile" in c.memory.model_fields_set and c.memory.compile,
      "memory.compile = false (regional compile is not combined with sharding)"),
+    ("memory.streamed_blocks", lambda c: "streamed_blocks" in c.memory.model_fields_set and c.memory.streamed_blocks,
+     "memory.streamed_blocks = 0 (every process holds its slice of every block on its GPU)"),
     ("model.train_both_experts", lambda c: c.model.train_both_experts,
      "model.train_both_experts = false (train one expert per run)"),
     ("lora.lora_type", lambda c: c.lora.lora_type != "lora", 'lora.lora_type = "lora" (peft LoRA)'),
     ("ema.use_ema", lambda c: c.ema.use_ema, "ema.use_ema = false"),
     ("crepa.enabled", lambda c: c.crepa.enabled, "crepa.enabled = false (its head trains outside the sharded model)"),
     ("tread.routes", lambda c: any(r.selection_ratio > 0 for r in c.tread.routes), "tread.routes = []"),
+    ("scheduled_sampling.probability", lambda c: c.scheduled_sampling.probability > 0
+     or c.scheduled_sampling.probability_start > 0,
+     "scheduled_sampling.probability = 0 and probability_start = 0 (each rank rolls out its own number of samples, "
+     "and every sharded forward needs all ranks)"),
 )
 
 
@@ -74,10 +80,10 @@ def shard_transformer(transformer, device) -> None:
 
     # diffusers' Wan forward returns a reshaped view; the warning is about in-place ops on it, and wanforge only reads
     # the prediction out of place (trainer/loop/flow.py; tests/test_sharding.py compares the gradients with DDP's)
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPWanTransformer3DModel\) returned a view",
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPWan\w*Transformer3DModel\) returned a view",
                             category=UserWarning)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in transformer.blocks:
+    for block in [*transformer.blocks, *(getattr(transformer, "vace_blocks", None) or [])]:  # VACE: its blocks too
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fully_shard(transformer, mesh=mesh, reshard_after_forward=False)  # the root's few weights stay for backward
     transformer.register_load_state_dict_pre_hook(_take_local_slices)

@@ -7,21 +7,29 @@ Measured rows (launcher/calibration.toml `[[measured]]`, each naming its command
 model, clip shape, preset and GPU: s/step, peak GPU GiB (torch max_memory_allocated), host GiB the activation offload
 copied per step, and (newer rows) the process's peak resident set. A question about another shape is answered from
 the nearest measured row of the same preset and model width:
-  GPU GiB   = weights (params x bytes per weight) + (row peak - row weights) x (tokens x dim x layers) / (row's)
-  host GiB  = process base (measured: RSS without offload) + offloaded bytes x (tokens x dim x layers) / (row's)
+  GPU GiB   = weights (params x bytes per weight) + (row peak - row weights) x (tokens x dim x blocks) / (row's)
+  host GiB  = process base (measured: RSS without offload) + offloaded bytes x (tokens x dim x blocks) / (row's)
   s/step    = row s/step x FLOPs / row FLOPs x (row GPU datasheet bf16 TFLOP/s / target's)
 and every answer says whether it is `measured` (a row at this model, shape and preset) or `extrapolated` (scaled).
+`blocks` counts a VACE model's VACE blocks beside its main ones (each runs over as many tokens), so a VACE flavour is
+scaled from the Wan rows of its width and says "extrapolated" until a row measures it.
+Weight streaming (`streamed_blocks`, trainer/model/streaming.py): the weights on the GPU are the resident blocks' plus
+STREAM_SLOTS blocks' worth of slots (and everything outside the blocks); the streamed blocks' weights are host RAM.
+A preset without rows of its own (presets.SIZED_FROM) is sized from its basis preset's rows: the same GPU memory for
+the activations, the offload scaled by the hidden-size tensors each checkpointed block keeps (selective 2, full 1,
+sub-layers 2 more: the measured balanced / balanced-lean rows hold 49.7 / 25.4 GiB at 14B, 1.96x), its own weights
+and streaming; s/step from its speed basis. Always labelled extrapolated.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from trainer.model.presets import PRESETS
+from trainer.model.presets import PRESETS, SIZED_FROM
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,6 +39,7 @@ else:  # pragma: no cover - Python 3.10
 HOST_SHARE = 0.6  # the activation offload may use at most this share of the free host RAM (dataloader, page cache)
 HEADROOM = 0.92  # of the GPU's memory: the allocator's fragmentation and the CUDA context
 HOST_BASE_GIB = 8.0  # host RSS of a training process besides the offload, where a row did not measure it (guess)
+STREAM_SLOTS = 2  # device slots of weight streaming (trainer/model/streaming.py): one block computing, one arriving
 
 
 def _meminfo() -> dict[str, int]:
@@ -101,12 +110,20 @@ class ModelShape:
     vae_spatial: int = 8
     in_channels: int = 16  # I2V: + 20 condition channels
     image_encoder: bool = False  # Wan 2.1 I2V: 257 CLIP tokens in cross-attention
+    vace_blocks: int = 0  # VACE: blocks of the control branch, each a Wan block over as many tokens (+ 2 d x d hints)
+
+    @property
+    def blocks(self) -> int:
+        """Blocks one step runs (main + VACE): what activations and attention FLOPs scale with."""
+        return self.layers + self.vace_blocks
 
     @property
     def params(self) -> float:
-        """Wan DiT parameters: per block self + cross attention (4 d x d each) and the FFN, plus embeddings."""
+        """Wan DiT parameters: per block self + cross attention (4 d x d each) and the FFN, plus embeddings (VACE: its
+        blocks with their hint projections, and the control's patch embedding)."""
         d, f = self.dim, self.ffn
-        return self.layers * self.block_params + TEXT_DIM * d + d * d + 256 * d + 7 * d * d
+        vace = self.vace_blocks * (self.block_params + 2 * (d * d + d)) + (96 * 4 * d if self.vace_blocks else 0)
+        return self.layers * self.block_params + TEXT_DIM * d + d * d + 256 * d + 7 * d * d + vace
 
     @property
     def block_params(self) -> float:
@@ -120,8 +137,9 @@ class ModelShape:
         return ((frames - 1) // 4 + 1) * (height // patch) * (width // patch)
 
     def forward_flops(self, tokens: int) -> float:
-        """FLOPs of one forward: the matmuls (2 x params x tokens) and self-attention (4 x layers x dim x tokens^2)."""
-        return 2 * self.params * tokens + 4 * self.layers * self.dim * tokens**2
+        """FLOPs of one forward: the matmuls (2 x params x tokens) and self-attention (4 x blocks x dim x tokens^2,
+        VACE blocks included: they run over as many tokens as the main ones)."""
+        return 2 * self.params * tokens + 4 * self.blocks * self.dim * tokens**2
 
 
 def flavour_shape(name: str) -> ModelShape:
@@ -129,7 +147,7 @@ def flavour_shape(name: str) -> ModelShape:
     from trainer.flavours import FLAVOURS
 
     f = FLAVOURS[name]
-    inputs = dict(in_channels=f.in_channels, image_encoder=f.image_encoder)
+    inputs = dict(in_channels=f.in_channels, image_encoder=f.image_encoder, vace_blocks=len(f.vace_layers))
     if f.hub_id is None:
         return ModelShape(32, 64, 2, f.vae_spatial, **inputs)
     if hasattr(f, "dim") and hasattr(f, "num_layers"):
@@ -225,6 +243,12 @@ class MemoryPrediction:
     gpu_measured: bool = False  # the GPU peak alone was measured at this shape (older rows lack the host peak)
     gpu: str = ""  # the GPU the row was measured on
     row: dict[str, Any] | None = field(default=None, compare=False)  # the [[measured]] row it was scaled from
+    streamed_gib: float = 0.0  # host RAM the streamed blocks' weights hold (page-locked, `streamed_blocks`)
+
+    @property
+    def pinned_gib(self) -> float:
+        """Page-locked host RAM: the activation offload's buffers and the streamed weights."""
+        return self.offload_gib + self.streamed_gib
 
     @property
     def label(self) -> str:
@@ -249,23 +273,59 @@ def row_shards(row: dict[str, Any]) -> int:
     return int(row.get("shards", 1))
 
 
-def weights_gib(shape: ModelShape, quantization: str, base_dtype: str = "bfloat16", shards: int = 1) -> float:
-    """Base weights one process holds: all of them, or with `shards` > 1 its 1/shards slice plus two all-gathered
-    blocks (the one running and the one prefetched: trainer/model/sharding.py)."""
+def streamed_count(memory: dict[str, Any], layers: int) -> int:
+    """Blocks whose weights stream from host RAM under these [memory] values (trainer/model/memory.py streamed_ids):
+    `streamed_blocks` of the checkpointed blocks."""
+    if memory.get("gradient_checkpointing", "selective") == "none" or not memory.get("streamed_blocks"):
+        return 0
+    checkpointed = memory.get("checkpointed_blocks")
+    return min(memory["streamed_blocks"], layers if checkpointed is None else min(checkpointed, layers))
+
+
+def weights_gib(shape: ModelShape, quantization: str, base_dtype: str = "bfloat16", shards: int = 1,
+                streamed: int = 0) -> float:
+    """Base weights one process holds on the GPU: all of them, or with `shards` > 1 its 1/shards slice plus two
+    all-gathered blocks (the one running and the one prefetched: trainer/model/sharding.py), or with `streamed`
+    blocks in host RAM all but theirs plus STREAM_SLOTS blocks' slots."""
     per_weight = bytes_per_weight(quantization, base_dtype)
-    if shards <= 1:
-        return shape.params * per_weight / 2**30
-    return (shape.params / shards + 2 * shape.block_params) * per_weight / 2**30
+    if shards > 1:
+        return (shape.params / shards + 2 * shape.block_params) * per_weight / 2**30
+    away = max(streamed - STREAM_SLOTS, 0) if streamed else 0
+    return (shape.params - away * shape.block_params) * per_weight / 2**30
+
+
+def streamed_gib(shape: ModelShape, quantization: str, base_dtype: str = "bfloat16", streamed: int = 0) -> float:
+    """Host RAM the streamed blocks' weights take (page-locked)."""
+    return streamed * shape.block_params * bytes_per_weight(quantization, base_dtype) / 2**30
+
+
+def kept_hidden_tensors(memory: dict[str, Any]) -> int:
+    """Hidden-size tensors each checkpointed block keeps for backward (what the activation offload moves): its input,
+    with selective checkpointing the self-attention output too, with sub-layers two more sub-layer inputs."""
+    kept = 1 if memory.get("gradient_checkpointing", "selective") == "full" else 2
+    return kept + (2 if memory.get("checkpoint_sublayers") else 0)
+
+
+def _row_streamed(row: dict[str, Any]) -> int:
+    return int(row.get("streamed_blocks", streamed_count(PRESETS.get(row.get("preset", ""), {}), row_shape(row).layers)))
+
+
+def _rows_of(preset: str, basis: str) -> list[dict[str, Any]]:
+    """The wanforge rows of `preset`, else of the preset that sizes it until it has its own (presets.SIZED_FROM)."""
+    rows = [r for r in measured_rows() if r.get("preset") == preset and r["trainer"] == "wanforge"]
+    if not rows and preset in SIZED_FROM:
+        return _rows_of(SIZED_FROM[preset][basis], basis)
+    if not rows:
+        raise KeyError(f"no measured row of memory preset {preset!r} in {CALIBRATION_FILE.name}")
+    return rows
 
 
 def _preset_row(shape: ModelShape, preset: str, tokens: int, shards: int = 1) -> dict[str, Any]:
-    """The wanforge row of `preset` nearest this model (same width and depth first, then the same sharding), then
-    nearest token count."""
+    """The wanforge row of `preset` (or of its sizing basis) nearest this model (same width and depth first, then
+    the same sharding), then nearest token count."""
     import math
 
-    rows = [r for r in measured_rows() if r.get("preset") == preset and r["trainer"] == "wanforge"]
-    if not rows:
-        raise KeyError(f"no measured row of memory preset {preset!r} in {CALIBRATION_FILE.name}")
+    rows = _rows_of(preset, "memory")
 
     def rank(row: dict[str, Any]) -> tuple:
         s = row_shape(row)
@@ -284,48 +344,64 @@ def predict_memory(shape: ModelShape, preset: str, tokens: int, batch: int = 1,
     `base_quantization` is the user's own setting where it overrides the preset's; `shards` the processes the frozen
     base is sharded over (`[memory] shard_base`: bf16 weights whatever the preset says)."""
 
-    quant = "none" if shards > 1 else base_quantization or PRESETS[preset].get("base_quantization", "none")
-    return scale_row(_preset_row(shape, preset, tokens, shards), shape, tokens, batch, quant, base_dtype,
-                     shards=shards)
+    values = PRESETS[preset]
+    quant = "none" if shards > 1 else base_quantization or values.get("base_quantization", "none")
+    row = _preset_row(shape, preset, tokens, shards)
+    streamed = 0 if shards > 1 else streamed_count(values, shape.layers)
+    if row.get("preset") == preset:
+        return scale_row(row, shape, tokens, batch, quant, base_dtype, shards=shards, streamed=streamed)
+    basis = PRESETS[row["preset"]]
+    ratio = kept_hidden_tensors(values) / kept_hidden_tensors(basis) if values.get("activation_offload") else 0.0
+    scaled = scale_row(row, shape, tokens, batch, quant, base_dtype, offload=ratio > 0, shards=shards,
+                       streamed=streamed, offload_scale=ratio or 1.0)
+    note = (f"{preset} has no measured row yet: sized from {row['preset']} (its GPU activations; offload x "
+            f"{ratio:g} for the hidden-size tensors each block keeps; {streamed} blocks' weights streamed from host "
+            f"RAM): ")
+    return replace(scaled, measured=False, gpu_measured=False, basis=note + scaled.basis)
 
 
 def scale_row(row: dict[str, Any], shape: ModelShape, tokens: int, batch: int, quantization: str,
               base_dtype: str = "bfloat16", offload: bool | None = None, lora_gib: float = 0.0,
-              shards: int = 1) -> MemoryPrediction:
+              shards: int = 1, streamed: int = 0, offload_scale: float = 1.0) -> MemoryPrediction:
     """The scaling rule (module docstring): `row`'s memory moved to this model, clip, batch and base weights.
     `offload` False drops the row's activation offload (a custom mix without it); `lora_gib` adds the difference
-    between this run's LoRA state and the row's; `shards` > 1: the base sharded over that many processes (weights_gib).
-    Measured only at the row's own model, shape, weights and sharding."""
+    between this run's LoRA state and the row's; `shards` > 1: the base sharded over that many processes (weights_gib);
+    `streamed`: blocks whose weights stream from host RAM; `offload_scale`: a factor on the row's offload.
+    Measured only at the row's own model, shape, weights, sharding and streaming."""
     ref = row_shape(row)
     ref_tokens = row_tokens(row)
-    scale = (tokens * batch * shape.dim * shape.layers) / (ref_tokens * row["batch"] * ref.dim * ref.layers)
+    scale = (tokens * batch * shape.dim * shape.blocks) / (ref_tokens * row["batch"] * ref.dim * ref.blocks)
     row_quant = row.get("base_quantization", "none")
-    activations = max(row["peak_gib"] - weights_gib(ref, row_quant, shards=row_shards(row)), 0.0)
-    gpu = weights_gib(shape, quantization, base_dtype, shards) + activations * scale + lora_gib
+    row_streamed = _row_streamed(row)
+    activations = max(row["peak_gib"] - weights_gib(ref, row_quant, shards=row_shards(row), streamed=row_streamed), 0.0)
+    gpu = weights_gib(shape, quantization, base_dtype, shards, streamed) + activations * scale + lora_gib
     row_offload = row.get("offload_gib", 0.0)
-    offloaded = row_offload * scale if offload is not False else 0.0
+    offloaded = row_offload * scale * offload_scale if offload is not False else 0.0
+    in_host = streamed_gib(shape, quantization, base_dtype, streamed)
     if "host_peak_gib" in row:
-        base = row["host_peak_gib"] - row_offload
+        base = row["host_peak_gib"] - row_offload - streamed_gib(ref, row_quant, streamed=row_streamed)
         host_basis = f"host {row['host_peak_gib']} GiB"
     else:
         base = HOST_BASE_GIB
         host_basis = f"host base {HOST_BASE_GIB} GiB (not measured with this row)"
     gpu_measured = (ref == shape and quantization == row_quant and offload is None and not lora_gib
-                    and same_shape(tokens * batch, ref_tokens * row["batch"]) and row_shards(row) == shards)
+                    and same_shape(tokens * batch, ref_tokens * row["batch"]) and row_shards(row) == shards
+                    and streamed == row_streamed and offload_scale == 1.0)
     sharded = f", base sharded over {row_shards(row)}" if row_shards(row) > 1 else ""
     basis = (f"{row.get('preset', 'custom')} on {row['flavour']} {row['width']}x{row['height']}x{row['num_frames']} "
              f"({row['gpu']}{sharded}): {row['peak_gib']} GiB GPU, {host_basis} ({row['source']})")
-    return MemoryPrediction(round(gpu, 2), round(offloaded, 2), round(base + offloaded, 2),
-                            gpu_measured and "host_peak_gib" in row, basis, gpu_measured, row["gpu"], row)
+    return MemoryPrediction(round(gpu, 2), round(offloaded, 2), round(base + offloaded + in_host, 2),
+                            gpu_measured and "host_peak_gib" in row, basis, gpu_measured, row["gpu"], row,
+                            round(in_host, 2))
 
 
 def fits_gpu(gpu_gib: float, card_gib: float) -> bool:
     return gpu_gib <= HEADROOM * card_gib
 
 
-def fits_host(offload_gib: float, host_free_gib: float | None) -> bool:
-    """The offload within HOST_SHARE of the free host RAM (unknown host RAM: assumed to fit)."""
-    return host_free_gib is None or offload_gib <= HOST_SHARE * host_free_gib
+def fits_host(pinned_gib: float, host_free_gib: float | None) -> bool:
+    """The offload and the streamed weights within HOST_SHARE of the free host RAM (unknown: assumed to fit)."""
+    return host_free_gib is None or pinned_gib <= HOST_SHARE * host_free_gib
 
 
 # ---------------------------------------------------------------- several processes on one machine
@@ -370,7 +446,7 @@ def _speed_row(shape: ModelShape, preset: str, tokens: int) -> dict[str, Any]:
     the multi-process rows were measured with (cuDNN, H100), so that every preset is timed on the same footing."""
     import math
 
-    rows = [r for r in measured_rows() if r.get("preset") == preset and r["trainer"] == "wanforge"]
+    rows = _rows_of(preset, "speed")
     return min(rows, key=lambda r: ((row_shape(r).dim, row_shape(r).layers) != (shape.dim, shape.layers),
                                     abs(row_shape(r).dim - shape.dim),
                                     r.get("attention_backend", "_native_cudnn") != "_native_cudnn",

@@ -4,7 +4,9 @@ The classes are the real ones (WanTransformer3DModel, AutoencoderKLWan, UMT5Enco
 built locally, CLIPVisionModel for Wan 2.1 I2V); only the sizes are small. One folder per architecture: Wan 2.1
 T2V, Wan 2.1 I2V (36 input channels + CLIP), Wan 2.2 T2V / I2V A14B (`transformer` = high-noise expert,
 `transformer_2` = low-noise expert, boundary_ratio in model_index.json) and TI2V-5B (the Wan 2.2 VAE layout:
-48 channels, 16x spatial; expand_timesteps). The build is seeded, so every machine gets the same weights.
+48 channels, 16x spatial; expand_timesteps), and VACE (WanVACETransformer3DModel, a VACE block beside each of the two
+main blocks; Wan 2.1, and the Wan 2.2 two-expert layout of VACE-Fun). The build is seeded, so every machine gets the
+same weights.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ TINY_NUM_LAYERS = 2  # transformer blocks of every tiny model (preflight resolve
 TINY_ROPE_MAX_SEQ_LEN = 1024  # rotary positions per axis (diffusers' default, the real Wan's; preflight checks sizes)
 CLIP_DIM = 32
 # one tiny pipeline folder per architecture; flavours name theirs in Flavour.tiny
-TINY_VARIANTS = ("t2v-2.1", "i2v-2.1", "t2v-2.2", "i2v-2.2", "ti2v")
+TINY_VARIANTS = ("t2v-2.1", "i2v-2.1", "t2v-2.2", "i2v-2.2", "ti2v", "vace-2.1", "vace-2.2")
+TINY_VACE_LAYERS = [0, 1]  # both main blocks of a tiny VACE model get a VACE block's hint
 
 
 def wanforge_home() -> Path:
@@ -62,13 +65,26 @@ def tiny_transformer_config(in_channels: int, out_channels: int, image_dim: int 
 
 
 TINY_CHANNELS = {"t2v-2.1": (16, 16, None), "i2v-2.1": (36, 16, CLIP_DIM), "t2v-2.2": (16, 16, None),
-                 "i2v-2.2": (36, 16, None), "ti2v": (48, 48, None)}  # (in, out, image_dim) of each variant
+                 "i2v-2.2": (36, 16, None), "ti2v": (48, 48, None), "vace-2.1": (16, 16, None),
+                 "vace-2.2": (16, 16, None)}  # (in, out, image_dim) of each variant
+
+
+def tiny_vace_config() -> dict:
+    """The tiny VACE transformer's WanVACETransformer3DModel arguments: 96 control channels as the real ones (16
+    inactive + 16 reactive latent channels + 8x8 mask channels of the Wan 2.1 VAE's spatial factor)."""
+    return {**tiny_transformer_config(16, 16), "vace_layers": list(TINY_VACE_LAYERS), "vace_in_channels": 96}
 
 
 def _tiny_transformer(in_channels: int, out_channels: int, image_dim: int | None = None):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(**tiny_transformer_config(in_channels, out_channels, image_dim))
+
+
+def _tiny_vace_transformer():
+    from diffusers import WanVACETransformer3DModel
+
+    return WanVACETransformer3DModel(**tiny_vace_config())
 
 
 def _tiny_vae(wan_2_2: bool):
@@ -140,7 +156,7 @@ def _tiny_clip():
 def build_tiny_model(target: Path, variant: str = "t2v-2.1") -> Path:
     """Build one tiny Wan and save it as a diffusers pipeline folder at `target` (atomically)."""
     import torch
-    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from diffusers import WanImageToVideoPipeline, WanPipeline, WanVACEPipeline
 
     torch.manual_seed(0)
     common = dict(tokenizer=build_tokenizer(), text_encoder=text_encoder(), scheduler=flow_scheduler())
@@ -158,6 +174,11 @@ def build_tiny_model(target: Path, variant: str = "t2v-2.1") -> Path:
                                        transformer_2=_tiny_transformer(36, 16), boundary_ratio=0.9, **common)
     elif variant == "ti2v":
         pipe = WanPipeline(vae=_tiny_vae(True), transformer=_tiny_transformer(48, 48), expand_timesteps=True, **common)
+    elif variant == "vace-2.1":
+        pipe = WanVACEPipeline(vae=_tiny_vae(False), transformer=_tiny_vace_transformer(), **common)
+    elif variant == "vace-2.2":
+        pipe = WanVACEPipeline(vae=_tiny_vae(False), transformer=_tiny_vace_transformer(),
+                               transformer_2=_tiny_vace_transformer(), boundary_ratio=0.875, **common)
     else:
         raise ValueError(f"unknown tiny model {variant!r}: one of {TINY_VARIANTS}")
     return save_pipeline(pipe, target)

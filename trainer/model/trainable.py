@@ -1,7 +1,9 @@
 """The trainable Wan transformer, assembled in one order everywhere (the loop, the Wan 2.2 experts, the benches):
 load -> quantize and place the frozen base -> add the adapter -> memory options (attention, checkpointing, offload,
-compile) -> shard over the processes (`[memory] shard_base`). The order matters: quantization before the adapter, the
-adapter before checkpointing wraps the blocks, sharding last (FSDP then manages the LoRA weights inside each block)."""
+compile) -> split the sequence (`[memory] context_parallel`) or shard over the processes (`[memory] shard_base`). The
+order matters: quantization before the adapter, the adapter before checkpointing wraps the blocks, context parallel
+after the block classes and the attention backend are set (its hooks wrap them), sharding last (FSDP then manages the
+LoRA weights inside each block)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ def make_trainable(transformer, lora: LoraConfig, memory: MemoryConfig, device: 
     place_base_model(transformer, memory, torch.device("cpu") if memory.shard_base else base_device or device)
     add_lora(transformer, lora)
     offloader = apply_memory_options(transformer, memory, device)
+    if memory.context_parallel > 1:  # trainer/model/context_parallel.py: after the block classes and attention backend
+        from trainer.model.context_parallel import enable_context_parallel
+
+        enable_context_parallel(transformer, memory.context_parallel, device)
     if memory.shard_base:  # trainer/model/sharding.py: each process keeps 1/N of the weights on `device`
         from trainer.model.sharding import shard_transformer
 

@@ -21,8 +21,8 @@ ADAPTABLE = ("Linear", "Conv3d")  # the module kinds of this model peft puts a L
 
 def module_layout(flavour: Flavour, blocks: int) -> dict[str, str]:
     """Every named module of the transformer (path -> class name), as diffusers builds it for this flavour (the one
-    table of it is trainer.model.lora_names.wan_modules)."""
-    return {name: kind for name, kind in wan_modules(flavour.image_encoder, blocks) if name}
+    table of it is trainer.model.lora_names.wan_modules; VACE flavours add their VACE blocks)."""
+    return {name: kind for name, kind in wan_modules(flavour.image_encoder, blocks, len(flavour.vace_layers)) if name}
 
 
 def matching_modules(layout: dict[str, str], target: str) -> dict[str, str]:
@@ -92,15 +92,23 @@ def transformer_dims(model, flavour: Flavour) -> dict:
         except (OSError, ValueError):
             pass
     if flavour.tiny is not None:  # not built yet: its arguments (trainer.model.tiny)
-        from trainer.model.tiny import TINY_CHANNELS, tiny_transformer_config
+        from trainer.model.tiny import TINY_CHANNELS, tiny_transformer_config, tiny_vace_config
 
-        return tiny_transformer_config(*TINY_CHANNELS[flavour.tiny])
+        return tiny_vace_config() if flavour.is_vace else tiny_transformer_config(*TINY_CHANNELS[flavour.tiny])
     heads = flavour.num_heads
-    return {"num_attention_heads": heads, "attention_head_dim": flavour.dim // heads, "ffn_dim": flavour.ffn_dim,
+    dims = {"num_attention_heads": heads, "attention_head_dim": flavour.dim // heads, "ffn_dim": flavour.ffn_dim,
             "num_layers": block_count(model, flavour), "in_channels": flavour.in_channels,
             "out_channels": flavour.latent_channels, "patch_size": [1, 2, 2], "text_dim": 4096, "freq_dim": 256,
             "image_dim": 1280 if flavour.image_encoder else None,
             "added_kv_proj_dim": flavour.dim if flavour.image_encoder else None}
+    if flavour.is_vace:
+        dims.update(vace_layers=list(flavour.vace_layers), vace_in_channels=96)
+    return dims
+
+
+def head_count(model, flavour: Flavour) -> int:
+    """Attention heads of the run's transformer (its config.json where on this machine, else the flavour's)."""
+    return int(transformer_dims(model, flavour)["num_attention_heads"])
 
 
 def linear_shapes(dims: dict) -> dict[str, tuple[int, int]]:
@@ -128,6 +136,15 @@ def linear_shapes(dims: dict) -> dict[str, tuple[int, int]]:
         if added:
             shapes |= {f"{b}.attn2.add_k_proj": (int(added), dim), f"{b}.attn2.add_v_proj": (int(added), dim)}
         shapes |= {f"{b}.ffn.net.0.proj": (dim, ffn), f"{b}.ffn.net.2": (ffn, dim)}
+    for n in range(len(dims.get("vace_layers") or [])):  # WanVACETransformer3DModel: a Wan block + hint projections
+        b = f"vace_blocks.{n}"
+        for attn in ("attn1", "attn2"):
+            shapes |= {f"{b}.{attn}.{x}": (dim, dim) for x in ("to_q", "to_k", "to_v", "to_out.0")}
+        if added:
+            shapes |= {f"{b}.attn2.add_k_proj": (int(added), dim), f"{b}.attn2.add_v_proj": (int(added), dim)}
+        shapes |= {f"{b}.ffn.net.0.proj": (dim, ffn), f"{b}.ffn.net.2": (ffn, dim), f"{b}.proj_out": (dim, dim)}
+        if n == 0:
+            shapes[f"{b}.proj_in"] = (dim, dim)
     return shapes
 
 

@@ -6,6 +6,10 @@
   `time_embedding.*`, `text_embedding.*`, `time_projection.1`, `img_emb.proj.*`) alpha/rank is folded into lora_A and
   no alpha is written: both loaders then apply exactly the trained update.
 - diffusers format: `transformer.<diffusers module>.lora_A.weight`, written by diffusers' own saver.
+- VACE blocks: the interchange file names them as the official Wan VACE checkpoints do (`vace_blocks.N.self_attn.q`,
+  `vace_blocks.N.before_proj` / `after_proj`; alpha folded), which ComfyUI loads. diffusers' Wan LoRA converter (0.42)
+  knows no VACE names and refuses such a file, so a LoRA that reaches VACE blocks is also written in the diffusers
+  format beside it (`pytorch_lora_weights.safetensors`, which WanVACEPipeline.load_lora_weights loads as it is).
 - LyCORIS (LoKr / LoHa / LoCon / full): kohya-style `lora_unet_<original module>.<suffix>` keys (ComfyUI loads all of
   them; diffusers also loads LoCon files covering every block's attention and FFN, as they are), with the network's
   multiplier baked into the weights so strength 1.0 gives the trained effect.
@@ -24,9 +28,10 @@ from pathlib import Path
 
 from trainer.errors import UserError
 from trainer.fileio import atomic_save_safetensors, umask_mode
-from trainer.model.lora_names import LoRAFileError, alpha_read_by_diffusers, original_name, to_diffusers, to_original
+from trainer.model.lora_names import (LoRAFileError, alpha_read_by_diffusers, is_vace_module, original_name, to_diffusers,
+                                      to_original)
 
-__all__ = ["save_adapter", "save_lora", "read_lora", "convert_lora", "check_lora_file"]
+__all__ = ["save_adapter", "save_lora", "read_lora", "convert_lora", "check_lora_file", "diffusers_lora_source"]
 
 log = logging.getLogger(__name__)
 INTERCHANGE_FILE = "wanforge_lora.safetensors"
@@ -91,8 +96,20 @@ def from_interchange(state: dict) -> tuple[dict, float]:
 # ---------------------------------------------------------------- the self-check
 
 
+def _check_vace_names(modules: set[str]) -> None:
+    """VACE-block names: diffusers' own single-file converter (how it reads the official Wan VACE checkpoints, and the
+    names ComfyUI's VACE model has) must map each one onto the diffusers module we trained."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    for m in modules:
+        converted = set(convert_wan_transformer_to_diffusers({f"{m}.weight": None}))
+        if converted != {f"{to_diffusers(m)}.weight"}:
+            raise LoRAFileError(f'"{m}" is not where diffusers reads the official Wan VACE weights ({converted})')
+
+
 def _check_interchange(tensors: dict) -> None:
-    """Original Wan names with lora_A / lora_B / alpha for ComfyUI, and diffusers' converter gives back the same update."""
+    """Original Wan names with lora_A / lora_B / alpha for ComfyUI, and diffusers' converter gives back the same update
+    (VACE-block keys, which diffusers' LoRA converter does not read: checked against its single-file names)."""
     import torch
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
 
@@ -104,6 +121,12 @@ def _check_interchange(tensors: dict) -> None:
         if m["part"] == "alpha" and (value.numel() != 1 or not alpha_read_by_diffusers(m["module"])):
             raise LoRAFileError(f'"{key}": diffusers reads a scalar alpha only on block modules')
         modules.add(m["module"])
+    vace = {m for m in modules if is_vace_module(m)}
+    _check_vace_names(vace)
+    modules -= vace
+    tensors = {k: v for k, v in tensors.items() if _INTERCHANGE_KEY.match(k)["module"] in modules}
+    if not tensors:
+        return
     try:  # the converter multiplies some tensors in place: give it float32 copies (the check is about names and scale)
         converted = _convert_non_diffusers_wan_lora_to_diffusers({k: v.float().clone() for k, v in tensors.items()})
     except Exception as err:  # diffusers raises assorted types on keys it leaves over
@@ -220,7 +243,10 @@ def save_lora(peft_state: dict, out_dir: Path, *, rank: int, alpha: float, fmt: 
     require_finite(state, f"LoRA for {out_dir}")  # a NaN LoRA is never written (a user error: exit 2)
     if fmt == "comfyui":
         out_dir.mkdir(parents=True, exist_ok=True)
-        return _save(to_interchange(state, alpha), out_dir / INTERCHANGE_FILE, _metadata(info))
+        written = _save(to_interchange(state, alpha), out_dir / INTERCHANGE_FILE, _metadata(info))
+        if any(is_vace_module(_LORA_KEY.match(k.removeprefix("transformer."))["module"]) for k in state):
+            _save_diffusers(state, out_dir, rank=rank, alpha=alpha)  # diffusers' twin (module docstring)
+        return written
     if fmt == "diffusers":
         return _save_diffusers(state, out_dir, rank=rank, alpha=alpha)
     raise UserError(f'unknown LoRA format "{fmt}": use comfyui or diffusers')
@@ -271,6 +297,29 @@ def read_lora(path: Path) -> tuple[dict, float, dict[str, str]]:
                         "LoRA loader reads it as it is, and a LoCon file also loads in diffusers' load_lora_weights as "
                         "it is; LoKr / LoHa files have no diffusers loader")
     raise UserError(f"{path}: neither interchange (diffusion_model.*) nor diffusers (transformer.*) LoRA keys")
+
+
+def diffusers_lora_source(path: Path):
+    """What to give diffusers' load_lora_weights for a LoRA file this project wrote: the file itself, except an
+    interchange file with VACE-block keys (diffusers' converter refuses them): its diffusers twin beside it, or where
+    that is gone, the file converted in memory (a `transformer.*` state dict)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    vace = any(k.startswith("diffusion_model.") and is_vace_module(k.removeprefix("diffusion_model.")) for k in keys)
+    if not vace:
+        return str(path)
+    twin = path.parent / DIFFUSERS_FILE
+    if twin.is_file():
+        return str(twin)
+    weights, alpha, _ = read_lora(path)
+    out = {}
+    for key, value in weights.items():  # no adapter metadata travels with a dict: alpha/rank folded into lora_A
+        if key.endswith("lora_A.weight"):
+            value = (value.float() * (alpha / value.shape[0])).to(value.dtype)
+        out[f"transformer.{key}"] = value
+    return out
 
 
 def convert_lora(path: Path, fmt: str, out_dir: Path) -> Path:

@@ -249,6 +249,12 @@ def publish_final(publisher: HubPublisher | None, cfg: WanforgeConfig, run: RunD
     files = {lora_file.name: lora_file, "config.toml": run.config}
     if ema_lora_file is not None:
         files[f"ema/{ema_lora_file.name}"] = ema_lora_file
+    from trainer.outputs.export import DIFFUSERS_FILE
+
+    for folder, prefix in ((lora_file.parent, ""), (ema_lora_file.parent if ema_lora_file else None, "ema/")):
+        twin = folder / DIFFUSERS_FILE if folder is not None else None
+        if twin is not None and twin.is_file() and f"{prefix}{twin.name}" not in files:  # a VACE LoRA's diffusers twin
+            files[f"{prefix}{twin.name}"] = twin
     videos, sheet = [], None
     if last_round is not None:
         for r in last_round.videos:

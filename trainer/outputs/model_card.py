@@ -49,9 +49,15 @@ def build_model_card(
     flavour = FLAVOURS[cfg.model.flavour]
     name = cfg.hub.hub_model_id or "this LoRA"
     image_to_video = flavour.task in ("i2v", "ti2v")
-    pipeline = "WanImageToVideoPipeline" if image_to_video else "WanPipeline"
+    pipeline = "WanVACEPipeline" if flavour.is_vace else "WanImageToVideoPipeline" if image_to_video else "WanPipeline"
     load_extra = ", load_into_transformer_2=True" if flavour.stage == "low" else ""
     image_arg = 'image=load_image("first_frame.png"), ' if image_to_video else ""
+    from trainer.model.lora_names import adapts_vace_blocks
+
+    twin = flavour.is_vace and adapts_vace_blocks(cfg.lora, cfg.model.flavour) and cfg.lora.save_format == "comfyui"
+    diffusers_file = "pytorch_lora_weights.safetensors" if twin else lora_file  # trainer.outputs.export: VACE twin
+    if flavour.is_vace:
+        image_arg = 'video=load_video("control.mp4"), '  # + mask=..., reference_images=[load_image(...)]
     lines = [
         f"# {name}",
         "",
@@ -72,10 +78,11 @@ def build_model_card(
             "```python",
             "import torch",
             f"from diffusers import {pipeline}",
-            "from diffusers.utils import export_to_video" + (", load_image" if image_to_video else ""),
+            "from diffusers.utils import export_to_video" + (", load_image" if image_to_video else "")
+            + (", load_video" if flavour.is_vace else ""),
             "",
             f'pipe = {pipeline}.from_pretrained("{base or "<base model>"}", torch_dtype=torch.bfloat16).to("cuda")',
-            f'pipe.load_lora_weights("{name}", weight_name="{lora_file}"{load_extra})',
+            f'pipe.load_lora_weights("{name}", weight_name="{diffusers_file}"{load_extra})',
             f'video = pipe({image_arg}prompt={json.dumps(settings.prompt, ensure_ascii=False)}, '
             f"num_frames={settings.num_frames}, height={settings.height}, width={settings.width}, "
             f"guidance_scale={settings.guidance_scale:g}).frames[0]",
@@ -83,7 +90,10 @@ def build_model_card(
             "```",
             "",
         ]
-        if cfg.lora.save_format == "comfyui":
+        if twin:
+            lines += [f"`{lora_file}` is the same LoRA for ComfyUI's native LoRA loader (VACE blocks under the "
+                      "official Wan VACE names, which diffusers' LoRA loader does not read yet).", ""]
+        elif cfg.lora.save_format == "comfyui":
             lines += ["The file also loads in ComfyUI's native LoRA loader.", ""]
     if ema_lora_file:
         lines += [f"`{ema_lora_file}` holds the exponential moving average of the weights (decay {cfg.ema.decay:g}).", ""]

@@ -6,6 +6,8 @@
   base weights), otherwise the trained expert renders every step and the pipeline has no boundary.
 - I2V (2.1 / 2.2): WanImageToVideoPipeline with the conditioning image (+ CLIP encoder and processor for 2.1).
 - TI2V-5B: WanImageToVideoPipeline with expand_timesteps (first-frame conditioning, as trained).
+- VACE (2.1, and the 2.2 VACE-Fun experts as above): WanVACEPipeline with the control clip, mask and reference images
+  of trainer.outputs.vace_validation; they are shown above the results in the contact sheet (`wanforge_sheet_rows`).
 
 The conditioning image is the first frame of the first training clip, at the validation size.
 """
@@ -49,10 +51,11 @@ def _experts(cfg: WanforgeConfig, trained, device: torch.device, load_other: boo
 
 
 def flavour_pipeline(cfg: WanforgeConfig, transformer, vae, scheduler, device: torch.device, height: int, width: int,
-                     transformer_2=None):
-    """The flavour's pipeline; its extra call arguments (image, guidance_scale_2) ride in `wanforge_call_kwargs`.
-    `transformer_2`: a trained low-noise expert (train_both_experts), used instead of loading the base one."""
-    from diffusers import WanImageToVideoPipeline, WanPipeline
+                     transformer_2=None, num_frames: int | None = None):
+    """The flavour's pipeline; its extra call arguments (image, guidance_scale_2, VACE's video / mask /
+    reference_images) ride in `wanforge_call_kwargs`. `transformer_2`: a trained low-noise expert
+    (train_both_experts), used instead of loading the base one. `num_frames`: the render's length (VACE controls)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline, WanVACEPipeline
 
     from trainer.model.experts import ExpertPair, expert_boundary
 
@@ -71,7 +74,17 @@ def flavour_pipeline(cfg: WanforgeConfig, transformer, vae, scheduler, device: t
             call["guidance_scale_2"] = flavour.guidance_scale_low
     else:
         first = transformer
-    if flavour.task == "t2v" or (flavour.task == "ti2v" and cfg.model.wan_force_2_1_time_embedding):
+    rows: list = []
+    if flavour.is_vace:
+        from trainer.outputs.vace_validation import validation_control
+
+        pipe = WanVACEPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=first,
+                               transformer_2=second, boundary_ratio=boundary)
+        frames = num_frames or cfg.validation.num_frames or cfg.dataset_shape(0)[0]
+        control = validation_control(cfg, frames, height, width)
+        call.update(control.call_kwargs())
+        rows = control.sheet_rows()
+    elif flavour.task == "t2v" or (flavour.task == "ti2v" and cfg.model.wan_force_2_1_time_embedding):
         # TI2V with the Wan 2.1 time embedding: one timestep per sample, so text-to-video without the image
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=first,
                            transformer_2=second, boundary_ratio=boundary)
@@ -89,6 +102,7 @@ def flavour_pipeline(cfg: WanforgeConfig, transformer, vae, scheduler, device: t
         )
         call["image"] = validation_image(cfg, height, width)
     pipe.wanforge_call_kwargs = call
+    pipe.wanforge_sheet_rows = rows  # shown above the rendered videos in the contact sheet
     pipe.wanforge_experts = expert_slots(flavour, first, second, boundary)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -89,15 +89,17 @@ def validation_round(
         with weights:
             for render_settings in settings.each_render():
                 videos += render(pipe, render_settings, embeds, out_dir, device, autocast_dtype, variant, taken)
-    sheet = contact_sheet([(sheet_label(r), r.frames) for r in videos], out_dir / CONTACT_SHEET)
+    # VACE: the control (and mask) the videos were rendered from, above them (trainer.outputs.pipelines)
+    rows = list(getattr(pipe, "wanforge_sheet_rows", []))
+    sheet = contact_sheet(rows + [(sheet_label(r), r.frames) for r in videos], out_dir / CONTACT_SHEET)
     result = RoundResult(videos, sheet)
     atomic_write_json(out_dir / MANIFEST, result.settings_by_path(out_dir))
     return result
 
 
 class TrainingValidator:
-    """Validation during training, on the main process; the others wait (with a sharded model they render along:
-    its forward needs every rank). When it is due: trainer.loop.periodic."""
+    """Validation during training, on the main process; the others wait (with a sharded or context-parallel model they
+    render along: its forward needs every rank of its group). When it is due: trainer.loop.periodic."""
 
     def __init__(self, cfg: WanforgeConfig, run: RunDir, settings: ValidationSettings, device: torch.device,
                  base_dtype: torch.dtype, ema: AdapterEMA | None, webhooks: Webhooks):
@@ -109,12 +111,13 @@ class TrainingValidator:
         resolve_adapters(settings)
 
     def __call__(self, accelerator, transformer, step: int) -> list[Path]:
+        from trainer.model.context_parallel import is_context_parallel
         from trainer.model.sharding import is_sharded
         from trainer.outputs.tracking import log_validation
 
         model = accelerator.unwrap_model(transformer)
         if not accelerator.is_main_process:
-            if is_sharded(model):  # each denoising step all-gathers the weights: render along, keep nothing
+            if is_sharded(model) or is_context_parallel(model):  # collective forwards: render along, keep nothing
                 with tempfile.TemporaryDirectory() as scratch:
                     self._render(model, Path(scratch))
             accelerator.wait_for_everyone()
@@ -159,15 +162,19 @@ def validate_lora(cfg: WanforgeConfig, lora: Path, out_dir: Path | None = None) 
     dtype = getattr(torch, cfg.model.base_dtype) if cuda else torch.float32
     needs_caption = cfg.validation.prompt is None and cfg.validation.prompt_library is None
     clips = scan_dataset(cfg.datasets[0]).clips if needs_caption else []
-    settings = settings_for(cfg, clips[0].caption if clips else None)
+    from trainer.outputs.vace_validation import default_caption
+
+    settings = settings_for(cfg, default_caption(cfg, [c.caption for c in clips]))
     resolve_adapters(settings)
     embeds = prompt_embeds(cfg, settings, device)
     transformer = load_transformer(cfg.model, dtype).to(device)
     backend = cfg.memory.attention_backend  # the kernel training would use (cuDNN / FlashAttention 4 on an H100)
     set_attention_backend(transformer, resolve_attention_backend(backend, device), backend)
     pipe = build_pipeline(transformer, load_vae(cfg.model).to(device), settings, cfg)
-    try:
-        pipe.load_lora_weights(str(lora), adapter_name=RUN_ADAPTER, **lora_load_kwargs(cfg, pipe))
+    from trainer.outputs.export import diffusers_lora_source
+
+    try:  # a VACE LoRA's VACE-block keys: its diffusers twin (trainer.outputs.export)
+        pipe.load_lora_weights(diffusers_lora_source(lora), adapter_name=RUN_ADAPTER, **lora_load_kwargs(cfg, pipe))
     except (ValueError, KeyError) as err:
         raise UserError(f"--lora {lora}: diffusers could not load it into this model ({err})") from None
     out = out_dir or cfg.train.output_dir / "validation" / "manual"

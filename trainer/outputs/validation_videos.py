@@ -283,7 +283,7 @@ def build_pipeline(transformer, vae, settings: ValidationSettings, cfg: Wanforge
         from trainer.outputs.pipelines import flavour_pipeline
 
         return flavour_pipeline(cfg, transformer, vae, make_scheduler(settings.scheduler, settings.flow_shift),
-                                vae.device, settings.height, settings.width, transformer_2)
+                                vae.device, settings.height, settings.width, transformer_2, settings.num_frames)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                        scheduler=make_scheduler(settings.scheduler, settings.flow_shift))
     pipe.wanforge_experts = {"all": transformer}
@@ -305,11 +305,18 @@ def _compiled_block_call(backend):
 def compiled_blocks(denoisers: list, backend="inductor") -> Iterator[None]:
     """The transformer blocks run through torch.compile during a render. Under no_grad diffusers calls each block
     itself, so training's compiled block runner (trainer.model.memory) is not used: without this, validation runs eager."""
+    from trainer.model.streaming import weight_streamer
+
     touched = []
     for model in denoisers:
-        for block in getattr(model, "blocks", []):
+        streamer = weight_streamer(model)
+        # VACE blocks too (numbered after the main blocks: never streamed)
+        for i, block in enumerate([*getattr(model, "blocks", []), *(getattr(model, "vace_blocks", None) or [])]):
             if block._compiled_call_impl is None:
-                block._compiled_call_impl = functools.partial(_compiled_block_call(backend), block)
+                call = functools.partial(_compiled_block_call(backend), block)
+                if streamer is not None and streamer.streams(i):  # weights bound outside the compiled code
+                    call = streamer.around(i, call)
+                block._compiled_call_impl = call
                 touched.append(block)
     try:
         yield
@@ -368,7 +375,7 @@ def generate(
                         generator=torch.Generator(device="cpu").manual_seed(settings.seed),
                         output_type="np",
                         callback_on_step_end=callback,
-                        **extra,  # image / guidance_scale_2 (trainer.outputs.pipelines)
+                        **extra,  # image / guidance_scale_2 / VACE control (trainer.outputs.pipelines)
                     ).frames[0]
             except _compile_errors() as err:
                 if not compiled:

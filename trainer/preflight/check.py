@@ -19,16 +19,18 @@ from typing import Any
 from trainer.config.files import apply_override, config_from_dict, read_config_data
 from trainer.config.schema import WanforgeConfig
 from trainer.errors import UserError
+from trainer.model.context_parallel import check_context_parallel
 from trainer.model.sharding import check_shard_base
 from trainer.preflight.adapters import check_validation_adapter_keys, check_validation_renders
 from trainer.preflight.files import (check_crepa, check_dataset_paths, check_hub_repo, check_lycoris, check_model_paths,
                                      check_output_dir, check_prompts, check_resume, check_webhook)
 from trainer.preflight.machine import check_environment
 from trainer.preflight.model import (check_adapter_saveable, check_attention_backend, check_block_indices, check_experts,
-                                     check_rotary_positions, check_target_modules)
+                                     check_rotary_positions, check_streaming, check_target_modules)
 
 
 from trainer.preflight.report import PreflightReport, PreflightRun
+from trainer.preflight.vace import check_vace
 from trainer.preflight.values import check_frames_and_sizes, check_numbers
 
 log = logging.getLogger(__name__)
@@ -68,10 +70,10 @@ def preflight(cfg: WanforgeConfig, *, resume: str | None = None, here: bool = Tr
     checks: list[Callable[[PreflightRun], None]] = [
         check_numbers, check_frames_and_sizes, check_prompts, check_webhook, check_hub_repo, check_lycoris, check_crepa, check_model_paths, check_dataset_paths,
         check_target_modules, check_block_indices, check_rotary_positions, check_attention_backend, check_experts,
-        check_validation_renders,
+        check_validation_renders, check_vace, check_streaming,
     ]
     if training:  # `cache` is one process whatever the training layout
-        checks.append(check_shard_base)
+        checks += [check_shard_base, check_context_parallel]
     if training and here:
         checks += [check_output_dir, check_resume]
     if not torch_free:

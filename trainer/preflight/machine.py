@@ -121,6 +121,29 @@ def check_environment(run: PreflightRun) -> None:
                      "training here would stop at loading it; download it once online, or set "
                      "model.pretrained_model_name_or_path to a local copy")
     _attention_requirements(run)
+    _streamed_weights_fit(run)
+
+
+def _streamed_weights_fit(run: PreflightRun) -> None:
+    """Weight streaming keeps the streamed blocks' base weights in page-locked host RAM: they must fit the free RAM
+    (the activation offload, by contrast, stays on the GPU where the host is full)."""
+    from trainer.model.sizing import flavour_shape, host_memory_gib, streamed_count, streamed_gib
+    from trainer.preflight.model import effective_memory
+
+    try:
+        memory = effective_memory(run)
+    except ValueError:
+        return  # check_streaming says why
+    shape = flavour_shape(run.flavour.name)
+    count = streamed_count(memory.model_dump(), shape.layers)
+    need = streamed_gib(shape, memory.base_quantization, run.cfg.model.base_dtype, count)
+    free = host_memory_gib()
+    if count and free and need > 0.9 * free:
+        per_block = need / count
+        fits = int(0.9 * free / per_block)
+        run.error(f"memory.streamed_blocks: {count} streamed blocks keep {need:.1f} GiB of base weights in host RAM, "
+                  f"this machine has {free:.1f} GiB free: free host RAM, or set memory.streamed_blocks = {fits} "
+                  "(more weights stay on the GPU)")
 
 
 def _cuda() -> bool:

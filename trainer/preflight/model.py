@@ -1,5 +1,6 @@
 """Preflight checks of the names a config gives the model: LoRA target modules, block indices (skip layers, TREAD,
-CREPA), attention backends, expert options, and whether the adapter can be saved in the interchange format."""
+CREPA, streamed blocks), attention backends, expert options, and whether the adapter can be saved in the interchange
+format."""
 
 from __future__ import annotations
 
@@ -95,32 +96,112 @@ def check_block_indices(run: PreflightRun) -> None:
                   f"try {min(8, blocks - 1)}")
 
 
+def effective_memory(run: PreflightRun):
+    """The [memory] settings a run gets where the config decides them: a named preset's values under the fields set
+    explicitly ("auto" is chosen on the node: its explicit fields only)."""
+    from trainer.model.preset_choice import resolve_memory
+
+    return resolve_memory(run.cfg.memory, run.flavour, None, warn=False)
+
+
+def check_streaming(run: PreflightRun) -> None:
+    """Weight streaming (memory.streamed_blocks, preset low-16gb): a count the model has, checkpointed blocks, bf16
+    or int8 weights, one expert per run."""
+    memory, explicit = run.cfg.memory, run.cfg.memory.model_fields_set
+    if "streamed_blocks" in explicit and memory.streamed_blocks:
+        if memory.streamed_blocks > run.blocks:
+            run.error(f"memory.streamed_blocks = {memory.streamed_blocks}: {run.flavour.name} has {run.blocks} "
+                      f"transformer blocks: try {run.blocks} (every block) or fewer")
+        elif memory.checkpointed_blocks is not None and memory.streamed_blocks > memory.checkpointed_blocks:
+            run.error(f"memory.streamed_blocks = {memory.streamed_blocks} is more than memory.checkpointed_blocks = "
+                      f"{memory.checkpointed_blocks} (only checkpointed blocks stream): set memory.streamed_blocks = "
+                      f"{memory.checkpointed_blocks}, or memory.checkpointed_blocks = none")
+    try:
+        resolved = effective_memory(run)
+    except ValueError as err:  # the schema's own refusals of the mix (a named preset under explicit fields)
+        run.error(f"memory: {err}")
+        return
+    if not resolved.streamed_blocks or resolved.gradient_checkpointing == "none":
+        return
+    where = ("memory.streamed_blocks" if "streamed_blocks" in explicit
+             else f'memory.preset = "{memory.preset}" (it streams the weights of {resolved.streamed_blocks} blocks)')
+    if resolved.base_quantization == "fp8":
+        run.error(f'{where}: fp8 base weights do not stream: set memory.base_quantization = "int8", or '
+                  "memory.streamed_blocks = 0")
+    if run.cfg.model.train_both_experts:
+        run.error(f"{where}: not with model.train_both_experts (each expert would stream its own blocks): set "
+                  "memory.streamed_blocks = 0, or train one expert per run")
+
+
 @functools.lru_cache(maxsize=1)
-def attention_backend_names() -> list[str] | None:
-    """diffusers' attention backend names, read from its source without importing it (None: diffusers is absent)."""
+def _attention_dispatch_tree() -> ast.Module | None:
+    """diffusers' models/attention_dispatch.py, parsed without importing it (None: diffusers is absent); parsed once
+    per process (a check of a thousand-dataset config, or the form's every change, asks for it again)."""
     spec = importlib.util.find_spec("diffusers")
     if spec is None or not spec.submodule_search_locations:
         return None
     source = Path(spec.submodule_search_locations[0]) / "models" / "attention_dispatch.py"
     try:
-        tree = ast.parse(source.read_text(encoding="utf-8"))
+        return ast.parse(source.read_text(encoding="utf-8"))
     except (OSError, SyntaxError):
         return None
+
+
+def _backend_members(tree: ast.Module) -> dict[str, str]:
+    """AttentionBackendName member -> backend name."""
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "AttentionBackendName":
-            return [s.value.value for s in node.body
-                    if isinstance(s, ast.Assign) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)]
-    return None
+            return {s.targets[0].id: s.value.value for s in node.body
+                    if isinstance(s, ast.Assign) and isinstance(s.targets[0], ast.Name)
+                    and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)}
+    return {}
+
+
+def attention_backend_names() -> list[str] | None:
+    """diffusers' attention backend names, read from its source without importing it (None: diffusers is absent)."""
+    tree = _attention_dispatch_tree()
+    return None if tree is None else list(_backend_members(tree).values()) or None
+
+
+def context_parallel_backend_names() -> list[str] | None:
+    """The backends diffusers registers with `supports_context_parallel=True` (what `enable_parallelism` accepts),
+    read from its source (None: diffusers is absent)."""
+    tree = _attention_dispatch_tree()
+    if tree is None:
+        return None
+    members, found = _backend_members(tree), []
+    for node in tree.body:
+        for decorator in getattr(node, "decorator_list", []):
+            if not (isinstance(decorator, ast.Call) and decorator.args
+                    and isinstance(decorator.args[0], ast.Attribute) and decorator.args[0].attr in members):
+                continue
+            if any(k.arg == "supports_context_parallel" and isinstance(k.value, ast.Constant) and k.value.value is True
+                   for k in decorator.keywords):
+                found.append(members[decorator.args[0].attr])
+    return found
 
 
 def check_attention_backend(run: PreflightRun) -> None:
     name = run.cfg.memory.attention_backend
     names = attention_backend_names()
     if name == "auto" or names is None or name in names:
+        _context_parallel_backend(run)
         return
     close = difflib.get_close_matches(name, names, n=1)
     fix = f'did you mean "{close[0]}"?' if close else 'use "auto" or one of: ' + ", ".join(names)
     run.error(f'memory.attention_backend: unknown backend "{name}": {fix}')
+
+
+def _context_parallel_backend(run: PreflightRun) -> None:
+    """Under context parallel every attention runs through diffusers' Ulysses path, which only some backends have."""
+    memory = run.cfg.memory
+    supported = context_parallel_backend_names()
+    if memory.context_parallel <= 1 or memory.attention_backend == "auto" or supported is None \
+            or memory.attention_backend in supported:
+        return
+    run.error(f'memory.attention_backend = "{memory.attention_backend}" has no context-parallel path in diffusers '
+              f'(memory.context_parallel = {memory.context_parallel}): use "auto" (cuDNN SDPA on NVIDIA) or one of: '
+              + ", ".join(sorted(supported)))
 
 
 def check_experts(run: PreflightRun) -> None:
