@@ -192,7 +192,8 @@ def test_a_near_miss_of_every_choice_is_fixed(section, field, choice, few_clips,
     if (section, field, choice) == ("lora", "lora_type", "lycoris"):
         (tmp_path / "ly.json").write_text('{"algo": "lokr"}')
         _set(raw, ["lora", "lycoris_config"], str(tmp_path / "ly.json"))
-    needs_more = {("lora", "lora_type"), ("datasets", "caption_strategy")}  # the right value, which asks for more
+    needs_more = {("lora", "lora_type"), ("datasets", "caption_strategy"),  # the right value, which asks for more
+                  ("datasets", "control_pairing")}
     refused = (section, field, choice) in MACHINE_REFUSES or (section, field) in needs_more
     assert_fix_passes(tmp_path, raw, refused_here=refused, expect=".".join(str(p) for p in where).replace(".0.", "[0]."))
 
