@@ -115,7 +115,7 @@ def test_fp8_with_lycoris_is_refused_with_the_fix(clips, tmp_path):
     lycoris = tmp_path / "lycoris.json"
     lycoris.write_text(json.dumps({"algo": "lokr", "factor": 4}))
     for memory in ({"base_quantization": "fp8"}, {"preset": "balanced-fp8"}):
-        with pytest.raises(UserError, match='lora.lora_type = "standard" only.*"int8" with LyCORIS'):
+        with pytest.raises(UserError, match='lora.lora_type = "lora" only.*set lora.lora_type = "lora", or memory.*to keep LyCORIS'):
             tiny_config(clips, tmp_path / "run", memory=memory,
                         lora={"lora_type": "lycoris", "lycoris_config": str(lycoris)})
 

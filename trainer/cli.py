@@ -11,7 +11,7 @@ from pathlib import Path
 
 from trainer.config.files import load_config
 from trainer.config.schema import WanforgeConfig
-from trainer.errors import UserError
+from trainer.errors import UserError, is_disk_full
 
 UPLOAD_FAILED_EXIT = 3  # trained, but the final upload did not verify (run.json status upload_failed)
 
@@ -246,9 +246,14 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except KeyboardInterrupt as err:  # trainer.errors.RunStopped carries 128 + the signal (143 SIGTERM, 130 Ctrl-C)
         print(f"stopped: {err}" if str(err) else "stopped", file=sys.stderr)
         code = getattr(err, "exit_code", 130)
-    except BaseException:
-        _exit_if_distributed(1, traceback=True)
-        raise
+    except BaseException as err:
+        if not (isinstance(err, Exception) and is_disk_full(err)):  # a bug: the traceback is what helps
+            _exit_if_distributed(1, traceback=True)
+            raise
+        where = f" writing {err.filename}" if isinstance(err, OSError) and err.filename else ""
+        print(f"error: disk full: no space left on the device{where}: free space, then run the command again",
+              file=sys.stderr)
+        code = 2
     _exit_if_distributed(code)
     return code
 

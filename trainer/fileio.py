@@ -11,6 +11,8 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +106,38 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] 
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+WRITERS_LOCK = ".wanforge-writers.lock"
+
+
+@contextmanager
+def writing_into(folders: list[Path]) -> Iterator[list[Path]]:
+    """Hold a shared lock on each folder while writing into it (caches that several runs and processes fill at
+    once). The first writer to find no other one there (its exclusive lock succeeds) first clears the `.tmp-*`
+    leftovers of killed writers: a cache never keeps a dead process's temp files, and never loses a live one's.
+    Yields the leftovers removed. Without flock (Windows) nothing is cleared."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield []
+        return
+    fds: list[int] = []
+    removed: list[Path] = []
+    try:
+        for folder in dict.fromkeys(folders):
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / WRITERS_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                removed += remove_stale_temp(folder)
+            except BlockingIOError:
+                pass  # another writer is at work: its temp files are live
+            except OSError:  # a filesystem without locks: clear nothing
+                continue
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield removed
+    finally:
+        for fd in fds:
+            os.close(fd)

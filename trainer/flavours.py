@@ -205,3 +205,12 @@ def get_flavour(name: str) -> Flavour:
     if resolved is None:
         raise KeyError(name)
     return FLAVOURS[resolved]
+
+
+def trained_sizes(flavour: Flavour) -> list[tuple[int, int]]:
+    """(width, height) the flavour's model was trained at, landscape (either orientation works): its default, and
+    480p and 720p for the Wan 2.1 / 2.2 14B models."""
+    sizes = {(flavour.width, flavour.height)}
+    if "14b" in flavour.name:
+        sizes |= {(832, 480), (1280, 720)}
+    return sorted(sizes, key=lambda s: s[0] * s[1])

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from trainer.errors import UserError
+from trainer.errors import UserError, is_disk_full
 from trainer.fileio import atomic_write_json, atomic_write_text, remove_stale_temp
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,19 @@ FINAL_STATUSES: tuple[str, ...] = ("completed", "stopped", "failed", "upload_fai
 CHECKPOINT_MARKER = "wanforge_state.json"
 LOCK_FILE = ".wanforge.lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _overwrite_in_place(path: Path, text: str) -> None:
+    """On a full disk a new file can't be made, but an existing small one can be rewritten in the blocks it already
+    has: run.json still tells the truth after the disk ran out (not atomic, which only a full disk justifies)."""
+    data = text.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:
@@ -160,7 +173,12 @@ class RunDir:
         data.update(fields, updated_at=_now())
         if status is not None:
             data["status"] = status
-        atomic_write_json(self.run_json, data)
+        try:
+            atomic_write_json(self.run_json, data)
+        except OSError as err:
+            if not is_disk_full(err) or not self.run_json.is_file():
+                raise
+            _overwrite_in_place(self.run_json, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     # ---------------------------------------------------------------- metrics
     def log_metrics(self, record: dict[str, Any]) -> None:

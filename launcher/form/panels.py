@@ -78,7 +78,10 @@ def scan_config(cfg: WanforgeConfig) -> ScanSummary:
         summary.lines = [str(err)]
         return summary
     for i, ds in enumerate(cfg.datasets):
-        scan = None if ds.disabled else scan_dataset(ds, i, cfg.model.flavour)
+        try:
+            scan = None if ds.disabled else scan_dataset(ds, i, cfg.model.flavour)
+        except UserError:  # a folder that isn't there: already among the errors
+            scan = None
         clips = scan.clips if scan is not None else []
         summary.clips_per_dataset.append(len(clips))
         if clips:

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from trainer.config.section import Section, not_empty
 
@@ -144,6 +144,14 @@ class DatasetConfig(Section):
     @classmethod
     def _path_given(cls, v: Any) -> Any:
         return not_empty(v, "the folder of clips and captions")
+
+    @field_validator("instance_prompt", mode="before")
+    @classmethod
+    def _trigger_given(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, str) and not v.strip() and info.data.get("caption_strategy") == "instanceprompt":
+            raise ValueError('is empty, and caption_strategy "instanceprompt" captions every sample with it: give '
+                             'the trigger words, e.g. instance_prompt = "sks toy"')
+        return v
 
     @field_validator("num_frames")
     @classmethod

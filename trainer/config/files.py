@@ -11,7 +11,7 @@ from typing import Any
 import tomli_w
 from pydantic import BaseModel, ValidationError
 
-from trainer.config.messages import format_errors, is_list_field, section_model
+from trainer.config.messages import OWN_TYPO, format_errors, is_list_field, key_homes, section_model
 from trainer.config.schema import WanforgeConfig
 from trainer.errors import UserError
 
@@ -32,26 +32,41 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def _override_problem(parts: list[str], value: Any) -> str | None:
-    """Why `--set a.b.c=value` names no field of the schema (None: it does)."""
+def _override_problem(parts: list[str], value: Any, text: str, data: dict[str, Any]) -> str | None:
+    """Why `--set a.b.c=value` names no field of the schema (None: it does), ending in a `--set` that would apply
+    where there is one (`text`: the value as given)."""
     model: type[BaseModel] = WanforgeConfig
+    node: Any = data
     i = 0
+
+    def use(*path: str) -> str:
+        return f"--set {'.'.join(path)}={text}"
+
     while i < len(parts):
-        part, where = parts[i], ".".join(parts[:i])
+        part = parts[i]
         field = model.model_fields.get(part)
         if field is None:
-            close = difflib.get_close_matches(part, list(model.model_fields), n=1)
-            hint = f"did you mean {'.'.join([*parts[:i], close[0]])}?" if close else "its fields: " + ", ".join(model.model_fields)
-            return f'{where or "the config"} has no field "{part}": {hint}'
+            return _unknown_field(parts, i, model, value, use)
         name, sub, last = ".".join(parts[: i + 1]), section_model(field.annotation), i == len(parts) - 1
+        node = node.get(part) if isinstance(node, dict) else None
         if sub is None:
-            return None if last else f"{name} is a value, not a section: set it directly, e.g. --set {name}=VALUE"
+            return None if last else f"{name} is a value, not a section: set it directly: {use(*parts[: i + 1])}"
         if is_list_field(field.annotation):
             if last:
                 return None if isinstance(value, list) else \
                     f"{name} is a list of tables: set a field of one item, e.g. --set {name}.0.FIELD=VALUE"
-            if not parts[i + 1].isdigit():
-                return f"{name} is a list: name an item by its index, e.g. --set {name}.0.{parts[i + 1]}=VALUE"
+            items = len(node) if isinstance(node, list) else 0
+            index = parts[i + 1]
+            if not re.fullmatch(r"-?\d+", index):
+                return (f"{name} is a list: name an item by its index (from 0): "
+                        + (use(name, "0", *parts[i + 1:]) if items else f"add a [[{name}]] table in the file first"))
+            if not 0 <= int(index) < items:
+                if not items:
+                    return f"{name} has no items in the file: add a [[{name}]] table in the file first"
+                nearest = str(min(max(int(index) + (items if int(index) < 0 else 0), 0), items - 1))
+                return (f'"{index}" is not an index of {name} (indices 0..{items - 1}, counted from 0; negative ones '
+                        f"are not read): {use(name, nearest, *parts[i + 2:])}")
+            node = node[int(index)]
             i += 1
             if i == len(parts) - 1:
                 return None if isinstance(value, dict) else \
@@ -64,25 +79,45 @@ def _override_problem(parts: list[str], value: Any) -> str | None:
     return None
 
 
+def _unknown_field(parts: list[str], i: int, model: type[BaseModel], value: Any, use) -> str:
+    """`--set` named a field its section lacks: a typo there, the section that has it, or the fields to choose from."""
+    part, where = parts[i], ".".join(parts[:i]) or "the config"
+    own = difflib.get_close_matches(part, list(model.model_fields), n=1)
+    own_ratio = difflib.SequenceMatcher(None, part, own[0]).ratio() if own else 0.0
+    in_a_section = i <= 1 or (i == 2 and parts[0] == "datasets")
+    homes = key_homes(part, parts[0] if i else None, value) if in_a_section else []
+    exact = [h for h in homes if h.field == part]
+    if own and (own_ratio >= OWN_TYPO or not exact):
+        return f'{where} has no field "{part}": did you mean {".".join([*parts[:i], own[0]])}? ' \
+               f"({use(*parts[:i], own[0], *parts[i + 1:])})"
+    if homes:
+        h = homes[0]
+        path = [h.section, "0", h.field] if h.is_list else [h.section, h.field]
+        return f'{where} has no field "{part}" (it is a field of {h.table}): did you mean {".".join(path)}? ' \
+               f"({use(*path, *parts[i + 1:])})"
+    return f'{where} has no field "{part}": its fields: ' + ", ".join(model.model_fields)
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b=v` (or `datasets.0.path=v` / `datasets[0].path=v`) to raw config data, in place. A key the schema does not have, a
-    value set into a section or a field set inside a value is a UserError naming the fix."""
+    """Apply one `a.b=v` (or `datasets.0.path=v` / `datasets[0].path=v`) to raw config data, in place. A key the schema
+    does not have, a value set into a section, a field set inside a value or an index the file lacks is a UserError
+    naming the fix (a `--set` that applies)."""
     key, sep, value = assignment.partition("=")
     if not sep or not key.strip():
         raise UserError(f'--set "{assignment}": expected section.key=value, for example --set train.max_train_steps=500')
-    key = re.sub(r"\[\s*(\d+)\s*\]", r".\1", key)  # datasets[0].repeats, as the error messages name it
+    key = re.sub(r"\[\s*(-?\d+)\s*\]", r".\1", key)  # datasets[0].repeats, as the error messages name it
     parts = [p.strip() for p in key.strip().split(".")]
+    if not all(parts):
+        raise UserError(f'--set "{assignment}": "{key.strip()}" has an empty name between dots: write '
+                        "section.key=value, for example --set train.max_train_steps=500")
     parsed = parse_value(value.strip())
-    problem = _override_problem(parts, parsed)
+    problem = _override_problem(parts, parsed, value.strip(), data)
     if problem:
         raise UserError(f'--set "{assignment}": {problem}')
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                have = f"indices 0..{len(node) - 1}" if node else "no items: add one in the file first"
-                raise UserError(f'--set "{assignment}": "{part}" is not an index of {".".join(parts[:i])} ({have})')
-            node = node[int(part)]
+            node = node[int(part)]  # checked above
         elif isinstance(node, dict):
             node = node.setdefault(part, [] if parts[i + 1].isdigit() else {})
         else:
@@ -96,7 +131,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config", base_dir: Pat
     try:
         cfg = WanforgeConfig.model_validate(data)
     except ValidationError as err:
-        raise UserError(format_errors(err, source)) from None
+        raise UserError(format_errors(err, source, data)) from None
     if base_dir is not None:
         _resolve_paths(cfg, base_dir)
     return cfg

@@ -112,6 +112,15 @@ class LoraConfig(Section):
         '"linear_dim": 10000, "linear_alpha": 1, "factor": 16, "apply_preset": {...}} (lycoris.create_lycoris kwargs).',
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _something_to_train(cls, v: list[str]) -> list[str]:
+        """An empty list would train nothing (peft refuses it mid-run); a name given twice counts once."""
+        if not v:
+            raise ValueError('is empty, so nothing would train: remove the key to use the default (every block\'s '
+                             'attention and feed-forward), or name modules, e.g. ["attn1.to_q", "attn1.to_k"]')
+        return list(dict.fromkeys(name.strip() for name in v))
+
     @model_validator(mode="after")
     def _lycoris_needs_config(self) -> LoraConfig:
         if self.lora_type == "lycoris" and self.lycoris_config is None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from trainer.config.data import DatasetConfig
 from trainer.config.section import SEED_MAX, Section, not_empty
@@ -166,6 +166,15 @@ class ValidationConfig(Section):
     eval_buckets: int = Field(5, ge=1, le=50, description="Noise-level buckets the eval loss is reported for (one fixed level each).")
     eval_seed: int = Field(1234, ge=0, le=SEED_MAX, description="Seed of the eval noise.")
 
+    @field_validator("instance_prompt", mode="before")
+    @classmethod
+    def _trigger_given(cls, v: Any, info: ValidationInfo) -> Any:
+        prompt = info.data.get("prompt") or ""
+        if isinstance(v, str) and not v.strip() and "<token>" in prompt:
+            raise ValueError('is empty, and validation.prompt uses <token>, which it stands for: give the trigger '
+                             'word, e.g. instance_prompt = "sks"')
+        return v
+
     @field_validator("num_frames")
     @classmethod
     def _frames_four_k_plus_one(cls, v: int | None) -> int | None:
@@ -209,6 +218,13 @@ class HubConfig(Section):
     trigger_words: list[str] = Field(
         default_factory=list, description="Trigger words for the model card (default: validation.instance_prompt)."
     )
+
+    @field_validator("hub_model_id", mode="before")
+    @classmethod
+    def _repo_given(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, str) and not v.strip() and (info.data.get("push_to_hub") or info.data.get("push_checkpoints_to_hub")):
+            raise ValueError('is empty, and uploading needs it: hub_model_id = "your-user/your-lora"')
+        return v
 
     @model_validator(mode="after")
     def _needs_repo(self) -> HubConfig:

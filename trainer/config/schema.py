@@ -61,11 +61,16 @@ class WanforgeConfig(Section):
 
     @model_validator(mode="after")
     def _fp8_needs_a_standard_lora(self) -> WanforgeConfig:
-        fp8 = self.memory.base_quantization == "fp8" or self.memory.preset == "balanced-fp8"
-        if fp8 and self.lora.lora_type == "lycoris":
-            raise ValueError('memory: fp8 base weights (base_quantization = "fp8" or preset = "balanced-fp8") work with '
-                             'lora.lora_type = "standard" only: LyCORIS adds its delta to the base weight itself, which '
-                             'fp8 keeps quantized; use base_quantization = "none" or "int8" with LyCORIS')
+        if self.lora.lora_type != "lycoris":
+            return self
+        why = ('works with lora.lora_type = "lora" only (LyCORIS adds its delta to the base weight itself, which fp8 '
+               "keeps quantized)")
+        if self.memory.base_quantization == "fp8":
+            raise ValueError(f'memory.base_quantization = "fp8" {why}: set lora.lora_type = "lora", or '
+                             'memory.base_quantization = "int8" to keep LyCORIS')
+        if self.memory.preset == "balanced-fp8":
+            raise ValueError(f'memory.preset = "balanced-fp8" {why}: set lora.lora_type = "lora", or '
+                             'memory.preset = "balanced" to keep LyCORIS')
         return self
 
     def dataset_shape(self, index: int = 0) -> tuple[int, int, int]:

@@ -28,7 +28,7 @@ class TrainConfig(Section):
     @field_validator("output_dir", mode="before")
     @classmethod
     def _output_given(cls, v: Any) -> Any:
-        return not_empty(v, 'the run folder, e.g. "runs/my-lora"')
+        return not_empty(v, 'the run folder, e.g. output_dir = "runs/my-lora"')
 
     @model_validator(mode="after")
     def _one_clipping(self) -> TrainConfig:

@@ -114,6 +114,29 @@ def downsample_scale(ds: DatasetConfig, width: int, height: int) -> float | None
     return math.sqrt(ratio) if ds.resolution_type == "area" else ratio
 
 
+@dataclass(frozen=True)
+class Fit:
+    """What fitting a source frame to its bucket costs: the share of the frame kept by the crop (1: all), how much
+    the aspect is stretched instead (crop = false; 1: none), and the upscale factor (1 or less: none)."""
+
+    kept: float
+    stretch: float
+    upscale: float
+
+
+def fit_of(ds: DatasetConfig, bucket: Bucket, src_width: int, src_height: int) -> Fit:
+    """The cost of fitting a source to its bucket, as trainer.data.video.fit_to_size does it (a large source first
+    scaled down by maximum_image_size / target_downsample_size)."""
+    ratio = (bucket.width / bucket.height) / (src_width / src_height)
+    off = min(ratio, 1 / ratio)
+    scale = downsample_scale(ds, src_width, src_height) or 1.0
+    width, height = src_width * min(scale, 1.0), src_height * min(scale, 1.0)
+    if ds.crop:
+        upscale = max(bucket.width / width, bucket.height / height)
+        return Fit(kept=off, stretch=1.0, upscale=upscale)
+    return Fit(kept=1.0, stretch=1 / off, upscale=math.sqrt(bucket.width * bucket.height / (width * height)))
+
+
 def too_small(ds: DatasetConfig, info: MediaInfo) -> str | None:
     if ds.minimum_image_size is None:
         return None
@@ -159,12 +182,23 @@ def plan_batches(bucket_keys: dict[int, list[str]], repeats: dict[int, int], bat
 
 
 def repeats_needed(plan: BatchPlan, d: int, repeats: int, batch_size: int, batches_needed: int) -> int:
-    """The smallest repeats that give dataset d at least `batches_needed` whole batches."""
-    base = {k: n // repeats for k, n in plan.samples[d].items()}
-    for r in range(repeats, repeats + 10_000):
-        if sum(n * r // batch_size for n in base.values()) >= batches_needed:
-            return r
-    return repeats + 10_000
+    """The smallest repeats that give dataset d at least `batches_needed` whole batches (a search over a monotone
+    count, so a huge shortfall costs a few dozen sums, not thousands)."""
+    base = [n // repeats for n in plan.samples[d].values()]
+
+    def enough(r: int) -> bool:
+        return sum(n * r // batch_size for n in base) >= batches_needed
+
+    if not any(base):
+        return repeats
+    hi = repeats
+    while not enough(hi):
+        hi *= 2
+    lo = max(repeats, hi // 2)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid + 1, hi)
+    return lo
 
 
 def report_lines(names: list[str], plan: BatchPlan, skipped: list[tuple[str, str]], batch_size: int) -> list[str]:

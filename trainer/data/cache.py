@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from trainer.config.data import DatasetConfig
@@ -28,12 +28,13 @@ from trainer.config.schema import WanforgeConfig
 from trainer.data.buckets import Bucket, downsample_scale
 from trainer.data.conditioning import first_frame_entry
 from trainer.data.discovery import Clip, cache_root, scan_dataset, target_fps
+from trainer.data.entries import entry_problem
 from trainer.data.probe import MediaError
 from trainer.data.sources import quarantine
 from trainer.data.vace_pairing import ControlFiles
 from trainer.data.video import fit_to_size, read_frames_at, read_image, sample_times
-from trainer.errors import UserError
-from trainer.fileio import atomic_write_json, temp_path_beside
+from trainer.errors import OutOfMemory, UserError, is_disk_full, is_out_of_memory
+from trainer.fileio import atomic_save_safetensors, atomic_write_json, writing_into
 from trainer.flavours import get_flavour
 from trainer.model.components import component_id, load_text_encoder, load_tokenizer, load_vae
 from trainer.model.memory import cudnn_benchmark
@@ -143,13 +144,28 @@ def read_sample(spec: LatentSpec) -> torch.Tensor:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = temp_path_beside(path)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """A cache entry, written under a temp name and renamed (with the user's umask, like every other output)."""
+    atomic_save_safetensors(tensors, path)
+
+
+def latent_shape(cfg: WanforgeConfig, bucket: Bucket) -> tuple[int, ...]:
+    """[C, F', H/s, W/s] of a bucket's latents (4 frames and s x s pixels per latent position)."""
+    f = get_flavour(cfg.model.flavour)
+    return (f.latent_channels, (bucket.frames - 1) // 4 + 1, bucket.height // f.vae_spatial, bucket.width // f.vae_spatial)
+
+
+def _rebuild_damaged(cfg: WanforgeConfig, latents: list[tuple[Path, LatentSpec]], texts: list[Path]) -> int:
+    """Damaged entries among this process's share are named, removed and so built again; returns how many."""
+    damaged = 0
+    checks = [(lp, {"latents": latent_shape(cfg, spec.bucket)}) for lp, spec in latents if lp.is_file()]
+    checks += [(tp, {"embeds": 2}) for tp in texts if tp.is_file()]
+    for path, expected in checks:
+        why = entry_problem(path, expected)
+        if why is not None:
+            log.warning("damaged cache entry %s (%s): building it again", path, why)
+            path.unlink(missing_ok=True)
+            damaged += 1
+    return damaged
 
 
 def normalise_latents(mu: torch.Tensor, vae) -> torch.Tensor:
@@ -194,6 +210,15 @@ def build_caches(
     """Scan every enabled dataset, encode what is missing (this process's share), and return the samples that are
     ready to train on. With several processes, pass `barrier` (accelerator.wait_for_everyone): every process returns
     the same samples once all shares are built."""
+    folders = [f for ds in cfg.datasets if not ds.disabled for f in (cache_root(ds), text_cache_root(ds))]
+    with writing_into(folders) as leftovers:
+        for path in leftovers:
+            log.info("removed %s (left by a killed caching run)", path)
+        return _build_caches(cfg, device, extra_texts, show_progress, rank, world_size, barrier)
+
+
+def _build_caches(cfg: WanforgeConfig, device: torch.device, extra_texts: list[str], show_progress: bool, rank: int,
+                  world_size: int, barrier: Callable[[], None] | None) -> CacheReport:
     report = CacheReport()
     latent_entries: dict[Path, LatentSpec] = {}  # every entry in use, built or not
     text_entries: dict[Path, str] = {}
@@ -225,9 +250,10 @@ def build_caches(
 
     # each process owns a fixed share of ALL entries (not of the missing ones, which depend on timing)
     share = sorted(latent_entries.items(), key=lambda item: (item[1].bucket, str(item[0])))[rank::world_size]
-    todo = [(lp, spec) for lp, spec in share if not lp.is_file() and not _failure(lp)]
-    report.built_latents = encode_latent_entries(cfg, todo, device, show_progress)
     texts = sorted(text_entries.items())[rank::world_size]
+    _rebuild_damaged(cfg, share, [tp for tp, _ in texts])
+    todo = [(lp, spec) for lp, spec in share if not lp.is_file() and not _failure(lp, spec)]
+    report.built_latents = encode_latent_entries(cfg, todo, device, show_progress)
     report.built_texts = _encode_texts(cfg, {tp: t for tp, t in texts if not tp.is_file()}, device, show_progress)
     if barrier is not None:
         barrier()
@@ -239,7 +265,8 @@ def build_caches(
             if s.latent_path.is_file():
                 kept.append(s)
             else:
-                report.skipped.append((s.video, _failure(s.latent_path) or "not cached (another process failed on it)"))
+                report.skipped.append((s.video, _failure(s.latent_path, latent_entries[s.latent_path])
+                                       or "not cached (another process failed on it)"))
         ready.append(kept)
     report.samples = ready
     if get_flavour(cfg.model.flavour).task == "i2v":
@@ -272,13 +299,34 @@ def _build_conditioning_share(cfg: WanforgeConfig, samples: list[list[Sample]], 
     return sum(conditioning_path(cfg, p).is_file() for p in missing)
 
 
-def _failure(lp: Path) -> str | None:
+def _source_identity(spec: LatentSpec) -> list[int] | None:
+    try:
+        st = spec.source.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _failure(lp: Path, spec: LatentSpec | None = None) -> str | None:
+    """Why this entry could not be built, if its source is still the very file that failed (a file fixed since,
+    even with its old size and time, is tried again)."""
     marker = lp.with_suffix(FAILED_SUFFIX)
-    return marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or (spec is not None and record.get("source") != _source_identity(spec)):
+        return None
+    return str(record.get("why", "could not be decoded"))
+
+
+def _mark_failed(lp: Path, spec: LatentSpec, why: str) -> None:
+    atomic_write_json(lp.with_suffix(FAILED_SUFFIX), {"why": why, "source": _source_identity(spec)})
 
 
 def _try_read(spec: LatentSpec) -> tuple[torch.Tensor, object] | MediaError:
-    """(the clip's frames, its VACE control frames or None), or why it can't be read."""
+    """(the clip's frames, its VACE control frames or None), or the MediaError that makes it unusable. Running out of
+    memory is no fault of the clip: it is raised (OutOfMemory, naming the size), never recorded against the file."""
     try:
         extra = None
         if spec.control is not None:
@@ -288,8 +336,19 @@ def _try_read(spec: LatentSpec) -> tuple[torch.Tensor, object] | MediaError:
         return read_sample(spec), extra
     except MediaError as err:
         return err
-    except (OSError, ValueError, RuntimeError, EOFError) as err:  # decoders raise these on damaged files too
+    except (OSError, ValueError, RuntimeError, EOFError, MemoryError) as err:  # decoders raise these on damaged files
+        if is_out_of_memory(err):
+            raise _too_big(spec.bucket, "decoding", "host") from None
+        if is_disk_full(err):
+            raise
         return MediaError(f"unreadable ({err.__class__.__name__}: {err})")
+
+
+def _too_big(bucket: Bucket, doing: str, memory: str, batch: int = 1) -> OutOfMemory:
+    return OutOfMemory(f"out of {memory} memory {doing} {batch} clip(s) of {bucket.width}x{bucket.height}x"
+                       f"{bucket.frames} frames (bucket {bucket.key}): the size is too big for this machine, not a "
+                       "fault of the clips: lower the datasets' resolution (or width and height) or num_frames"
+                       + (", or set cache.vae_batch_size = 1" if batch > 1 else ""))
 
 
 def _decoded(todo: list[tuple[Path, LatentSpec]], workers: int) -> Iterator[tuple[Path, tuple | MediaError]]:
@@ -327,11 +386,17 @@ def encode_latent_entries(cfg: WanforgeConfig, todo: list[tuple[Path, LatentSpec
     vae = vae if vae is not None else load_vae(cfg.model, cache_vae_dtype(cfg, device)).to(device).eval()
     store = torch.bfloat16 if cfg.cache.compress_latents else torch.float32
     buckets = {lp: spec.bucket for lp, spec in todo}
+    specs = dict(todo)
     pending: list[tuple[Path, torch.Tensor, object]] = []
     built = 0
 
     def flush() -> int:
-        latents = encode_videos(vae, torch.stack([clip for _, clip, _ in pending]), device)
+        try:
+            latents = encode_videos(vae, torch.stack([clip for _, clip, _ in pending]), device)
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise _too_big(buckets[pending[0][0]], "encoding", device.type.upper(), len(pending)) from None
         for (lp, clip, control), z in zip(pending, latents):
             # I2V: the clip's first frame rides along; trainer.data.conditioning builds the image conditioning from it
             entry = {"latents": z.to(store), **first_frame_entry(cfg, clip)}
@@ -348,8 +413,7 @@ def encode_latent_entries(cfg: WanforgeConfig, todo: list[tuple[Path, LatentSpec
             cudnn_benchmark():  # one bucket, one shape: cuDNN's fastest 3D convolutions, timed once
         for lp, decoded in _decoded(todo, cfg.cache.decode_workers):
             if isinstance(decoded, MediaError):
-                lp.parent.mkdir(parents=True, exist_ok=True)
-                lp.with_suffix(FAILED_SUFFIX).write_text(str(decoded) + "\n", encoding="utf-8")
+                _mark_failed(lp, specs[lp], str(decoded))
             else:
                 if pending and (buckets[pending[0][0]] != buckets[lp] or len(pending) >= cfg.cache.vae_batch_size):
                     built += flush()

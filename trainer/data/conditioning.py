@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from trainer.config.model import ModelConfig
 from trainer.config.schema import WanforgeConfig
-from trainer.fileio import temp_path_beside
+from trainer.data.entries import entry_problem
+from trainer.fileio import atomic_save_safetensors
 from trainer.flavours import Flavour, get_flavour
+
+log = logging.getLogger(__name__)
 
 MASK_CHANNELS = 4  # the VAE's temporal factor: one mask channel per frame folded into a latent frame
 CONDITIONING_VERSION = "i2v-v1"
@@ -98,14 +102,18 @@ def conditioning_path(cfg: WanforgeConfig, latent_path: Path) -> Path:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_beside(path)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_save_safetensors(tensors, path)  # temp name, rename, the user's umask
+
+
+def _usable(path: Path) -> bool:
+    """An entry that exists and reads; a damaged one is named and removed, so it is built again."""
+    if not path.is_file():
+        return False
+    why = entry_problem(path, {"condition": 4})
+    if why is not None:
+        log.warning("damaged cache entry %s (%s): building it again", path, why)
+        path.unlink(missing_ok=True)
+    return why is None
 
 
 def _read_first_frame(latent_path: Path) -> tuple[torch.Tensor, int]:
@@ -125,7 +133,7 @@ def build_conditioning(cfg: WanforgeConfig, latent_paths: list[Path], device: to
     from trainer.model.components import load_image_encoder, load_vae
 
     paths = {lp: conditioning_path(cfg, lp) for lp in dict.fromkeys(latent_paths)}
-    todo = [(lp, cp) for lp, cp in paths.items() if not cp.is_file()]
+    todo = [(lp, cp) for lp, cp in paths.items() if not _usable(cp)]
     if not todo:
         return paths
     vae = load_vae(cfg.model, torch.float32).to(device).eval()

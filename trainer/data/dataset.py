@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from trainer.config.schema import WanforgeConfig
 from trainer.data.buckets import BatchPlan, plan_batches, report_lines, step_problems
 from trainer.data.cache import Sample
-from trainer.errors import UserError
+from trainer.errors import UserError, is_disk_full
 
 
 def load_latents(path: Path) -> dict[str, torch.Tensor]:
@@ -45,10 +45,22 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s = self.samples[index]
         text = self.empty_text_path if index >= self.unique else s.text_path
-        item = {**load_latents(s.latent_path), "text": load_file(str(text))["embeds"]}
+        item = {**read_entry(s.latent_path, load_latents), "text": read_entry(text)["embeds"]}
         for path in s.extra.values():  # more cached tensors per sample (e.g. conditioning), batched by Collate
-            item.update(load_file(str(path)))
+            item.update(read_entry(path))
         return item
+
+
+def read_entry(path: Path, reader=None) -> dict[str, torch.Tensor]:
+    """One cache entry (through `reader`, default safetensors' load_file); one damaged since the run checked it is
+    named (deleting it makes the next run build it again)."""
+    try:
+        return reader(path) if reader is not None else load_file(str(path))
+    except Exception as err:  # safetensors' own error types, or a vanished file
+        if is_disk_full(err):
+            raise
+        raise UserError(f"cache entry {path} is damaged ({err.__class__.__name__}: {str(err)[:120]}): delete it and "
+                        "run again with --resume latest (it is built again)") from None
 
 
 def pad_text(embeds: list[torch.Tensor], max_length: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ from trainer.fileio import atomic_save_safetensors, atomic_write_json, atomic_wr
 from trainer.model.lora import adapter_state_dict, load_adapter_state_dict
 from trainer.model.sharding import full_tensors, shard_optimizer_state
 from trainer.outputs.finite import require_finite
+from trainer.preflight.tensors import require_finite_checkpoint
 from trainer.rundir import CHECKPOINT_MARKER, RunDir, checkpoint_manifest
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -242,6 +243,7 @@ def verify_checkpoint(path: Path) -> int:
                     json.loads((f.metadata() or {})[_META_KEY])
         except Exception as err:
             raise _unreadable(path / name, err) from None
+    require_finite_checkpoint(path, (ADAPTER_FILE, STATE_FILE))  # NaN weights would only diverge later
     return checkpoint_step(path)
 
 

@@ -21,7 +21,7 @@ from trainer.data.cache import Sample, build_caches
 from trainer.data.conditioning import build_conditioning, with_conditioning
 from trainer.data.dataset import Collate, TrainingData
 from trainer.distributed import keep_until_exit, noise_generator
-from trainer.errors import UserError
+from trainer.errors import DiskFull, OutOfMemory, UserError, is_disk_full, is_out_of_memory
 from trainer.flavours import Flavour, get_flavour
 from trainer.loop.checkpointing import (OptimizerState, SchedulePosition, TrainState, checkpoint_config, load_checkpoint,
                                    verify_checkpoint)
@@ -170,16 +170,70 @@ def _train_locked(cfg: WanforgeConfig, run: RunDir, accelerator, resume: str | N
     accelerator.wait_for_everyone()
     webhooks = Webhooks.from_config(cfg.tracking.webhook_config if main else None,
                                     cfg.tracking.run_name or run.root.name)
+    reached = Reached(start_step)
     try:
         with StopSignals() as signals:
             return _train(cfg, run, accelerator, flavour, base_dtype, resume_from, show_progress, on_step, webhooks,
-                          signals)
+                          signals, reached)
     except BaseException as err:
+        plain = _plain_fault(run, err, reached, accelerator.device)
         if main:
-            _record_failure(run, cfg, err, webhooks)
+            try:
+                _record_failure(run, cfg, plain or err, webhooks, reached)
+            except OSError as record_err:  # the disk that failed may refuse run.json too: the error still counts
+                log.error("could not record the failure in %s: %s", run.run_json, record_err)
+        if plain is not None:
+            raise plain from None
         raise
     finally:
         webhooks.close()
+
+
+@dataclass
+class Reached:
+    """How far a run got, for the line and run.json a fault mid-run leaves: the last finished optimizer step and the
+    latent shape of the batch in hand."""
+
+    step: int = 0
+    latents: tuple[int, ...] | None = None
+
+
+def _plain_fault(run: RunDir, err: BaseException, reached: Reached, device: torch.device) -> UserError | None:
+    """A full disk or a size too big for memory, as the one line the CLI prints (exit 2, no traceback)."""
+    if isinstance(err, UserError) or not isinstance(err, Exception):
+        return None
+    if is_disk_full(err):
+        done = run.complete_checkpoints()
+        good = f"the last good checkpoint is {done[-1][1]}" if done else "no checkpoint was saved yet"
+        where = next((e.filename for e in _chain(err) if isinstance(e, OSError) and e.filename), None)
+        when = f"after step {reached.step}" if reached.step else "before the first step"
+        return DiskFull(f"disk full: no space left on the device{f' writing {where}' if where else ''} {when} "
+                        f"({good}; run.json keeps both): free space there (df -h {run.root}), then go on with: "
+                        "wanforge train CONFIG --resume latest")
+    if is_out_of_memory(err):
+        return OutOfMemory(f"out of {device.type.upper()} memory at step {reached.step + 1} training "
+                           f"{_shape(reached.latents)}: this size does not fit this machine (the clips are fine): "
+                           'lower the datasets\' resolution or num_frames or train.train_batch_size, or set '
+                           'memory.preset = "low"')
+    return None
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while err is not None and err not in out:
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
+
+
+def _shape(latents: tuple[int, ...] | None) -> str:
+    """[B, C, F', h, w] latents as the frames they came from: "2 clips of 832x480x81" (the VAE packs 4 frames and
+    8x8 pixels per latent; the 2.2 VAE 16x16, which the channel count tells)."""
+    if latents is None or len(latents) != 5:
+        return "its first batch"
+    b, c, f, h, w = latents
+    px = 16 if c == 48 else 8
+    return f"{b} clip(s) of {w * px}x{h * px}x{(f - 1) * 4 + 1}"
 
 
 def _check_resume(cfg: WanforgeConfig, resume_from: Path | None) -> tuple[int, list[str]]:
@@ -194,14 +248,18 @@ def _check_resume(cfg: WanforgeConfig, resume_from: Path | None) -> tuple[int, l
     return step, (check_resume_settings(saved, cfg, str(resume_from)) if saved is not None else [])
 
 
-def _record_failure(run: RunDir, cfg: WanforgeConfig, err: BaseException, webhooks: Webhooks) -> None:
-    """run.json after an exception: `stopped` (kept if the loop already wrote it) or `failed` with the error."""
+def _record_failure(run: RunDir, cfg: WanforgeConfig, err: BaseException, webhooks: Webhooks,
+                    reached: Reached) -> None:
+    """run.json after an exception: `stopped` (kept if the loop already wrote it) or `failed` with the error, the step
+    reached and the last good checkpoint."""
     if isinstance(err, KeyboardInterrupt):
         if run.read_status().get("status") != "stopped":
             run.write_status(status="stopped", error=None, stop_reason=str(err))
         webhooks.send("info", f"stopped: {err}")
         return
-    fields = {}
+    done = run.complete_checkpoints()
+    fields: dict[str, Any] = {"step": reached.step,
+                              "last_good_checkpoint": str(done[-1][1].relative_to(run.root)) if done else None}
     if isinstance(err, NonFiniteError):
         done = run.complete_checkpoints()
         good = done[-1][1] if done else None
@@ -211,8 +269,7 @@ def _record_failure(run: RunDir, cfg: WanforgeConfig, err: BaseException, webhoo
             f"--resume {good} --set optim.learning_rate={lr:g} (or from an earlier one, if its weights had already "
             "grown too large)" if good is not None else
             f"No checkpoint was saved before it: start again with a lower learning rate (optim.learning_rate = {lr:g})"),)
-        fields = {"failed_at_step": getattr(err, "step", None),
-                  "last_good_checkpoint": str(good.relative_to(run.root)) if good is not None else None}
+        fields["failed_at_step"] = getattr(err, "step", None)
     run.write_status(status="failed", error=f"{err.__class__.__name__}: {err}"[:2000], **fields)
     webhooks.error(err)
 
@@ -251,13 +308,15 @@ class Training:
     webhooks: Webhooks
     settings: ValidationSettings
     caches_built: int
+    reached: Reached = field(default_factory=Reached)
 
 
 def _train(cfg: WanforgeConfig, run: RunDir, accelerator, flavour: Flavour, base_dtype: torch.dtype,
            resume_from: Path | None, show_progress: bool, on_step, webhooks: Webhooks,
-           signals: StopSignals) -> TrainResult:
+           signals: StopSignals, reached: Reached) -> TrainResult:
     """The recipe: prepare everything once, loop over the optimizer steps, finish with the LoRA files and the upload."""
     training = _prepare(cfg, run, accelerator, flavour, base_dtype, resume_from, show_progress, webhooks)
+    training.reached = reached
     if accelerator.num_processes > 1:  # its process group must outlive it (trainer/distributed.py)
         keep_until_exit(training)
     _loop(training, signals, on_step)
@@ -434,6 +493,7 @@ def _loop(t: Training, signals: StopSignals, on_step) -> None:
                 continue
             t.lr_scheduler.step()
             state.step += 1
+            t.reached.step = state.step
             if t.ema is not None:
                 t.ema.after_step(state.step)
             t.progress.update(1)
@@ -452,6 +512,7 @@ def _micro_step(t: Training, batch: dict, micro: int) -> tuple[torch.Tensor, tor
     cfg, accelerator = t.cfg, t.accelerator
     rank, world_size = _data_rank(cfg, accelerator)
     generator = noise_generator(cfg.train.seed, micro * world_size + rank, accelerator.device)
+    t.reached.latents = tuple(batch["latents"].shape)
     with accelerator.accumulate(t.transformer):
         loss = training_step(t.transformer, batch, cfg, generator, accelerator.device, t.base_dtype, t.extras,
                              t.state.step, t.flavour)

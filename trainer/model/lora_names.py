@@ -185,12 +185,27 @@ def adapts_vace_blocks(lora_cfg, flavour_name: str) -> bool:
     return get_flavour(flavour_name).is_vace and bool(getattr(lora_cfg, "vace_blocks", True))
 
 
+def _suffixes(name: str) -> list[str]:
+    """"blocks.0.attn1.to_q" -> itself, "0.attn1.to_q", "attn1.to_q", "to_q": every name peft matches it by."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
 def peft_targets(target_modules: list[str], modules: list[tuple[str, str]],
                  vace_blocks: bool = True) -> list[tuple[str, str]]:
     """The modules peft adapts for a list of target names (a name matches itself or any path ending in "." + it);
-    `vace_blocks` False: none inside a VACE block (peft's exclude_modules = VACE_EXCLUDE)."""
-    return [(n, c) for n, c in modules if n and any(n == t or n.endswith("." + t) for t in target_modules)
-            and (vace_blocks or not is_vace_module(n))]
+    `vace_blocks` False: none inside a VACE block (peft's exclude_modules = VACE_EXCLUDE). Each module's suffixes are
+    looked up in a set: linear in modules + targets, however long the list."""
+    wanted = set(target_modules)
+    return [(n, c) for n, c in modules if n and (vace_blocks or not is_vace_module(n))
+            and any(s in wanted for s in _suffixes(n))]
+
+
+def targets_matching_nothing(target_modules: list[str], modules: list[tuple[str, str]],
+                             vace_blocks: bool = True) -> list[str]:
+    """The target names that select no module (in their order), from one index of every module's suffixes."""
+    found = {s for n, _ in modules if n and (vace_blocks or not is_vace_module(n)) for s in _suffixes(n)}
+    return [t for t in target_modules if t not in found]
 
 
 def _is_conv(cls: str) -> bool:
@@ -278,13 +293,12 @@ def interchange_problems(cfg) -> list[str]:
     vace = adapts_vace_blocks(cfg.lora, cfg.model.flavour)
     if cfg.lora.lora_type == "lycoris":
         return _lycoris_problems(cfg, modules, vace)
+    nowhere = set(targets_matching_nothing(cfg.lora.target_modules, modules))
     problems = []
-    for target in cfg.lora.target_modules:
-        if not peft_targets([target], modules, vace):
-            hint = (" outside the VACE blocks (lora.vace_blocks = false)" if peft_targets([target], modules) else "")
-            problems.append(f'lora.target_modules: "{target}" matches no module of the {cfg.model.flavour} transformer'
-                            f'{hint} (diffusers names, e.g. "attn1.to_q", "attn2.to_out.0", "ffn.net.0.proj", '
-                            '"proj_out")')
+    for target in targets_matching_nothing(cfg.lora.target_modules, modules, vace):
+        hint = " outside the VACE blocks (lora.vace_blocks = false)" if target not in nowhere else ""
+        problems.append(f'lora.target_modules: "{target}" matches no module of the {cfg.model.flavour} transformer'
+                        f'{hint} (diffusers names, e.g. "attn1.to_q", "attn2.to_out.0", "ffn.net.0.proj", "proj_out")')
     reached = peft_targets(cfg.lora.target_modules, modules, vace)
     problems += _unsaveable(reached, "lora.target_modules")
     if cfg.lora.save_format == "comfyui":

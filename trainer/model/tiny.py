@@ -16,9 +16,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"  # v3: rotary positions for any size (rope_max_seq_len 1024, as the real Wan)
 TEXT_DIM = 32
 TINY_NUM_LAYERS = 2  # transformer blocks of every tiny model (preflight resolves block indices against it)
+TINY_ROPE_MAX_SEQ_LEN = 1024  # rotary positions per axis (diffusers' default, the real Wan's; preflight checks sizes)
 CLIP_DIM = 32
 # one tiny pipeline folder per architecture; flavours name theirs in Flavour.tiny
 TINY_VARIANTS = ("t2v-2.1", "i2v-2.1", "t2v-2.2", "i2v-2.2", "ti2v", "vace-2.1", "vace-2.2")
@@ -58,7 +59,7 @@ def tiny_transformer_config(in_channels: int, out_channels: int, image_dim: int 
     return dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
         out_channels=out_channels, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=64, num_layers=TINY_NUM_LAYERS, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32, image_dim=image_dim,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=TINY_ROPE_MAX_SEQ_LEN, image_dim=image_dim,
         added_kv_proj_dim=32 if image_dim is not None else None,
     )
 
@@ -109,7 +110,7 @@ def demo_transformer():
     return WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=24, in_channels=16, out_channels=16,
         text_dim=TEXT_DIM, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=TINY_ROPE_MAX_SEQ_LEN,
     )
 
 

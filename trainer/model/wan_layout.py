@@ -148,6 +148,15 @@ def linear_shapes(dims: dict) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def rotary_positions(model, flavour: Flavour) -> int:
+    """Positions per axis (frames, height, width in patches) the transformer's rotary embedding has: rope_max_seq_len
+    of its config (diffusers' default 1024)."""
+    try:
+        return int(transformer_dims(model, flavour).get("rope_max_seq_len") or 1024)
+    except (TypeError, ValueError):
+        return 1024
+
+
 # ---------------------------------------------------------------- TREAD routes (block ranges; trainer.loop.tread routes them)
 
 

@@ -178,12 +178,23 @@ def validation_prompts(cfg: WanforgeConfig, first_caption: str | None) -> tuple[
     if not prompts:
         text = first_caption or "a video"
         prompts.append(ValidationPrompt(slug(text), text))
-    seen: dict[str, int] = {}
-    unique = []
-    for p in prompts:  # two prompts must never write the same file
-        seen[p.name] = seen.get(p.name, 0) + 1
-        unique.append(p if seen[p.name] == 1 else ValidationPrompt(f"{p.name}-{seen[p.name]}", p.text))
-    return tuple(unique)
+    names = unique_names([p.name for p in prompts], variants=("ema",))
+    return tuple(ValidationPrompt(name, p.text) for name, p in zip(names, prompts))
+
+
+def unique_names(names: list[str], variants: tuple[str, ...] = ()) -> list[str]:
+    """File stems no two prompts share, counting each name's variant files (`<name>-ema`) and case (a case-insensitive
+    disk): a repeated or clashing name gets the first free `-2`, `-3`, ... suffix."""
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        candidate, n = name, 1
+        while any(x.lower() in taken for x in (candidate, *(f"{candidate}-{v}" for v in variants))):
+            n += 1
+            candidate = f"{name}-{n}"
+        taken |= {x.lower() for x in (candidate, *(f"{candidate}-{v}" for v in variants))}
+        out.append(candidate)
+    return out
 
 
 def validation_texts(cfg: WanforgeConfig) -> list[str]:

@@ -26,7 +26,7 @@ from trainer.preflight.files import (check_crepa, check_dataset_paths, check_hub
                                      check_output_dir, check_prompts, check_resume, check_webhook)
 from trainer.preflight.machine import check_environment
 from trainer.preflight.model import (check_adapter_saveable, check_attention_backend, check_block_indices, check_experts,
-                                     check_streaming, check_target_modules)
+                                     check_rotary_positions, check_streaming, check_target_modules)
 
 
 from trainer.preflight.report import PreflightReport, PreflightRun
@@ -69,8 +69,8 @@ def preflight(cfg: WanforgeConfig, *, resume: str | None = None, here: bool = Tr
     run = PreflightRun(cfg, PreflightReport(config=cfg), here, processes, resume)
     checks: list[Callable[[PreflightRun], None]] = [
         check_numbers, check_frames_and_sizes, check_prompts, check_webhook, check_hub_repo, check_lycoris, check_crepa, check_model_paths, check_dataset_paths,
-        check_target_modules, check_block_indices, check_attention_backend, check_experts, check_validation_renders,
-        check_vace, check_streaming,
+        check_target_modules, check_block_indices, check_rotary_positions, check_attention_backend, check_experts,
+        check_validation_renders, check_vace, check_streaming,
     ]
     if training:  # `cache` is one process whatever the training layout
         checks += [check_shard_base, check_context_parallel]
@@ -114,9 +114,11 @@ def _copy(data: Any) -> Any:
 
 
 def _scan(run: PreflightRun) -> None:
-    from trainer.data.discovery import check_datasets
+    from trainer.data.discovery import dataset_findings
 
-    report, problems = check_datasets(run.cfg, run.num_processes)
-    run.report.buckets = report
-    for line in problems:
+    found = dataset_findings(run.cfg, run.num_processes)
+    run.report.buckets = found.report
+    for line in found.problems:
         run.error(line)
+    for line in found.warnings:
+        run.warn(line)

@@ -170,6 +170,7 @@ def _transformer_matches_flavour(run: PreflightRun) -> None:
 def check_dataset_paths(run: PreflightRun) -> None:
     from trainer.data.captions import metadata_path
 
+    folders = _DatasetFolders(run)
     for i, ds in enumerate(run.cfg.datasets):
         where = f"datasets[{i}]"
         if ds.hf_repo is not None:
@@ -194,11 +195,84 @@ def check_dataset_paths(run: PreflightRun) -> None:
             if path is None or not path.is_file():
                 run.error(f"{where}.metadata_file: {path or ds.path / 'metadata.jsonl'} does not exist (write one row "
                           "per file with file_name and caption, or set metadata_file)")
-        out = run.cfg.train.output_dir.resolve()
-        if ds.path.resolve() in (out, *out.parents):
-            run.warn(f"train.output_dir {out} is inside {where}.path: its validation videos would be scanned as "
-                     "training clips next time; put the run folder elsewhere")
+        _cache_folders(run, i, folders)
+    _run_folder_outside_data(run, folders)
 
+
+def _cache_folders(run: PreflightRun, index: int, folders: _DatasetFolders) -> None:
+    """A cache folder that is (or holds, or sits inside) its dataset's folder with clips in it: the scan leaves the
+    cache folder out, so those clips are skipped (listed here); another dataset's folder would get cache files
+    among its clips."""
+    from trainer.data.sources import media_below
+
+    ds, where = run.cfg.datasets[index], f"datasets[{index}]"
+    for name in ("cache_dir", "text_cache_dir"):
+        value = getattr(ds, name)
+        if value is None or not value.is_dir():
+            continue
+        cache = value.resolve()
+        path = folders.paths[index]
+        own_fix = f'give the cache a folder of its own, e.g. {where}.{name} = "{path / ".wanforge_cache"}"'
+        if cache == path or path in cache.parents or cache in path.parents:
+            inside = media_below(cache if path in cache.parents else path)
+            if inside:
+                shown = ", ".join(p.name for p in inside[:3]) + (f" and {len(inside) - 3} more" if len(inside) > 3 else "")
+                what = "the dataset folder itself" if cache == path else (
+                    "inside the dataset folder" if path in cache.parents else "a folder holding the dataset folder")
+                run.warn(f"{where}.{name} {value} is {what}: the scan leaves the cache folder out, so {len(inside)} "
+                         f"clip(s) in it are skipped ({shown}): {own_fix}")
+        for j in folders.holding(cache):
+            if j != index and not run.cfg.datasets[j].disabled:
+                run.warn(f"{where}.{name} {value} is (or holds) datasets[{j}]'s folder: the cache files would be "
+                         f"written among its clips: {own_fix}")
+
+
+class _DatasetFolders:
+    """Every dataset's resolved folder, and which datasets a folder is or holds, in one pass (so thousands of
+    datasets check in linear time)."""
+
+    def __init__(self, run: PreflightRun) -> None:
+        self.paths = [d.path.resolve() for d in run.cfg.datasets]
+        self.below: dict[Path, list[int]] = {}
+        self.at: dict[Path, list[int]] = {}
+        for i, path in enumerate(self.paths):
+            if run.cfg.datasets[i].disabled:
+                continue
+            self.at.setdefault(path, []).append(i)
+            for folder in (path, *path.parents):
+                self.below.setdefault(folder, []).append(i)
+
+    def holding(self, folder: Path) -> list[int]:
+        """The datasets whose folder is `folder` or lies inside it."""
+        return self.below.get(folder, [])
+
+    def around(self, folder: Path) -> list[int]:
+        """The datasets whose folder is `folder` or holds it."""
+        return [i for p in (folder, *folder.parents) for i in self.at.get(p, [])]
+
+
+def _run_folder_outside_data(run: PreflightRun, folders: _DatasetFolders) -> None:
+    """The run folder inside a dataset would feed its own validation videos back as training clips (the scan also
+    skips any run folder it meets, so a later run never trains on them either); a dataset inside a run's outputs
+    is those videos."""
+    out = run.cfg.train.output_dir.resolve()
+    for i in folders.around(out):
+        run.error(f"train.output_dir {out} is inside datasets[{i}].path ({folders.paths[i]}): the run's validation "
+                  f"videos would be scanned as training clips: put the run folder elsewhere, e.g. train.output_dir = "
+                  f"\"{_outside(folders, out)}\"")
+    for name in ("validation", "checkpoints", "lora"):
+        for i in folders.holding(out / name):
+            run.error(f"datasets[{i}].path {folders.paths[i]} is inside the run folder's outputs ({out}): those are "
+                      "the run's own videos: point it at a folder of training clips")
+
+
+def _outside(folders: _DatasetFolders, out: Path) -> Path:
+    """A run folder beside the outermost dataset that holds `out`, inside no dataset."""
+    top = min((folders.paths[i] for i in folders.around(out)), key=lambda p: len(p.parts))
+    candidate = top.parent / f"{top.name or 'data'}-runs" / out.name
+    if folders.around(candidate):
+        candidate = Path.home() / "wanforge-runs" / out.name
+    return candidate
 
 
 # ---------------------------------------------------------------- the run folder
@@ -211,12 +285,18 @@ def check_output_dir(run: PreflightRun) -> None:
 
 
 def check_resume(run: PreflightRun) -> None:
+    from trainer.preflight.tensors import RESUMED_FILES, require_finite_checkpoint
     from trainer.rundir import RunDir
 
     folder = RunDir(run.cfg.train.output_dir)
     if run.resume is not None:
         if run.resume != "latest":  # `latest` always resolves (train says which checkpoints it skips, once)
-            folder.resolve_resume(run.resume)
+            checkpoint = folder.resolve_resume(run.resume)
+        else:
+            done = folder.complete_checkpoints()
+            checkpoint = done[-1][1] if done else None
+        if checkpoint is not None:  # weights or optimizer state with NaN / inf would only diverge later
+            require_finite_checkpoint(checkpoint, RESUMED_FILES)
     elif folder.complete_checkpoints():
         run.error(f"train.output_dir: {folder.root} already has checkpoints: pass --resume latest to continue that "
                   "run, or set train.output_dir to a new folder")

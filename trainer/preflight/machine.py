@@ -3,8 +3,11 @@ need, tracker logins, Hub token, offline caches, attention kernels."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
+import stat
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,10 +16,41 @@ from trainer.preflight.model import attention_backend_names
 if TYPE_CHECKING:
     from trainer.preflight.report import PreflightRun
 
-def _writable(path: Path) -> bool:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return os.access(path, os.W_OK)
+def folder_problem(path: Path) -> str | None:
+    """Why a folder can't be created (or written) here, found by trying (root passes any permission test, and
+    read-only mounts, files in the way, dangling links and over-long names only show when one tries); None: fine.
+    Leaves nothing behind."""
+    missing: list[str] = []
+    at = path
+    while True:
+        try:
+            st = os.stat(at)
+            break
+        except FileNotFoundError:
+            if os.path.islink(at):
+                return f"{at} is a link to {os.readlink(at)}, which does not exist"
+        except OSError as err:
+            if err.errno not in (errno.ENAMETOOLONG, errno.ENOTDIR):
+                return f"{at}: {err.strerror or err}"
+        if at == at.parent:
+            return f"{at} does not exist"
+        missing.append(at.name)
+        at = at.parent
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{at} is a file, not a folder"
+    try:
+        longest = os.pathconf(at, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    long_names = [n for n in missing if len(n.encode()) > longest]
+    if long_names:
+        return f"the folder name {long_names[0][:40]}... is longer than the {longest} bytes this filesystem allows"
+    try:
+        probe = tempfile.mkdtemp(prefix=".wanforge-check-", dir=at)
+        os.rmdir(probe)
+    except OSError as err:
+        return f"{at} can't be written here ({err.strerror or err})"
+    return None
 
 
 def _offline() -> bool:
@@ -39,13 +73,23 @@ def _installed(module: str) -> bool:
 
 def check_environment(run: PreflightRun) -> None:
     cfg = run.cfg
-    if not _writable(cfg.train.output_dir):
-        run.error(f"train.output_dir: {cfg.train.output_dir} is not writable here: choose a folder you can write")
+    problem = folder_problem(cfg.train.output_dir)
+    if problem:
+        run.error(f"train.output_dir: {cfg.train.output_dir} can't be created here ({problem}): choose a folder you "
+                  "can write")
+    checked: dict[Path, str | None] = {}
     for i, ds in enumerate(cfg.datasets):
+        if ds.disabled or not ds.path.is_dir():
+            continue
         cache = ds.cache_dir if ds.cache_dir is not None else ds.path / ".wanforge_cache"
-        if not ds.disabled and ds.path.is_dir() and not _writable(cache):
-            run.error(f"datasets[{i}].cache_dir: {cache} is not writable here (a read-only dataset?): set "
-                      f"datasets[{i}].cache_dir to a writable folder")
+        for name, folder in (("cache_dir", cache), ("text_cache_dir", ds.text_cache_dir)):
+            if folder is None:
+                continue
+            if folder not in checked:
+                checked[folder] = folder_problem(folder)
+            if checked[folder]:
+                run.error(f"datasets[{i}].{name}: {folder} can't be created here ({checked[folder]}; a read-only "
+                          f"dataset?): set datasets[{i}].{name} to a folder you can write")
     if cfg.optim.optimizer == "adamw8bit":
         if not _installed("bitsandbytes"):
             run.error('optim.optimizer = "adamw8bit" needs bitsandbytes: pip install bitsandbytes, or use "adamw"')

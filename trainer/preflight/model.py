@@ -6,23 +6,31 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import importlib.util
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.model.wan_layout import ADAPTABLE, matching_modules, module_layout, resolve_routes
+from trainer.model.wan_layout import ADAPTABLE, module_layout, resolve_routes, rotary_positions
 
 if TYPE_CHECKING:
     from trainer.preflight.report import PreflightRun
 
 def check_target_modules(run: PreflightRun) -> None:
+    """Every target names a module peft would find (a full path such as "blocks.3.attn1.to_q", or its dotted suffix),
+    and only layers a LoRA can adapt. One index of every module's suffixes: linear in the list, however long."""
     lora = run.cfg.lora
-    layout = module_layout(run.flavour, min(run.blocks, 1))
-    paths = [p.removeprefix("blocks.0.").split(".") for p, k in layout.items() if k in ADAPTABLE]
-    suffixes = {".".join(p[i:]) for p in paths for i in range(len(p))}  # "to_q", "attn1.to_q", ... (what peft matches)
-    linears = sorted(x for x in suffixes if not x.isdigit())
+    layout = module_layout(run.flavour, run.blocks)
+    index: dict[str, list[str]] = {}
+    for path in layout:
+        parts = path.split(".")
+        for i in range(len(parts)):
+            index.setdefault(".".join(parts[i:]), []).append(path)
+    linears = sorted({s for s, paths in index.items() if not s.isdigit() and not s.startswith("blocks.")
+                      and any(layout[p] in ADAPTABLE for p in paths)})
     for target in lora.target_modules:
-        found = matching_modules(layout, target)
+        found = {p: layout[p] for p in index.get(target, [])}
         if not found:
             close = difflib.get_close_matches(target, linears, n=1)
             fix = f'did you mean "{close[0]}"?' if close else 'names are diffusers ones, e.g. "attn1.to_q", "ffn.net.0.proj"'
@@ -30,11 +38,49 @@ def check_target_modules(run: PreflightRun) -> None:
             continue
         other = sorted({k for k in found.values() if k not in ADAPTABLE})
         if other:
-            inside = sorted(p.removeprefix("blocks.0.") for p, k in layout.items()
-                            if k in ADAPTABLE and any(p.startswith(f + ".") for f in found))
+            first = next(p for p, k in found.items() if k not in ADAPTABLE)
+            inside = sorted(re.sub(r"^blocks\.\d+\.", "", p) for p in index
+                            if p.startswith(first + ".") and p in layout and layout[p] in ADAPTABLE)
             fix = f'name its linear layers instead, e.g. "{inside[0]}"' if inside else "remove it"
             run.error(f'lora.target_modules: "{target}" selects {", ".join(other)} modules, which take no LoRA '
                       f"(only linear and conv layers do): {fix}")
+
+
+def check_rotary_positions(run: PreflightRun) -> None:
+    """Every training and validation size within the positions the transformer's rotary embedding has (beyond them
+    the model fails at its first step with a shape error)."""
+    from trainer.data.buckets import frame_size, size_in_units
+
+    f = run.flavour
+    most = rotary_positions(run.cfg.model, f)
+    px = f.vae_spatial * 2  # pixels per patch
+    longest_side, longest_frames = most * px // 16 * 16, (most - 1) * 4 + 1
+    sizes = []
+    for i, ds in enumerate(run.cfg.datasets):
+        width, height = frame_size(ds, f, f.width, f.height)
+        sizes.append((f"datasets[{i}]", width, height, run.cfg.dataset_shape(i)[0], ds.width is not None))
+    v = run.cfg.validation
+    frames, height, width = run.cfg.dataset_shape(0) if run.cfg.datasets else (f.num_frames, f.height, f.width)
+    if v.width is not None or v.num_frames is not None:  # else it renders dataset 0's size, checked above
+        sizes.append(("validation", v.width or width, v.height or height, v.num_frames or frames, True))
+    for where, width, height, frames, fixed in sizes:
+        if max(width, height) > longest_side:
+            scale = longest_side / max(width, height)
+            if fixed or where == "validation":
+                w, h = (max(16, int(x * scale) // px * px) for x in (width, height))
+                fix = f"{where}.width = {w} and {where}.height = {h}"
+            else:
+                ds = run.cfg.datasets[int(where[9:-1])]
+                target = ds.resolution if ds.resolution is not None else size_in_units(f.width, f.height,
+                                                                                       ds.resolution_type)
+                lower = target * (scale if ds.resolution_type != "area" else scale * scale)
+                fix = f"{where}.resolution = {lower:.2f}".rstrip("0").rstrip(".") if ds.resolution_type == "area" \
+                    else f"{where}.resolution = {int(lower) // px * px}"
+            run.error(f"{where}: {width}x{height} needs {max(width, height) // px} positions per side, more than the "
+                      f"{most} the {f.name} transformer has (rope_max_seq_len): try {fix}")
+        if frames > longest_frames:
+            run.error(f"{where}: {frames} frames need {(frames - 1) // 4 + 1} positions in time, more than the {most} the "
+                      f"{f.name} transformer has (rope_max_seq_len): try {where}.num_frames = {longest_frames}")
 
 
 def check_block_indices(run: PreflightRun) -> None:
@@ -87,8 +133,10 @@ def check_streaming(run: PreflightRun) -> None:
                   "memory.streamed_blocks = 0, or train one expert per run")
 
 
+@functools.lru_cache(maxsize=1)
 def _attention_dispatch_tree() -> ast.Module | None:
-    """diffusers' models/attention_dispatch.py, parsed without importing it (None: diffusers is absent)."""
+    """diffusers' models/attention_dispatch.py, parsed without importing it (None: diffusers is absent); parsed once
+    per process (a check of a thousand-dataset config, or the form's every change, asks for it again)."""
     spec = importlib.util.find_spec("diffusers")
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -58,8 +58,12 @@ class PreflightRun:
         self.report.warnings.append(line)
 
     def run(self, check: Callable[[PreflightRun], None]) -> None:
-        """A check that raises a UserError (a reused engine function) adds it and the rest still run."""
+        """A check that raises a UserError (a reused engine function) adds it and the rest still run; so does a file
+        or folder the config names that the system refuses to look at (a name too long, a link loop, no permission)."""
         try:
             check(self)
         except UserError as err:
             self.report.errors.extend(line for line in str(err).splitlines() if line.strip())
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            self.report.errors.append(f"{where}{err.strerror or err}: fix the path the config gives for it")

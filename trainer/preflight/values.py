@@ -6,9 +6,12 @@ from __future__ import annotations
 import math
 import os
 
+from trainer.data.buckets import size_in_units
+from trainer.flavours import trained_sizes
 from trainer.preflight.report import PreflightRun
 
 
+FAR_BEYOND = 2.0  # a training size over this many times the pixels (or frames) the model was trained at
 LR_SUSPICIOUS = 1e-2  # above this a LoRA learning rate is a warning; above 1 an error (a mistyped exponent)
 MAX_FRAME_PIXELS = 4096 * 2160  # larger frames than 4K: a unit mix-up, not a training size
 
@@ -84,6 +87,40 @@ def _size_units(value: float, kind: str, field_name: str) -> str | None:
     return None
 
 
+def _in_units(width: int, height: int, kind: str) -> str:
+    value = size_in_units(width, height, kind)
+    return f"{value:.2f}".rstrip("0").rstrip(".") if kind == "area" else str(round(value))
+
+
+def _beyond_training(run: PreflightRun, index: int) -> None:
+    """A training size far beyond what the model was trained at: said with how much more each step costs (an
+    absurd one, beyond any video model's frame, is an error)."""
+    from trainer.data.buckets import frame_size
+
+    f, ds, where = run.flavour, run.cfg.datasets[index], f"datasets[{index}]"
+    width, height = frame_size(ds, f, f.width, f.height)  # a clip of the model's own shape
+    tw, th = trained_sizes(f)[-1]
+    pixels = width * height / (tw * th)
+    frames = run.cfg.dataset_shape(index)[0] / f.num_frames
+    fix = (f"{where}.width = {tw if width >= height else th} and {where}.height = {th if width >= height else tw}"
+           if ds.width is not None else
+           f"{where}.resolution = {_in_units(tw, th, ds.resolution_type)}")
+    if width * height > 4 * MAX_FRAME_PIXELS:
+        if ds.width is None:
+            return  # resolution in the wrong units: _size_units says so
+        run.error(f"{where}: {width}x{height} is far beyond any video model's frame (a unit mix-up?): try {fix}")
+        return
+    if pixels > FAR_BEYOND:
+        tokens = pixels * max(frames, 1.0)
+        run.warn(f"{where}: {width}x{height} is {pixels:.1f}x the pixels of {tw}x{th}, the largest size {f.name} was "
+                 f"trained at: each step costs about {tokens:.1f}x to {tokens * tokens:.0f}x as much (attention grows "
+                 f"with the square of the tokens) for a size the model never saw: try {fix}")
+    if frames > FAR_BEYOND:
+        run.warn(f"{where}.num_frames = {run.cfg.dataset_shape(index)[0]} is {frames:.1f}x the {f.num_frames} frames "
+                 f"{f.name} was trained on: each step costs {frames:.1f}x or more for lengths the model never saw: "
+                 f"try {where}.num_frames = {f.num_frames}")
+
+
 def check_frames_and_sizes(run: PreflightRun) -> None:
     cfg, f = run.cfg, run.flavour
     from trainer.data.buckets import size_multiple
@@ -97,6 +134,7 @@ def check_frames_and_sizes(run: PreflightRun) -> None:
                 why = _size_units(value, ds.resolution_type, f"{where}.{name}")
                 if why:
                     run.error(why)
+        _beyond_training(run, i)
         if ds.width is not None and ds.resolution is not None:
             run.warn(f"{where}: width and height are set, so resolution = {ds.resolution:g} is ignored")
         frames = ds.num_frames or f.num_frames
@@ -107,9 +145,11 @@ def check_frames_and_sizes(run: PreflightRun) -> None:
         if ds.max_frames is not None and ds.max_frames < needed:
             run.error(f"{where}.max_frames = {ds.max_frames} is below the {needed} frames a clip needs "
                       f"(min_frames / num_frames), so no video can train: try max_frames = none (no limit)")
-        if ds.caption_strategy == "textfile" and not ds.caption_extension.startswith("."):
-            run.error(f'{where}.caption_extension = "{ds.caption_extension}" must start with a dot: try '
-                      f'".{ds.caption_extension.lstrip(".") or "txt"}"')
+        ext = ds.caption_extension
+        if ds.caption_strategy == "textfile" and (not ext.startswith(".") or ext == "." or any(c in ext for c in "/\\")):
+            fixed = "".join(c for c in ext if c not in "/\\").strip(".")
+            how = "must start with a dot" if not ext.startswith(".") else 'must be a dot and a name, as in ".txt"'
+            run.error(f'{where}.caption_extension = "{ext}" {how}: try ".{fixed or "txt"}"')
         if ds.maximum_image_size is not None and ds.target_downsample_size is not None \
                 and ds.target_downsample_size > ds.maximum_image_size:
             run.warn(f"{where}.target_downsample_size = {ds.target_downsample_size:g} is above maximum_image_size = "
@@ -119,6 +159,14 @@ def check_frames_and_sizes(run: PreflightRun) -> None:
         value = getattr(v, name)
         if value is not None and value % m:
             run.error(f"validation.{name} = {value} must be a multiple of {m} for {f.name}: try {max(m, value // m * m)}")
+    if v.width is not None and v.height is not None:
+        tw, th = trained_sizes(f)[-1]
+        pixels = v.width * v.height / (tw * th)
+        if pixels > FAR_BEYOND:
+            portrait = v.height > v.width
+            run.warn(f"validation: {v.width}x{v.height} is {pixels:.1f}x the pixels of {tw}x{th}, the largest size "
+                     f"{f.name} was trained at: rendering costs far more and looks worse: try validation.width = "
+                     f"{th if portrait else tw} and validation.height = {tw if portrait else th}")
     if v.num_frames is not None and f.hub_id is not None and v.num_frames > 4 * f.num_frames:
         run.warn(f"validation.num_frames = {v.num_frames} is far beyond the {f.num_frames} frames {f.name} was "
                  "trained on: rendering will be slow and the video weak")
