@@ -265,7 +265,7 @@ CASES = [
     ("streamed-without-checkpointing", _set("memory", streamed_blocks=1, gradient_checkpointing="none"),
      "streamed_blocks needs gradient_checkpointing"),
     ("streamed-fp8", _set("memory", preset="low-16gb", base_quantization="fp8"),
-     'memory.preset = "low-16gb" (it streams the weights of 30 blocks): fp8 base weights do not stream'),
+     'memory.preset = "low-16gb" (it streams the weights of 38 blocks): fp8 base weights do not stream'),
     ("streamed-both-experts", lambda cfg, files: cfg["model"].update(flavour="tiny-t2v-2.2-high", train_both_experts=True)
      or cfg.update(memory={"streamed_blocks": 1}), "memory.streamed_blocks: not with model.train_both_experts"),
     ("streamed-sharded", _set("memory", streamed_blocks=1, shard_base=True),
