@@ -13,10 +13,8 @@ from typing import Any, Literal
 
 import pytest
 import tomli_w
-from pydantic import BaseModel
 
-from trainer.config.messages import is_list_field, section_model
-from trainer.config.schema import WanforgeConfig
+from trainer.config.messages import config_sections
 from trainer.preflight.check import check_config_file
 
 SOURCE = "c.toml"
@@ -151,15 +149,6 @@ def assert_fix_passes(tmp_path: Path, raw: dict, sets: list[str] = (), refused_h
 # ---------------------------------------------------------------- the cases, generated from the schema
 
 
-def _sections() -> list[tuple[str, type[BaseModel], bool]]:
-    out = []
-    for name, field in WanforgeConfig.model_fields.items():
-        model = section_model(field.annotation)
-        if model is not None:
-            out.append((name, model, is_list_field(field.annotation)))
-    return out
-
-
 def _literal_choices(annotation) -> tuple[str, ...]:
     for a in (annotation, *typing.get_args(annotation)):
         if typing.get_origin(a) is Literal:
@@ -180,7 +169,7 @@ def _plain_default(field) -> Any:
     return None
 
 
-LITERALS = [(s, f, c) for s, model, _ in _sections() for f, info in model.model_fields.items()
+LITERALS = [(s, f, c) for s, model, _ in config_sections() for f, info in model.model_fields.items()
             for c in _literal_choices(info.annotation) if c not in ("none",)]
 
 
@@ -201,7 +190,7 @@ def test_a_near_miss_of_every_choice_is_fixed(section, field, choice, few_clips,
 def _misplacements() -> list[tuple[str, str, Any, str]]:
     """(section, field, its default, where it is put instead): every key of every section into the next section
     that lacks it, and every third one to the top level and into the dataset table."""
-    sections = _sections()
+    sections = config_sections()
     names = [s for s, _, _ in sections]
     cases = []
     for n, (section, model, _) in enumerate(sections):
@@ -235,7 +224,7 @@ def test_a_misplaced_key_is_sent_where_it_belongs(section, field, value, target,
     assert_fix_passes(tmp_path, raw)
 
 
-NUMBERS = [(s, f) for s, model, _ in _sections() for f, info in model.model_fields.items()
+NUMBERS = [(s, f) for s, model, _ in config_sections() for f, info in model.model_fields.items()
            if isinstance(_plain_default(info), (int, float)) and not isinstance(_plain_default(info), bool)]
 
 
@@ -246,7 +235,7 @@ def test_a_word_where_a_number_goes_gets_a_number(section, field, few_clips, tmp
     assert_fix_passes(tmp_path, raw)
 
 
-STRINGS = [(s, f) for s, model, _ in _sections() for f, info in model.model_fields.items()
+STRINGS = [(s, f) for s, model, _ in config_sections() for f, info in model.model_fields.items()
            if str in (info.annotation, *typing.get_args(info.annotation)) or info.annotation is Path
            or Path in typing.get_args(info.annotation)]
 

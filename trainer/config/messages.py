@@ -72,7 +72,8 @@ class Home:
 _UNSET = object()
 
 
-def _sections() -> list[tuple[str, type[BaseModel], bool]]:
+def config_sections() -> list[tuple[str, type[BaseModel], bool]]:
+    """(table name, its section class, whether it is a list of tables) for each section of the schema."""
     out = []
     for name, field in WanforgeConfig.model_fields.items():
         model = section_model(field.annotation)
@@ -99,7 +100,7 @@ def key_homes(key: str, exclude: str | None, value: Any = _UNSET) -> list[Home]:
     ones. `exclude`: the section the key was found in."""
     exact: list[tuple[bool, Home]] = []
     close: list[tuple[float, Home]] = []
-    for name, model, is_list in _sections():
+    for name, model, is_list in config_sections():
         if name == exclude:
             continue
         if key in model.model_fields:
